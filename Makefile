@@ -1,0 +1,44 @@
+# llmray developer entry points. Every target installs what it needs first.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help venv bins cluster-up cluster-down test test-unit test-cluster test-ray test-e2e lint crds demo sandbox-up sandbox-down clean
+
+help:
+	@echo "make demo         - sandbox up, train the tiny model, serve it, query it"
+	@echo "make test         - install everything and run the whole test suite"
+	@echo "make lint         - ruff + mypy"
+	@echo "make cluster-up   - local Kubernetes control plane (kwok) on loopback"
+	@echo "make cluster-down - stop it and remove its files"
+	@echo "make sandbox-up   - control plane + local Ray head + operator"
+	@echo "make sandbox-down - stop the sandbox"
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q -e '.[workloads,dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+bins:
+	bash tests/cluster/build.sh
+
+cluster-up: bins
+	bash tests/cluster/cluster.sh up
+
+cluster-down:
+	bash tests/cluster/cluster.sh down
+
+lint: venv
+	$(VENV)/bin/ruff check operator workloads tests benchmarks
+	$(VENV)/bin/ruff format --check operator workloads tests benchmarks
+	$(VENV)/bin/mypy
+
+test: venv bins lint
+	$(VENV)/bin/pytest tests
+
+clean: cluster-down
+	rm -rf .cache

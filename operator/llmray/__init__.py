@@ -1,0 +1,1 @@
+"""llmray operator (control plane)."""

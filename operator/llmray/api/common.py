@@ -1,0 +1,180 @@
+"""Types shared by both resources: resources, scheduling, secrets, storage URIs, conditions.
+
+These models are the single source of truth for the CRD schemas (see :mod:`llmray.api.crd`): field
+descriptions become ``kubectl explain`` text, ``Field`` bounds become OpenAPI bounds, and
+``x-kubernetes-validations`` entries are CEL rules the API server enforces. The same models
+validate the config the workloads receive, so the two halves can never disagree.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic.alias_generators import to_camel
+
+GROUP = "llmray.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
+URI_PATTERN = r"^(hf|file|pvc|s3|gs)://.+$"
+
+
+def _quantity_to_str(value: Any) -> Any:
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity_to_str),
+    Field(pattern=QUANTITY_PATTERN),
+    WithJsonSchema({"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN}),
+]
+"""A Kubernetes resource quantity such as ``8``, ``500m`` or ``64Gi``."""
+
+StorageURI = Annotated[str, Field(pattern=URI_PATTERN, max_length=2048)]
+
+
+class ApiModel(BaseModel):
+    """Base for spec models: camelCase on the wire, snake_case in Python, unknown fields refused."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_default=True
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The object as the API server stores it (camelCase, no unset optionals)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class StatusModel(ApiModel):
+    """Base for status models: tolerant of fields written by newer operators."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class Resources(ApiModel):
+    """Compute resources of one Ray pod (or one serving replica)."""
+
+    gpu: int = Field(0, ge=0, le=64, description="NVIDIA GPUs (nvidia.com/gpu) per pod.")
+    cpu: Quantity = Field("1", description="CPU cores per pod, as a Kubernetes quantity (e.g. 8, 500m).")
+    memory: Quantity = Field("4Gi", description="Memory per pod, as a Kubernetes quantity (e.g. 64Gi).")
+
+
+class Toleration(ApiModel):
+    """A Kubernetes toleration, passed through to the pods unchanged."""
+
+    key: str | None = Field(None, description="Taint key the toleration applies to.")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
+    value: str | None = Field(None, description="Taint value to match when operator is Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to match; empty matches all effects."
+    )
+    toleration_seconds: int | None = Field(
+        None, ge=0, description="How long a NoExecute taint is tolerated before eviction."
+    )
+
+
+Affinity = Annotated[
+    dict[str, Any],
+    WithJsonSchema(
+        {
+            "type": "object",
+            "x-kubernetes-preserve-unknown-fields": True,
+            "description": "A Kubernetes affinity (nodeAffinity, podAffinity, podAntiAffinity), "
+            "passed through to the pods unchanged.",
+        }
+    ),
+]
+
+
+class Placement(ApiModel):
+    """Where Ray pods may run, passed through to every pod of the group."""
+
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the pods must match (Pod nodeSelector)."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Tolerations added to the pods; GPU pods get nvidia.com/gpu automatically.",
+    )
+    affinity: Affinity | None = Field(None, description="Pod affinity rules, passed through unchanged.")
+
+
+class HeadSpec(Placement):
+    """The Ray head pod. It schedules work and serves the dashboard; it runs no training."""
+
+    resources: Resources = Field(
+        default=Resources(cpu="2", memory="8Gi"),
+        description="Resources of the head pod (its GPUs are never used).",
+    )
+
+
+class SecretKeyRef(ApiModel):
+    """A key in a Secret of the resource's namespace."""
+
+    name: str = Field(..., min_length=1, max_length=253, description="Secret name.")
+    key: str = Field("token", min_length=1, max_length=253, description="Key inside the Secret.")
+
+
+class ConditionStatus(StatusModel):
+    """A Kubernetes API convention condition."""
+
+    type: str = Field(..., description="Condition type, e.g. Ready, RayClusterReady, JobRunning.")
+    status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
+    reason: str = Field("", description="CamelCase machine-readable reason for the last transition.")
+    message: str = Field("", description="Human-readable details, including what to do.")
+    last_transition_time: datetime | None = Field(
+        None, description="When status last changed (RFC 3339)."
+    )
+    observed_generation: int | None = Field(
+        None, description="The .metadata.generation this condition was computed from."
+    )
+
+
+class RayClusterStatus(StatusModel):
+    """Where the resource's Ray cluster lives."""
+
+    name: str = Field("", description="Ray cluster name (the resource's name).")
+    head_service: str = Field("", description="Head Service name.")
+    dashboard_url: str = Field("", description="Ray dashboard URL (cluster-internal).")
+    head_ready: bool = Field(False, description="Whether the head pod is Ready.")
+
+
+class PodCounts(StatusModel):
+    """Ready versus desired counts (pods or replicas)."""
+
+    ready: int = Field(0, description="How many are ready.")
+    desired: int = Field(0, description="How many the operator wants.")
+
+
+def condition_list_schema() -> dict[str, Any]:
+    """Schema extras for a conditions list: a map keyed by type, as the API conventions ask."""
+    return {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
+
+
+_PVC_RE = re.compile(r"^pvc://(?P<claim>[a-z0-9]([-a-z0-9]*[a-z0-9])?)(?P<path>/.*)?$")
+PVC_MOUNT_ROOT = "/mnt/pvc"
+
+
+def pvc_claim(uri: str) -> str | None:
+    """The PersistentVolumeClaim a ``pvc://claim/path`` URI names, else None."""
+    match = _PVC_RE.match(uri)
+    return match.group("claim") if match else None
+
+
+def local_path(uri: str) -> str | None:
+    """Filesystem path a URI resolves to inside a Ray pod (PVCs mount under /mnt/pvc/<claim>).
+
+    ``hf://`` and object-store URIs have no local path and give None.
+    """
+    if uri.startswith("file://"):
+        return uri[len("file://") :]
+    match = _PVC_RE.match(uri)
+    if match:
+        return f"{PVC_MOUNT_ROOT}/{match.group('claim')}{match.group('path') or ''}"
+    return None

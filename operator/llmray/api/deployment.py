@@ -1,0 +1,254 @@
+"""``LLMDeployment``: serve a model behind an OpenAI-compatible API on Ray Serve, autoscaled."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from .common import (
+    ApiModel,
+    ConditionStatus,
+    HeadSpec,
+    Placement,
+    PodCounts,
+    RayClusterStatus,
+    Resources,
+    SecretKeyRef,
+    StatusModel,
+    StorageURI,
+    condition_list_schema,
+)
+
+KIND = "LLMDeployment"
+PLURAL = "llmdeployments"
+DEFAULT_IMAGE = "llmray/ray-runtime:0.1.0"
+SERVE_PORT = 8000
+
+Phase = Literal["Pending", "Deploying", "Ready", "Degraded", "Failed"]
+
+
+class ServedModel(ApiModel):
+    """Which model to serve: a URI, or the output of an LLMTrainingJob."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.uri) != has(self.fromTrainingJob)",
+                    "message": "set exactly one of spec.model.uri and spec.model.fromTrainingJob",
+                    "reason": "FieldValueInvalid",
+                }
+            ]
+        }
+    }
+
+    uri: StorageURI | None = Field(
+        None, description="hf://org/name, file:///path or pvc://claim/path. Exclusive with fromTrainingJob."
+    )
+    from_training_job: str | None = Field(
+        None,
+        min_length=1,
+        max_length=253,
+        description="Name of an LLMTrainingJob in this namespace; served once it has Succeeded.",
+    )
+    name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
+        description="Model name clients send in requests (default: the resource name).",
+    )
+    secret_ref: SecretKeyRef | None = Field(None, description="Secret with a hub token (HF_TOKEN) for gated models.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ServedModel:
+        if (self.uri is None) == (self.from_training_job is None):
+            raise ValueError("set exactly one of spec.model.uri and spec.model.fromTrainingJob")
+        return self
+
+
+class EngineArgs(ApiModel):
+    """Engine settings. vLLM uses them all; transformers uses dtype, maxModelLen and batching."""
+
+    max_model_len: int | None = Field(None, ge=16, le=1_048_576, description="Context length limit in tokens.")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs one replica shards the model over (vLLM).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights dtype; auto picks bfloat16 on GPUs that support it, float32 on CPU."
+    )
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Fraction of GPU memory vLLM may use.")
+    max_num_seqs: int = Field(64, ge=1, le=4096, description="Sequences batched together per replica.")
+    batch_wait_timeout_ms: int = Field(
+        10, ge=0, le=10_000, description="How long the transformers engine waits to fill a batch."
+    )
+    extra: dict[str, Any] = Field(
+        default_factory=dict,
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        description="Further engine keyword arguments, passed through unchanged (vLLM engine_kwargs).",
+    )
+
+
+class Autoscaling(ApiModel):
+    """Ray Serve replica autoscaling."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.minReplicas <= self.maxReplicas",
+                    "message": "spec.autoscaling.minReplicas must be <= spec.autoscaling.maxReplicas",
+                    "fieldPath": ".minReplicas",
+                    "reason": "FieldValueInvalid",
+                }
+            ]
+        }
+    }
+
+    min_replicas: int = Field(1, ge=0, le=1024, description="Fewest Serve replicas (0 scales to zero).")
+    max_replicas: int = Field(1, ge=1, le=1024, description="Most Serve replicas.")
+    target_ongoing_requests: float = Field(
+        4.0, gt=0.0, le=10_000.0, description="In-flight requests per replica the autoscaler aims for."
+    )
+    upscale_delay_seconds: float = Field(10.0, ge=0.0, le=3600.0, description="Load must persist this long to add replicas.")
+    downscale_delay_seconds: float = Field(
+        60.0, ge=0.0, le=86_400.0, description="Load must stay low this long to remove replicas."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("spec.autoscaling.minReplicas must be <= spec.autoscaling.maxReplicas")
+        return self
+
+
+class RequestLimits(ApiModel):
+    """Protection against oversized or too many requests."""
+
+    max_prompt_tokens: int = Field(4096, ge=1, le=1_048_576, description="Longest prompt accepted, in tokens.")
+    max_tokens: int = Field(1024, ge=1, le=1_048_576, description="Largest max_tokens a request may ask for.")
+    max_ongoing_requests: int = Field(
+        32, ge=1, le=100_000, description="Requests one replica works on at once; more are queued by Serve."
+    )
+    max_queued_requests: int = Field(
+        64, ge=0, le=1_000_000, description="Requests waiting for a replica; beyond it clients get 503 with Retry-After."
+    )
+
+
+class WorkerPool(Placement):
+    """Ray worker pods, added on pending demand and removed when idle (like Ray's autoscaler)."""
+
+    model_config = Placement.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.minReplicas <= self.maxReplicas",
+                    "message": "spec.workers.minReplicas must be <= spec.workers.maxReplicas",
+                    "fieldPath": ".minReplicas",
+                    "reason": "FieldValueInvalid",
+                }
+            ]
+        }
+    }
+
+    min_replicas: int = Field(0, ge=0, le=1024, description="Worker pods kept even when idle.")
+    max_replicas: int = Field(4, ge=0, le=1024, description="Most worker pods.")
+    resources: Resources = Field(
+        default=Resources(gpu=1, cpu="8", memory="32Gi"), description="Resources of each worker pod."
+    )
+    idle_timeout_seconds: int = Field(60, ge=0, le=86_400, description="Idle time before a worker is removed.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> WorkerPool:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("spec.workers.minReplicas must be <= spec.workers.maxReplicas")
+        return self
+
+
+class ServiceSpec(ApiModel):
+    """The ``<name>-serve`` Service in front of the OpenAI endpoint."""
+
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field("ClusterIP", description="Service type.")
+    port: int = Field(SERVE_PORT, ge=1, le=65535, description="Service port.")
+
+
+class LLMDeploymentSpec(ApiModel):
+    """Serve a model behind an OpenAI-compatible HTTP API on Ray Serve."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.engine != 'vllm' || self.resourcesPerReplica.gpu >= self.engineArgs.tensorParallelSize",
+                    "message": "engine vllm needs spec.resourcesPerReplica.gpu >= spec.engineArgs.tensorParallelSize",
+                    "fieldPath": ".resourcesPerReplica.gpu",
+                    "reason": "FieldValueInvalid",
+                }
+            ]
+        }
+    }
+
+    model: ServedModel = Field(..., description="The model to serve.")
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers: CPU or GPU, dynamic batching; vllm: GPU, via Ray Serve LLM."
+    )
+    engine_args: EngineArgs = Field(default_factory=EngineArgs, description="Engine settings.")
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Replica autoscaling.")
+    resources_per_replica: Resources = Field(
+        default=Resources(cpu="1", memory="4Gi"),
+        description="What one Serve replica requests from Ray (gpu, cpu, memory).",
+    )
+    limits: RequestLimits = Field(default_factory=RequestLimits, description="Request limits.")
+    workers: WorkerPool = Field(default_factory=WorkerPool, description="Ray worker pods.")
+    head: HeadSpec = Field(default_factory=HeadSpec, description="The Ray head pod (also runs the HTTP proxy).")
+    image: str = Field(DEFAULT_IMAGE, min_length=1, max_length=512, description="Ray runtime image for every pod.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="Image pull policy of every pod."
+    )
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret with the API key clients must send as 'Authorization: Bearer <key>'."
+    )
+    service: ServiceSpec = Field(default_factory=ServiceSpec, description="The serve Service.")
+
+    @model_validator(mode="after")
+    def _vllm_gpus(self) -> LLMDeploymentSpec:
+        if self.engine == "vllm" and self.resources_per_replica.gpu < self.engine_args.tensor_parallel_size:
+            raise ValueError(
+                "engine vllm needs spec.resourcesPerReplica.gpu >= spec.engineArgs.tensorParallelSize"
+            )
+        return self
+
+
+class ServedModelStatus(StatusModel):
+    """What is being served."""
+
+    uri: str = Field("", description="Resolved model location.")
+    name: str = Field("", description="Model name clients use.")
+
+
+class LLMDeploymentStatus(StatusModel):
+    """Observed state of an LLMDeployment."""
+
+    phase: Phase = Field("Pending", description="Pending, Deploying, Ready, Degraded or Failed.")
+    conditions: list[ConditionStatus] = Field(
+        default_factory=list,
+        description="Conditions per Kubernetes API conventions.",
+        json_schema_extra=condition_list_schema(),
+    )
+    observed_generation: int = Field(0, description="The .metadata.generation last acted on.")
+    replicas: PodCounts = Field(default_factory=PodCounts, description="Serve replicas ready / desired.")
+    workers: PodCounts = Field(default_factory=PodCounts, description="Ray worker pods ready / desired.")
+    endpoint: str = Field("", description="OpenAI base URL inside the cluster.")
+    model: ServedModelStatus = Field(default_factory=ServedModelStatus, description="The served model.")
+    ray_cluster: RayClusterStatus = Field(default_factory=RayClusterStatus, description="The Ray cluster.")
+    message: str = Field("", description="What is happening now, or what went wrong and what to do.")
+
+
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Ready", "type": "integer", "jsonPath": ".status.replicas.ready", "description": "ready replicas"},
+    {"name": "Desired", "type": "integer", "jsonPath": ".status.replicas.desired"},
+    {"name": "Workers", "type": "integer", "jsonPath": ".status.workers.ready", "priority": 1},
+    {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Build (or reuse) the pinned control-plane binaries: kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubectl, etcd, kwok, kwokctl, helm. Output goes to a cache folder keyed by the
+# pinned versions, outside the work tree so clean clones (CI) reuse it; a second run builds nothing.
+# Prints the bin directory on its last line.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=/dev/null
+source "$here/versions.env"
+cache="${LLMRAY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llmray}"
+bin="$cache/bin/k8s-$KUBE_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION"
+mkdir -p "$bin"
+export CGO_ENABLED=0 GOFLAGS="-trimpath" GOTOOLCHAIN=local
+
+log() { echo "[build] $*" >&2; }
+need() { for b in "$@"; do [ -x "$bin/$b" ] || return 0; done; return 1; }
+
+if need kube-apiserver kube-controller-manager kube-scheduler kubectl; then
+  log "building Kubernetes $KUBE_VERSION (first build takes a while on 2 cores)"
+  minor="${KUBE_VERSION#v1.}"; minor="${minor%%.*}"
+  ld="-s -w -X k8s.io/component-base/version.gitVersion=$KUBE_VERSION"
+  ld="$ld -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor"
+  ld="$ld -X k8s.io/component-base/version.gitTreeState=clean"
+  ld="$ld -X k8s.io/client-go/pkg/version.gitVersion=$KUBE_VERSION"
+  ld="$ld -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
+  (cd "$here/build/kubernetes" && go build -ldflags "$ld" -o "$bin/" \
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)
+fi
+if need etcd; then
+  log "building etcd $ETCD_VERSION"
+  (cd "$here/build/etcd" && go build -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3)
+fi
+if need kwok kwokctl; then
+  log "installing kwok $KWOK_VERSION"
+  GOBIN="$bin" go install -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v} -X sigs.k8s.io/kwok/pkg/consts.KubeVersion=${KUBE_VERSION#v}" \
+    "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" "sigs.k8s.io/kwok/cmd/kwokctl@$KWOK_VERSION"
+fi
+if need helm; then
+  log "installing helm $HELM_VERSION"
+  GOBIN="$bin" go install -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
+    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+fi
+echo "$bin"

@@ -1,0 +1,1 @@
+"""llmray workloads (data plane): training and serving programs that run inside Ray."""
