@@ -1,0 +1,86 @@
+"""Contracts between the operator and the workloads it submits into Ray.
+
+- :class:`TrainingRun` is the config file of ``python -m llmray_workloads.train --config``.
+- :class:`ServeAppArgs` is the ``args`` of the Serve application the operator deploys.
+- Progress lines: the training driver prints ``LLMRAY_PROGRESS {json}`` lines (and keeps the same
+  JSON in ``<output>/.llmray/progress.json``); the operator tails the Ray job's logs and parses the
+  last line with :func:`parse_progress`. One documented line format, readable with ``kubectl logs``
+  or ``ray job logs`` too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from pydantic import Field, ValidationError
+
+from .common import ApiModel, StatusModel
+from .deployment import LLMDeploymentSpec
+from .training import LLMTrainingJobSpec
+
+PROGRESS_MARKER = "LLMRAY_PROGRESS"
+_PROGRESS_RE = re.compile(PROGRESS_MARKER + r" (\{.*\})\s*$", re.MULTILINE)
+SERVE_APP_IMPORT_PATH = "llmray_workloads.serve.app:build_app"
+TRAIN_ENTRYPOINT_MODULE = "llmray_workloads.train"
+
+
+class TrainingRun(ApiModel):
+    """Everything one training attempt needs: the resource's spec plus where this run keeps state."""
+
+    name: str = Field(..., min_length=1, description="Resource name (used for run and Ray job names).")
+    namespace: str = Field("default", description="Resource namespace.")
+    attempt: int = Field(0, ge=0, description="0 for the first submission, +1 per restart.")
+    spec: LLMTrainingJobSpec = Field(..., description="The LLMTrainingJob spec.")
+    storage_path: str | None = Field(
+        None, description="Override of the checkpoint storage path (default: from spec.checkpoint)."
+    )
+    output_path: str | None = Field(None, description="Override of the output path (default: from spec.output).")
+
+
+class ServeAppArgs(ApiModel):
+    """Arguments of the Serve application builder (``import_path`` + ``args``)."""
+
+    name: str = Field(..., min_length=1, description="Resource name; also the Serve application name.")
+    spec: LLMDeploymentSpec = Field(..., description="The LLMDeployment spec.")
+    model_path: str | None = Field(
+        None, description="Resolved local model path (e.g. a training job's output); overrides spec.model.uri."
+    )
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the API key (set by the operator from the Secret)."
+    )
+    route_prefix: str = Field("/", description="HTTP route prefix of the application.")
+
+
+class ProgressReport(StatusModel):
+    """One progress report of a training run (the JSON after ``LLMRAY_PROGRESS``)."""
+
+    step: int = 0
+    total_steps: int = 0
+    epoch: float = 0.0
+    loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    elapsed_seconds: float | None = None
+    checkpoint_path: str | None = None
+    checkpoint_step: int | None = None
+    output_path: str | None = None
+    state: str = Field("running", description="running, checkpointed, finished or failed.")
+
+
+def format_progress(report: ProgressReport) -> str:
+    """The log line a training driver prints for ``report``."""
+    return f"{PROGRESS_MARKER} {json.dumps(report.model_dump(by_alias=True, exclude_none=True), sort_keys=True)}"
+
+
+def parse_progress(log_text: str) -> ProgressReport | None:
+    """The last well-formed progress report in a log text, or None."""
+    for raw in reversed(_PROGRESS_RE.findall(log_text)):
+        try:
+            data: Any = json.loads(raw)
+            return ProgressReport.model_validate(data)
+        except (ValueError, ValidationError):
+            continue
+    return None

@@ -1,0 +1,121 @@
+"""A real local Ray cluster for tests: one head on loopback with token auth, started per session.
+
+``ray start --block`` runs in the foreground of a child process; terminating that process tears
+down exactly this cluster (``ray stop`` would kill every Ray process on the machine, including other
+test sessions'). Ports are picked free so parallel sessions do not collide.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from tests.waiting import wait_for
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port on loopback that is free right now."""
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class LocalRay:
+    """Handle on a running local Ray head."""
+
+    gcs_address: str
+    dashboard_url: str
+    token: str
+    temp_dir: Path
+    process: subprocess.Popen[bytes]
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+def ray_env(token: str) -> dict[str, str]:
+    """Environment for Ray processes and drivers of a token-auth cluster."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def start_local_ray(num_cpus: int = 8, extra_args: list[str] | None = None) -> LocalRay:
+    """Start a Ray head bound to loopback and wait until its dashboard answers."""
+    token = secrets.token_hex(16)
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    gcs_port, dash_port = free_port(), free_port()
+    env = {**os.environ, **ray_env(token)}
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    cmd = [
+        ray_bin, "start", "--head", "--block",
+        f"--node-ip-address={LOOPBACK}", f"--port={gcs_port}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+        f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=true",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        f"--min-worker-port={free_port()}", "--max-worker-port=0",
+        *(extra_args or []),
+    ]
+    log = (temp_dir / "ray-start.log").open("wb")
+    process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    dashboard_url = f"http://{LOOPBACK}:{dash_port}"
+    headers = {"Authorization": f"Bearer {token}"}
+
+    def dashboard_up() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start exited {process.returncode}: {(temp_dir / 'ray-start.log').read_text()[-2000:]}")
+        return httpx.get(f"{dashboard_url}/api/version", headers=headers, timeout=2).status_code == 200
+
+    try:
+        wait_for(dashboard_up, timeout=120, what="the Ray dashboard to answer", interval=0.5)
+    except Exception:
+        stop_local_ray_process(process)
+        raise
+    return LocalRay(f"{LOOPBACK}:{gcs_port}", dashboard_url, token, temp_dir, process, ray_env(token))
+
+
+def stop_local_ray_process(process: subprocess.Popen[bytes]) -> None:
+    """Stop a ``ray start --block`` process group and everything it started."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
+def stop_local_ray(ray: LocalRay) -> None:
+    stop_local_ray_process(ray.process)
+    shutil.rmtree(ray.temp_dir, ignore_errors=True)
+
+
+def local_ray_session() -> Iterator[LocalRay]:
+    """Generator for a session fixture; exports the driver env so ray.init() finds the cluster."""
+    ray = start_local_ray()
+    saved = {k: os.environ.get(k) for k in [*ray.env, "RAY_ADDRESS"]}
+    os.environ.update(ray.env)
+    os.environ["RAY_ADDRESS"] = ray.gcs_address
+    try:
+        yield ray
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        stop_local_ray(ray)
