@@ -6,25 +6,56 @@ import argparse
 import sys
 from pathlib import Path
 
+DEFAULT_CRD_DIRS = ("crds", "charts/llmray/crds")
+
 
 def _crds(args: argparse.Namespace) -> int:
     from llmray.api.crd import render_crds
 
-    out = Path(args.out)
     stale = []
-    for name, text in render_crds().items():
-        path = out / name
-        if args.check:
-            if not path.exists() or path.read_text() != text:
-                stale.append(str(path))
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            print(f"wrote {path}")
+    for folder in args.out or DEFAULT_CRD_DIRS:
+        out = Path(folder)
+        for name, text in render_crds().items():
+            path = out / name
+            if args.check:
+                if not path.exists() or path.read_text() != text:
+                    stale.append(str(path))
+            else:
+                out.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+                print(f"wrote {path}")
     if stale:
         print("stale CRDs (run `llmray crds`): " + ", ".join(stale), file=sys.stderr)
         return 1
     return 0
+
+
+def _operator(args: argparse.Namespace) -> int:
+    import kopf
+
+    from llmray.controllers.cluster import Options
+    from llmray.operator_main import RunConfig, run
+
+    kopf.configure(
+        debug=args.log_level == "debug",
+        quiet=args.log_level in ("warning", "error"),
+        log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
+    )
+    config = RunConfig(
+        namespaces=tuple(args.namespace or ()),
+        all_namespaces=args.all_namespaces,
+        liveness=None if args.liveness in ("", "off") else args.liveness,
+        peering=args.peering,
+        metrics_port=args.metrics_port,
+        metrics_address=args.metrics_address,
+        kubeconfig=args.kubeconfig,
+    )
+    options = Options(
+        unschedulable_timeout=args.unschedulable_timeout,
+        resync_seconds=args.resync,
+        workers=args.workers,
+    )
+    return run(config, options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,9 +63,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     crds = sub.add_parser("crds", help="generate crds/*.yaml from the API models")
-    crds.add_argument("--out", default="crds", help="output folder (default: crds)")
+    crds.add_argument(
+        "--out",
+        action="append",
+        help="output folder, repeatable (default: crds and the Helm chart's charts/llmray/crds)",
+    )
     crds.add_argument("--check", action="store_true", help="fail if the committed CRDs are stale")
     crds.set_defaults(func=_crds)
+
+    op = sub.add_parser(
+        "operator", help="run the operator (Kopf) against the current kubeconfig or in-cluster"
+    )
+    scope = op.add_mutually_exclusive_group()
+    scope.add_argument(
+        "-n", "--namespace", action="append", help="namespace to watch (repeatable; default: all namespaces)"
+    )
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
+    op.add_argument(
+        "--standalone", action="store_true", default=True, help="no peering between operators (the default)"
+    )
+    op.add_argument("--peering", metavar="NAME", help="enable Kopf peering (needs Kopf's peering CRDs)")
+    op.add_argument(
+        "--liveness",
+        default="http://127.0.0.1:8080/healthz",
+        help="health endpoint URL for probes ('' or 'off' disables; in a pod use http://0.0.0.0:8080/healthz)",
+    )
+    op.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics port (0: off)")
+    op.add_argument("--metrics-address", default="127.0.0.1", help="metrics bind address")
+    op.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, else $KUBECONFIG)")
+    op.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    op.add_argument("--log-format", choices=["plain", "json"], default="plain")
+    op.add_argument("--resync", type=float, default=15.0, help="seconds between full resyncs (default 15)")
+    op.add_argument("--workers", type=int, default=8, help="resources reconciled concurrently (default 8)")
+    op.add_argument(
+        "--unschedulable-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a Ray pod may stay Unschedulable before its resource is marked Failed (default 300)",
+    )
+    op.set_defaults(func=_operator)
     return parser
 
 

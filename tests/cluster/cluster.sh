@@ -43,10 +43,10 @@ healthy() {
 render_nodes() {
   local i
   for ((i = 0; i < cpu_nodes; i++)); do
-    echo "---"; sed "s/__INDEX__/$i/g" "$here/node-cpu.yaml"
+    echo "---"; sed "s/__INDEX__/$i/g; s/__KUBE_VERSION__/$KUBE_VERSION/g" "$here/node-cpu.yaml"
   done
   for ((i = 0; i < gpu_nodes; i++)); do
-    echo "---"; sed "s/__INDEX__/$i/g" "$here/node-gpu.yaml"
+    echo "---"; sed "s/__INDEX__/$i/g; s/__KUBE_VERSION__/$KUBE_VERSION/g" "$here/node-gpu.yaml"
   done
 }
 

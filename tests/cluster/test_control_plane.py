@@ -119,7 +119,7 @@ def widget_crd(kube: Kube) -> Any:
     apply_yaml(kube, WIDGET_CRD)
     kube.kubectl("wait", "--for=condition=Established", "crd/widgets.test.llmray.io", "--timeout=60s")
     yield client.CustomObjectsApi(kube.api_client)
-    kube.kubectl("delete", "crd/widgets.test.llmray.io", "--wait=false")
+    kube.kubectl("delete", "crd/widgets.test.llmray.io", "--timeout=60s")
 
 
 def _widget(name: str, **spec: Any) -> dict[str, Any]:
@@ -200,14 +200,14 @@ def test_deleting_owner_garbage_collects_dependents(kube: Kube, namespace: str) 
     owner = core.create_namespaced_config_map(
         namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="owner"))
     )
-    ref = client.V1OwnerReference(
-        api_version="v1", kind="ConfigMap", name="owner", uid=owner.metadata.uid
-    )
+    ref = client.V1OwnerReference(api_version="v1", kind="ConfigMap", name="owner", uid=owner.metadata.uid)
     for name in ("child-a", "child-b"):
         core.create_namespaced_config_map(
             namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name=name, owner_references=[ref]))
         )
-    core.create_namespaced_config_map(namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="bystander")))
+    core.create_namespaced_config_map(
+        namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="bystander"))
+    )
 
     core.delete_namespaced_config_map("owner", namespace, propagation_policy="Background")
 

@@ -19,6 +19,25 @@ GROUP = "llmray.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
+# Child objects are named <name>-head, <name>-serve, <name>-worker-<group>-<5 chars>: Service names
+# must be DNS-1035 labels (<= 63 chars, starting with a letter) and the name is also a label value.
+MAX_NAME_LENGTH = 50
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+NAME_RULES: list[dict[str, str]] = [
+    {
+        "rule": f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
+        "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters (it prefixes the names of "
+        "the Ray pods and Services)",
+        "reason": "FieldValueInvalid",
+    },
+    {
+        "rule": f"self.metadata.name.matches('{NAME_PATTERN}')",
+        "message": "metadata.name must start with a letter and contain only lowercase letters, digits "
+        "and '-' (it names Services, which must be DNS-1035 labels)",
+        "reason": "FieldValueInvalid",
+    },
+]
+
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
 URI_PATTERN = r"^(hf|file|pvc|s3|gs)://.+$"
 
@@ -128,9 +147,7 @@ class ConditionStatus(StatusModel):
     status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
     reason: str = Field("", description="CamelCase machine-readable reason for the last transition.")
     message: str = Field("", description="Human-readable details, including what to do.")
-    last_transition_time: datetime | None = Field(
-        None, description="When status last changed (RFC 3339)."
-    )
+    last_transition_time: datetime | None = Field(None, description="When status last changed (RFC 3339).")
     observed_generation: int | None = Field(
         None, description="The .metadata.generation this condition was computed from."
     )

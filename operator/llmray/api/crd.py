@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel
 
 from . import deployment, training
-from .common import GROUP, VERSION
+from .common import GROUP, NAME_RULES, VERSION
 
 _DROP = {"title", "discriminator"}
 
@@ -68,15 +68,31 @@ def _finish(node: Any) -> Any:
         if node.get("additionalProperties") is False:
             node.pop("additionalProperties")  # structural schemas prune unknown fields instead
         if "default" not in node and not optional and not node.get("required"):
-            # Without a default an absent parent object hides its children's defaults.
-            node["default"] = {}
-    if node.get("type") == "object" and "additionalProperties" in node and node["additionalProperties"] is True:
+            # Without a default an absent parent object hides its children's defaults. The default
+            # is spelled out in full (not {}): the API server checks defaults against CEL rules
+            # without defaulting inside them, so a rule like minReplicas <= maxReplicas needs both.
+            node["default"] = {k: v["default"] for k, v in node["properties"].items() if "default" in v}
+    if (
+        node.get("type") == "object"
+        and "additionalProperties" in node
+        and node["additionalProperties"] is True
+    ):
         node.pop("additionalProperties")
         node["x-kubernetes-preserve-unknown-fields"] = True
     if node.get("x-kubernetes-preserve-unknown-fields") and "additionalProperties" in node:
         node.pop("additionalProperties")
     if node.get("format") == "date-time":
         node["type"] = "string"
+    # JSON Schema 2020-12 (pydantic) writes exclusive bounds as numbers; OpenAPI v3.0 (Kubernetes)
+    # wants the bound in minimum/maximum and a boolean flag.
+    for bound, flag in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+        if isinstance(node.get(flag), int | float) and not isinstance(node.get(flag), bool):
+            node[bound] = node.pop(flag)
+            node[flag] = True
+    if isinstance(node.get("properties"), dict):
+        for name in node.get("required") or []:
+            # A required field never gets a server-side default: absent must be an error.
+            node["properties"].get(name, {}).pop("default", None)
     return node
 
 
@@ -113,8 +129,12 @@ def _crd(
         "type": "object",
         "description": description,
         "required": ["spec"],
+        "x-kubernetes-validations": NAME_RULES,
         "properties": {
-            "apiVersion": {"type": "string", "description": "APIVersion of this object (llmray.io/v1alpha1)."},
+            "apiVersion": {
+                "type": "string",
+                "description": "APIVersion of this object (llmray.io/v1alpha1).",
+            },
             "kind": {"type": "string", "description": f"Kind of this object ({kind})."},
             "metadata": {"type": "object"},
             "spec": spec_schema,

@@ -59,7 +59,9 @@ class ServedModel(ApiModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
         description="Model name clients send in requests (default: the resource name).",
     )
-    secret_ref: SecretKeyRef | None = Field(None, description="Secret with a hub token (HF_TOKEN) for gated models.")
+    secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret with a hub token (HF_TOKEN) for gated models."
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ServedModel:
@@ -71,12 +73,18 @@ class ServedModel(ApiModel):
 class EngineArgs(ApiModel):
     """Engine settings. vLLM uses them all; transformers uses dtype, maxModelLen and batching."""
 
-    max_model_len: int | None = Field(None, ge=16, le=1_048_576, description="Context length limit in tokens.")
-    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs one replica shards the model over (vLLM).")
+    max_model_len: int | None = Field(
+        None, ge=16, le=1_048_576, description="Context length limit in tokens."
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=64, description="GPUs one replica shards the model over (vLLM)."
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights dtype; auto picks bfloat16 on GPUs that support it, float32 on CPU."
     )
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Fraction of GPU memory vLLM may use.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0, description="Fraction of GPU memory vLLM may use."
+    )
     max_num_seqs: int = Field(64, ge=1, le=4096, description="Sequences batched together per replica.")
     batch_wait_timeout_ms: int = Field(
         10, ge=0, le=10_000, description="How long the transformers engine waits to fill a batch."
@@ -109,7 +117,9 @@ class Autoscaling(ApiModel):
     target_ongoing_requests: float = Field(
         4.0, gt=0.0, le=10_000.0, description="In-flight requests per replica the autoscaler aims for."
     )
-    upscale_delay_seconds: float = Field(10.0, ge=0.0, le=3600.0, description="Load must persist this long to add replicas.")
+    upscale_delay_seconds: float = Field(
+        10.0, ge=0.0, le=3600.0, description="Load must persist this long to add replicas."
+    )
     downscale_delay_seconds: float = Field(
         60.0, ge=0.0, le=86_400.0, description="Load must stay low this long to remove replicas."
     )
@@ -124,13 +134,18 @@ class Autoscaling(ApiModel):
 class RequestLimits(ApiModel):
     """Protection against oversized or too many requests."""
 
-    max_prompt_tokens: int = Field(4096, ge=1, le=1_048_576, description="Longest prompt accepted, in tokens.")
+    max_prompt_tokens: int = Field(
+        4096, ge=1, le=1_048_576, description="Longest prompt accepted, in tokens."
+    )
     max_tokens: int = Field(1024, ge=1, le=1_048_576, description="Largest max_tokens a request may ask for.")
     max_ongoing_requests: int = Field(
         32, ge=1, le=100_000, description="Requests one replica works on at once; more are queued by Serve."
     )
     max_queued_requests: int = Field(
-        64, ge=0, le=1_000_000, description="Requests waiting for a replica; beyond it clients get 503 with Retry-After."
+        64,
+        ge=0,
+        le=1_000_000,
+        description="Requests waiting for a replica; beyond it clients get 503 with Retry-After.",
     )
 
 
@@ -155,7 +170,9 @@ class WorkerPool(Placement):
     resources: Resources = Field(
         default=Resources(gpu=1, cpu="8", memory="32Gi"), description="Resources of each worker pod."
     )
-    idle_timeout_seconds: int = Field(60, ge=0, le=86_400, description="Idle time before a worker is removed.")
+    idle_timeout_seconds: int = Field(
+        60, ge=0, le=86_400, description="Idle time before a worker is removed."
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> WorkerPool:
@@ -178,18 +195,35 @@ class LLMDeploymentSpec(ApiModel):
         "json_schema_extra": {
             "x-kubernetes-validations": [
                 {
-                    "rule": "self.engine != 'vllm' || self.resourcesPerReplica.gpu >= self.engineArgs.tensorParallelSize",
-                    "message": "engine vllm needs spec.resourcesPerReplica.gpu >= spec.engineArgs.tensorParallelSize",
+                    "rule": "self.engine != 'vllm' || "
+                    "self.resourcesPerReplica.gpu >= self.engineArgs.tensorParallelSize",
+                    "message": "engine vllm needs spec.resourcesPerReplica.gpu >= "
+                    "spec.engineArgs.tensorParallelSize",
                     "fieldPath": ".resourcesPerReplica.gpu",
                     "reason": "FieldValueInvalid",
-                }
+                },
+                {
+                    "rule": "self.resourcesPerReplica.gpu <= self.workers.resources.gpu",
+                    "message": "a replica must fit on one worker pod: spec.resourcesPerReplica.gpu must be "
+                    "<= spec.workers.resources.gpu",
+                    "fieldPath": ".resourcesPerReplica.gpu",
+                    "reason": "FieldValueInvalid",
+                },
+                {
+                    "rule": "self.autoscaling.minReplicas == 0 || self.workers.maxReplicas >= 1",
+                    "message": "replicas run on worker pods: spec.workers.maxReplicas must be >= 1 when "
+                    "spec.autoscaling.minReplicas > 0",
+                    "fieldPath": ".workers.maxReplicas",
+                    "reason": "FieldValueInvalid",
+                },
             ]
         }
     }
 
     model: ServedModel = Field(..., description="The model to serve.")
     engine: Literal["transformers", "vllm"] = Field(
-        "transformers", description="transformers: CPU or GPU, dynamic batching; vllm: GPU, via Ray Serve LLM."
+        "transformers",
+        description="transformers: CPU or GPU, dynamic batching; vllm: GPU, via Ray Serve LLM.",
     )
     engine_args: EngineArgs = Field(default_factory=EngineArgs, description="Engine settings.")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Replica autoscaling.")
@@ -199,8 +233,12 @@ class LLMDeploymentSpec(ApiModel):
     )
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Request limits.")
     workers: WorkerPool = Field(default_factory=WorkerPool, description="Ray worker pods.")
-    head: HeadSpec = Field(default_factory=HeadSpec, description="The Ray head pod (also runs the HTTP proxy).")
-    image: str = Field(DEFAULT_IMAGE, min_length=1, max_length=512, description="Ray runtime image for every pod.")
+    head: HeadSpec = Field(
+        default_factory=HeadSpec, description="The Ray head pod (also runs the HTTP proxy)."
+    )
+    image: str = Field(
+        DEFAULT_IMAGE, min_length=1, max_length=512, description="Ray runtime image for every pod."
+    )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         "IfNotPresent", description="Image pull policy of every pod."
     )
@@ -210,10 +248,20 @@ class LLMDeploymentSpec(ApiModel):
     service: ServiceSpec = Field(default_factory=ServiceSpec, description="The serve Service.")
 
     @model_validator(mode="after")
-    def _vllm_gpus(self) -> LLMDeploymentSpec:
+    def _cross_field_rules(self) -> LLMDeploymentSpec:
         if self.engine == "vllm" and self.resources_per_replica.gpu < self.engine_args.tensor_parallel_size:
             raise ValueError(
                 "engine vllm needs spec.resourcesPerReplica.gpu >= spec.engineArgs.tensorParallelSize"
+            )
+        if self.resources_per_replica.gpu > self.workers.resources.gpu:
+            raise ValueError(
+                "a replica must fit on one worker pod: spec.resourcesPerReplica.gpu must be "
+                "<= spec.workers.resources.gpu"
+            )
+        if self.autoscaling.min_replicas > 0 and self.workers.max_replicas < 1:
+            raise ValueError(
+                "replicas run on worker pods: spec.workers.maxReplicas must be >= 1 when "
+                "spec.autoscaling.minReplicas > 0"
             )
         return self
 
@@ -245,10 +293,14 @@ class LLMDeploymentStatus(StatusModel):
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-    {"name": "Ready", "type": "integer", "jsonPath": ".status.replicas.ready", "description": "ready replicas"},
+    {
+        "name": "Ready",
+        "type": "integer",
+        "jsonPath": ".status.replicas.ready",
+        "description": "ready replicas",
+    },
     {"name": "Desired", "type": "integer", "jsonPath": ".status.replicas.desired"},
     {"name": "Workers", "type": "integer", "jsonPath": ".status.workers.ready", "priority": 1},
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
-

@@ -24,6 +24,13 @@ PROGRESS_MARKER = "LLMRAY_PROGRESS"
 _PROGRESS_RE = re.compile(PROGRESS_MARKER + r" (\{.*\})\s*$", re.MULTILINE)
 SERVE_APP_IMPORT_PATH = "llmray_workloads.serve.app:build_app"
 TRAIN_ENTRYPOINT_MODULE = "llmray_workloads.train"
+# Environment of every Ray pod the operator creates (set from Secrets, never written into the spec).
+API_KEY_ENV = "LLMRAY_API_KEY"
+"""Holds the LLMDeployment's API key (from spec.apiKeySecretRef); pass it as ServeAppArgs.api_key_env."""
+HF_TOKEN_ENV = "HF_TOKEN"
+"""Holds the hub token from spec.model.secretRef (read by huggingface_hub)."""
+AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"
+"""The Ray cluster's auth token (RAY_AUTH_MODE=token), from the <name>-ray-auth Secret."""
 
 
 class TrainingRun(ApiModel):
@@ -36,7 +43,9 @@ class TrainingRun(ApiModel):
     storage_path: str | None = Field(
         None, description="Override of the checkpoint storage path (default: from spec.checkpoint)."
     )
-    output_path: str | None = Field(None, description="Override of the output path (default: from spec.output).")
+    output_path: str | None = Field(
+        None, description="Override of the output path (default: from spec.output)."
+    )
 
 
 class ServeAppArgs(ApiModel):
@@ -45,7 +54,8 @@ class ServeAppArgs(ApiModel):
     name: str = Field(..., min_length=1, description="Resource name; also the Serve application name.")
     spec: LLMDeploymentSpec = Field(..., description="The LLMDeployment spec.")
     model_path: str | None = Field(
-        None, description="Resolved local model path (e.g. a training job's output); overrides spec.model.uri."
+        None,
+        description="Resolved local model path (e.g. a training job's output); overrides spec.model.uri.",
     )
     api_key_env: str | None = Field(
         None, description="Environment variable holding the API key (set by the operator from the Secret)."
@@ -72,7 +82,9 @@ class ProgressReport(StatusModel):
 
 def format_progress(report: ProgressReport) -> str:
     """The log line a training driver prints for ``report``."""
-    return f"{PROGRESS_MARKER} {json.dumps(report.model_dump(by_alias=True, exclude_none=True), sort_keys=True)}"
+    return (
+        f"{PROGRESS_MARKER} {json.dumps(report.model_dump(by_alias=True, exclude_none=True), sort_keys=True)}"
+    )
 
 
 def parse_progress(log_text: str) -> ProgressReport | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, JsonValue, model_validator
 
 from .common import (
     ApiModel,
@@ -120,8 +120,9 @@ class DistributedSpec(ApiModel):
     """How workers share the model."""
 
     strategy: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="ddp: replicate the model on each worker; fsdp: shard parameters, grads and "
-        "optimizer state across workers (large models)."
+        "ddp",
+        description="ddp: replicate the model on each worker; fsdp: shard parameters, grads and "
+        "optimizer state across workers (large models).",
     )
 
 
@@ -139,7 +140,9 @@ class CheckpointSpec(ApiModel):
     """Checkpointing, which also makes restarts resume instead of starting over."""
 
     storage_uri: StorageURI | None = Field(
-        None, description="Where checkpoints go (file://, pvc://, s3://, gs://); default: output.uri + /checkpoints."
+        None,
+        description="Where checkpoints go (file://, pvc://, s3://, gs://); "
+        "default: output.uri + /checkpoints.",
     )
     every_steps: int = Field(100, ge=1, le=10_000_000, description="Save every N optimiser steps.")
     keep: int = Field(3, ge=1, le=1000, description="How many recent checkpoints to keep.")
@@ -155,11 +158,14 @@ class FailurePolicy(ApiModel):
     """What happens when the training job fails."""
 
     max_restarts: int = Field(
-        3, ge=0, le=100, description="Times the job is resubmitted (from the latest checkpoint) after a failure."
+        3,
+        ge=0,
+        le=100,
+        description="Times the job is resubmitted (from the latest checkpoint) after a failure.",
     )
 
 
-_CEL_RULES = [
+_CEL_RULES: list[JsonValue] = [
     {
         "rule": "self.method == 'lora' || !has(self.lora)",
         "message": "spec.lora may only be set when spec.method is lora",
@@ -190,17 +196,27 @@ _CEL_RULES = [
 class LLMTrainingJobSpec(ApiModel):
     """Fine-tune a causal language model on a dataset with distributed Ray Train workers."""
 
-    model_config = ApiModel.model_config | {"json_schema_extra": {"x-kubernetes-validations": _CEL_RULES}}
+    model_config = ConfigDict(
+        **ApiModel.model_config, json_schema_extra={"x-kubernetes-validations": _CEL_RULES}
+    )
 
     model: ModelSource = Field(..., description="The base model to fine-tune.")
     dataset: DatasetSpec = Field(..., description="The training data.")
-    method: Literal["full", "lora"] = Field("full", description="full: train every weight; lora: train adapters.")
+    method: Literal["full", "lora"] = Field(
+        "full", description="full: train every weight; lora: train adapters."
+    )
     lora: LoraSpec | None = Field(None, description="LoRA settings; only with method lora (defaults apply).")
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Optimisation settings.")
-    distributed: DistributedSpec = Field(default_factory=DistributedSpec, description="Distribution strategy.")
+    hyperparameters: Hyperparameters = Field(
+        default_factory=Hyperparameters, description="Optimisation settings."
+    )
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec, description="Distribution strategy."
+    )
     workers: TrainingWorkers = Field(default_factory=TrainingWorkers, description="Training worker pods.")
     head: HeadSpec = Field(default_factory=HeadSpec, description="The Ray head pod.")
-    image: str = Field(DEFAULT_IMAGE, min_length=1, max_length=512, description="Ray runtime image for every pod.")
+    image: str = Field(
+        DEFAULT_IMAGE, min_length=1, max_length=512, description="Ray runtime image for every pod."
+    )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         "IfNotPresent", description="Image pull policy of every pod."
     )
@@ -208,10 +224,13 @@ class LLMTrainingJobSpec(ApiModel):
     output: OutputSpec = Field(..., description="Where the trained model is written.")
     failure_policy: FailurePolicy = Field(default_factory=FailurePolicy, description="Restart policy.")
     suspend: bool = Field(
-        False, description="true stops the job and removes its Ray pods; false resumes from the latest checkpoint."
+        False,
+        description="true stops the job and removes its Ray pods; false resumes from the latest checkpoint.",
     )
     ttl_seconds_after_finished: int | None = Field(
-        None, ge=0, le=31_536_000,
+        None,
+        ge=0,
+        le=31_536_000,
         description="Delete the Ray cluster (not this resource) this long after the job finished.",
     )
 
@@ -225,7 +244,9 @@ class LLMTrainingJobSpec(ApiModel):
         if self.distributed.strategy == "fsdp" and self.workers.replicas < 2:
             raise ValueError("spec.distributed.strategy fsdp needs spec.workers.replicas >= 2")
         if self.hyperparameters.precision == "fp16" and self.workers.resources.gpu == 0:
-            raise ValueError("spec.hyperparameters.precision fp16 needs GPU workers (spec.workers.resources.gpu > 0)")
+            raise ValueError(
+                "spec.hyperparameters.precision fp16 needs GPU workers (spec.workers.resources.gpu > 0)"
+            )
         return self
 
     def effective_lora(self) -> LoraSpec | None:
@@ -270,20 +291,26 @@ class OutputStatus(StatusModel):
 class LLMTrainingJobStatus(StatusModel):
     """Observed state of an LLMTrainingJob."""
 
-    phase: Phase = Field("Pending", description="Pending, Provisioning, Running, Succeeded, Failed or Suspended.")
+    phase: Phase = Field(
+        "Pending", description="Pending, Provisioning, Running, Succeeded, Failed or Suspended."
+    )
     conditions: list[ConditionStatus] = Field(
         default_factory=list,
         description="Ready-style conditions per Kubernetes API conventions.",
         json_schema_extra=condition_list_schema(),
     )
     observed_generation: int = Field(0, description="The .metadata.generation last acted on.")
-    ray_cluster: RayClusterStatus = Field(default_factory=RayClusterStatus, description="The job's Ray cluster.")
+    ray_cluster: RayClusterStatus = Field(
+        default_factory=RayClusterStatus, description="The job's Ray cluster."
+    )
     workers: PodCounts = Field(default_factory=PodCounts, description="Worker pods ready / desired.")
     job_id: str = Field("", description="Ray job submission id of the current attempt.")
     restarts: int = Field(0, description="Resubmissions after failures so far.")
     progress: Progress = Field(default_factory=Progress, description="Live training progress.")
     checkpoint: CheckpointStatus = Field(default_factory=CheckpointStatus, description="Latest checkpoint.")
-    output: OutputStatus = Field(default_factory=OutputStatus, description="The trained model, once Succeeded.")
+    output: OutputStatus = Field(
+        default_factory=OutputStatus, description="The trained model, once Succeeded."
+    )
     start_time: datetime | None = Field(None, description="When the first attempt started.")
     completion_time: datetime | None = Field(None, description="When the job Succeeded or Failed.")
     message: str = Field("", description="What is happening now, or what went wrong and what to do.")
@@ -291,11 +318,17 @@ class LLMTrainingJobStatus(StatusModel):
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-    {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent", "description": "percent done"},
+    {
+        "name": "Progress",
+        "type": "integer",
+        "jsonPath": ".status.progress.percent",
+        "description": "percent done",
+    },
     {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step"},
     {"name": "Loss", "type": "string", "jsonPath": ".status.progress.loss"},
     {"name": "Tokens/s", "type": "integer", "jsonPath": ".status.progress.tokensPerSecond", "priority": 1},
     {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta", "priority": 1},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
+    {"name": "Workers", "type": "integer", "jsonPath": ".status.workers.ready", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

@@ -1,0 +1,458 @@
+"""Ray cluster manifests: auth Secret, head Pod + Service, worker Pods, serve Service.
+
+:class:`ClusterSpec` is the one input; :func:`training_cluster` and :func:`deployment_cluster` derive
+it from a resource's spec, so both kinds get the same (KubeRay-style) pods:
+
+- ``ray start`` arguments from the container resources (``--num-cpus``, ``--num-gpus``,
+  ``--memory``), requests = limits (Ray must not be promised more than the pod has).
+- Token auth on every container (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN`` from the Secret).
+- Probes on Ray's unauthenticated health endpoints: the dashboard's ``/api/gcs_healthz`` (head)
+  and the dashboard agent's ``/api/local_raylet_healthz`` (every node).
+- ``/dev/shm`` as a memory emptyDir (Ray's object store lives there).
+- The ``restricted`` Pod Security Standard: non-root uid 1000, no privilege escalation, all
+  capabilities dropped, RuntimeDefault seccomp, only emptyDir and PVC volumes.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmray.api.common import PVC_MOUNT_ROOT, HeadSpec, Placement, Resources, SecretKeyRef, pvc_claim
+from llmray.api.deployment import ServiceSpec
+from llmray.api.runtime import API_KEY_ENV, AUTH_TOKEN_ENV, HF_TOKEN_ENV
+
+from .common import (
+    ANNOTATION_TEMPLATE_HASH,
+    CLIENT_PORT,
+    DASHBOARD_AGENT_PORT,
+    DASHBOARD_PORT,
+    GCS_PORT,
+    HEAD_GROUP,
+    LABEL_KIND,
+    LABEL_RAY_CLUSTER,
+    LABEL_RAY_GROUP,
+    LABEL_RAY_NODE_TYPE,
+    LABEL_WORKER_INDEX,
+    METRICS_PORT,
+    NODE_TYPE_HEAD,
+    NODE_TYPE_WORKER,
+    SERVE_PORT,
+    Owner,
+    auth_secret_name,
+    cpu_count,
+    head_name,
+    memory_bytes,
+    metadata,
+    serve_service_name,
+    stable_hash,
+    worker_name,
+)
+
+AUTH_TOKEN_KEY = "auth_token"
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+RUN_AS_USER = 1000
+SHM_VOLUME = "dshm"
+
+
+@dataclass(frozen=True)
+class PvcMount:
+    """A PersistentVolumeClaim every Ray pod mounts at ``/mnt/pvc/<claim>``."""
+
+    claim: str
+    read_only: bool = False
+
+    @property
+    def volume_name(self) -> str:
+        name = f"pvc-{self.claim}"
+        return name if len(name) <= 63 else f"pvc-{stable_hash(self.claim)}"
+
+    @property
+    def mount_path(self) -> str:
+        return f"{PVC_MOUNT_ROOT}/{self.claim}"
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Everything the children of one Ray cluster depend on (derived from a resource's spec)."""
+
+    owner: Owner
+    image: str
+    image_pull_policy: str
+    head: HeadSpec
+    worker_resources: Resources
+    worker_placement: Placement
+    env: tuple[tuple[str, SecretKeyRef], ...] = ()
+    """Extra env vars read from user Secrets: (variable, secret key ref)."""
+    pvcs: tuple[PvcMount, ...] = ()
+    serve: ServiceSpec | None = None
+    """The serve Service (LLMDeployment only)."""
+    extra_labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.owner.name
+
+    @property
+    def worker_group(self) -> str:
+        """Worker group name: ``gpu`` or ``cpu`` (part of worker pod names, label ray.io/group)."""
+        return "gpu" if self.worker_resources.gpu > 0 else "cpu"
+
+    @property
+    def head_address(self) -> str:
+        """GCS address workers join: the head Service's cluster DNS name."""
+        return f"{head_name(self.name)}.{self.owner.namespace}.svc.cluster.local:{GCS_PORT}"
+
+    @property
+    def dashboard_url(self) -> str:
+        """Ray dashboard / REST API (Jobs, Serve, cluster status) URL inside the cluster."""
+        return f"http://{head_name(self.name)}.{self.owner.namespace}.svc.cluster.local:{DASHBOARD_PORT}"
+
+    def secret_refs(self) -> list[SecretKeyRef]:
+        """User Secrets the pods read (they must exist before the pods are created)."""
+        return [ref for _, ref in self.env]
+
+
+def pvc_mounts(uris: list[tuple[str | None, bool]]) -> tuple[PvcMount, ...]:
+    """PVC mounts for the ``pvc://`` URIs among ``(uri, read_only)``; a claim used read-write wins."""
+    claims: dict[str, bool] = {}
+    for uri, read_only in uris:
+        claim = pvc_claim(uri) if uri else None
+        if claim:
+            claims[claim] = claims.get(claim, True) and read_only
+    return tuple(PvcMount(claim, ro) for claim, ro in sorted(claims.items()))
+
+
+# --- Secret and Services -------------------------------------------------------------------------
+
+
+def new_auth_token() -> str:
+    """A fresh random Ray auth token (256 bits)."""
+    return secrets.token_urlsafe(32)
+
+
+def auth_secret(cluster: ClusterSpec, token: str) -> dict[str, Any]:
+    """The ``<name>-ray-auth`` Secret holding the cluster's Ray auth token (key ``auth_token``)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": metadata(cluster.owner, auth_secret_name(cluster.name), "ray-auth"),
+        "type": "Opaque",
+        "data": {AUTH_TOKEN_KEY: base64.b64encode(token.encode()).decode()},
+    }
+
+
+def _head_selector(cluster: ClusterSpec) -> dict[str, str]:
+    return {
+        LABEL_RAY_CLUSTER: cluster.name,
+        LABEL_KIND: cluster.owner.kind,
+        LABEL_RAY_NODE_TYPE: NODE_TYPE_HEAD,
+    }
+
+
+def head_service(cluster: ClusterSpec) -> dict[str, Any]:
+    """The ``<name>-head`` Service: GCS, dashboard/REST, client, serve and metrics ports.
+
+    Not-ready addresses are published so workers can join the GCS before the head's readiness
+    probe (which waits for the dashboard) passes.
+    """
+    ports = [
+        ("gcs", GCS_PORT),
+        ("dashboard", DASHBOARD_PORT),
+        ("client", CLIENT_PORT),
+        ("serve", SERVE_PORT),
+        ("metrics", METRICS_PORT),
+    ]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(cluster.owner, head_name(cluster.name), "ray-head"),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": _head_selector(cluster),
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": n, "port": p, "targetPort": p, "protocol": "TCP"} for n, p in ports],
+        },
+    }
+
+
+def serve_service(cluster: ClusterSpec) -> dict[str, Any]:
+    """The ``<name>-serve`` Service in front of the OpenAI endpoint (LLMDeployment).
+
+    It targets the head pod, whose Serve HTTP proxy always runs and routes to replicas anywhere.
+    """
+    service = cluster.serve or ServiceSpec()
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(cluster.owner, serve_service_name(cluster.name), "serve"),
+        "spec": {
+            "type": service.type,
+            "selector": _head_selector(cluster),
+            "ports": [{"name": "serve", "port": service.port, "targetPort": SERVE_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+def serve_endpoint(cluster: ClusterSpec) -> str:
+    """OpenAI base URL of the deployment inside the cluster."""
+    port = (cluster.serve or ServiceSpec()).port
+    return f"http://{serve_service_name(cluster.name)}.{cluster.owner.namespace}.svc.cluster.local:{port}/v1"
+
+
+# --- Pods ----------------------------------------------------------------------------------------
+
+
+def ray_start_args(cluster: ClusterSpec, node_type: str) -> list[str]:
+    """``ray start`` command line of a head or worker container.
+
+    The head advertises no CPUs or GPUs: it schedules, runs the job driver and the Serve
+    controller/proxy (all 0-CPU), and never a training worker or a model replica.
+    """
+    common = [
+        f"--metrics-export-port={METRICS_PORT}",
+        f"--dashboard-agent-listen-port={DASHBOARD_AGENT_PORT}",
+        "--disable-usage-stats",
+        "--block",
+    ]
+    if node_type == NODE_TYPE_HEAD:
+        return [
+            "ray",
+            "start",
+            "--head",
+            f"--port={GCS_PORT}",
+            "--dashboard-host=0.0.0.0",
+            f"--dashboard-port={DASHBOARD_PORT}",
+            f"--ray-client-server-port={CLIENT_PORT}",
+            "--num-cpus=0",
+            "--num-gpus=0",
+            f"--memory={memory_bytes(cluster.head.resources.memory)}",
+            *common,
+        ]
+    res = cluster.worker_resources
+    return [
+        "ray",
+        "start",
+        f"--address={cluster.head_address}",
+        f"--num-cpus={cpu_count(res.cpu)}",
+        f"--num-gpus={res.gpu}",
+        f"--memory={memory_bytes(res.memory)}",
+        *common,
+    ]
+
+
+def _resources(res: Resources) -> dict[str, Any]:
+    requests: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory}
+    limits: dict[str, Any] = dict(requests)
+    if res.gpu > 0:
+        requests[GPU_RESOURCE] = str(res.gpu)
+        limits[GPU_RESOURCE] = str(res.gpu)
+    return {"requests": requests, "limits": limits}
+
+
+def _env(cluster: ClusterSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "RAY_AUTH_MODE", "value": "token"},
+        {
+            "name": AUTH_TOKEN_ENV,
+            "valueFrom": {"secretKeyRef": {"name": auth_secret_name(cluster.name), "key": AUTH_TOKEN_KEY}},
+        },
+        {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+        {"name": "LLMRAY_CLUSTER", "value": cluster.name},
+        {"name": "LLMRAY_NAMESPACE", "value": cluster.owner.namespace},
+    ]
+    for var, ref in cluster.env:
+        env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    return env
+
+
+def _probe(path: str, port: int, *, initial: int, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": port},
+        "initialDelaySeconds": initial,
+        "periodSeconds": period,
+        "timeoutSeconds": 2,
+        "failureThreshold": failures,
+    }
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _pod_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "fsGroup": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _tolerations(placement: Placement, gpu: int) -> list[dict[str, Any]]:
+    tolerations = [t.to_wire() for t in placement.tolerations]
+    if gpu > 0 and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
+        tolerations.append(dict(GPU_TOLERATION))
+    return tolerations
+
+
+def _pod_spec(cluster: ClusterSpec, node_type: str) -> dict[str, Any]:
+    is_head = node_type == NODE_TYPE_HEAD
+    res = cluster.head.resources if is_head else cluster.worker_resources
+    placement: Placement = cluster.head if is_head else cluster.worker_placement
+    gpu = 0 if is_head else res.gpu
+    if is_head:
+        # The head never uses GPUs (--num-gpus=0): asking the scheduler for them would waste a GPU.
+        res = res.model_copy(update={"gpu": 0})
+    ports = [("metrics", METRICS_PORT), ("serve", SERVE_PORT)]
+    if is_head:
+        ports = [("gcs", GCS_PORT), ("dashboard", DASHBOARD_PORT), ("client", CLIENT_PORT), *ports]
+    health_path, health_port = (
+        ("/api/gcs_healthz", DASHBOARD_PORT)
+        if is_head
+        else ("/api/local_raylet_healthz", DASHBOARD_AGENT_PORT)
+    )
+    mounts: list[dict[str, Any]] = [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}]
+    volumes: list[dict[str, Any]] = [
+        {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": res.memory}}
+    ]
+    for pvc in cluster.pvcs:
+        mounts.append({"name": pvc.volume_name, "mountPath": pvc.mount_path, "readOnly": pvc.read_only})
+        volumes.append(
+            {
+                "name": pvc.volume_name,
+                "persistentVolumeClaim": {"claimName": pvc.claim, "readOnly": pvc.read_only},
+            }
+        )
+    container: dict[str, Any] = {
+        "name": "ray-head" if is_head else "ray-worker",
+        "image": cluster.image,
+        "imagePullPolicy": cluster.image_pull_policy,
+        "command": ray_start_args(cluster, node_type),
+        "env": _env(cluster),
+        "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in ports],
+        "resources": _resources(res),
+        "readinessProbe": _probe(health_path, health_port, initial=10, period=5, failures=10),
+        "livenessProbe": _probe(health_path, health_port, initial=30, period=10, failures=12),
+        "volumeMounts": mounts,
+        "securityContext": _container_security(),
+    }
+    spec: dict[str, Any] = {
+        "restartPolicy": "Always",
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "securityContext": _pod_security(),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if placement.node_selector:
+        spec["nodeSelector"] = dict(placement.node_selector)
+    tolerations = _tolerations(placement, gpu)
+    if tolerations:
+        spec["tolerations"] = tolerations
+    if placement.affinity:
+        spec["affinity"] = placement.affinity
+    return spec
+
+
+def pod_template_hash(cluster: ClusterSpec, node_type: str, auth_secret_uid: str) -> str:
+    """Hash of everything a pod of this type is built from.
+
+    A pod whose annotation differs was built from an older spec (image, resources, placement,
+    env, volumes) or an older auth Secret (its token changed): it must be recreated. Worker
+    count is not part of it, so scaling never restarts pods.
+    """
+    group = HEAD_GROUP if node_type == NODE_TYPE_HEAD else cluster.worker_group
+    return stable_hash({"spec": _pod_spec(cluster, node_type), "group": group, "auth": auth_secret_uid})
+
+
+def _pod(
+    cluster: ClusterSpec, node_type: str, name: str, auth_secret_uid: str, **labels: str
+) -> dict[str, Any]:
+    meta = metadata(
+        cluster.owner,
+        name,
+        "ray-head" if node_type == NODE_TYPE_HEAD else "ray-worker",
+        **{LABEL_RAY_NODE_TYPE: node_type},
+        **labels,
+        **cluster.extra_labels,
+    )
+    meta["annotations"] = {ANNOTATION_TEMPLATE_HASH: pod_template_hash(cluster, node_type, auth_secret_uid)}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": _pod_spec(cluster, node_type)}
+
+
+def head_pod(cluster: ClusterSpec, auth_secret_uid: str) -> dict[str, Any]:
+    """The ``<name>-head`` Pod."""
+    return _pod(
+        cluster, NODE_TYPE_HEAD, head_name(cluster.name), auth_secret_uid, **{LABEL_RAY_GROUP: HEAD_GROUP}
+    )
+
+
+def worker_pod(cluster: ClusterSpec, index: int, auth_secret_uid: str) -> dict[str, Any]:
+    """Worker Pod for slot ``index`` (name ``<name>-worker-<group>-<5 chars>``, see worker_name)."""
+    group = cluster.worker_group
+    return _pod(
+        cluster,
+        NODE_TYPE_WORKER,
+        worker_name(cluster.name, group, cluster.owner.uid, index),
+        auth_secret_uid,
+        **{LABEL_RAY_GROUP: group, LABEL_WORKER_INDEX: str(index)},
+    )
+
+
+# --- from the resources' specs -------------------------------------------------------------------
+
+
+def training_cluster(owner: Owner, spec: Any) -> ClusterSpec:
+    """Cluster of an LLMTrainingJob (``spec``: LLMTrainingJobSpec)."""
+    env: list[tuple[str, SecretKeyRef]] = []
+    if spec.model.secret_ref is not None:
+        env.append((HF_TOKEN_ENV, spec.model.secret_ref))
+    pvcs = pvc_mounts(
+        [
+            (spec.model.uri, True),
+            (spec.dataset.uri, True),
+            (spec.output.uri, False),
+            (spec.checkpoint_uri(), False),
+        ]
+    )
+    return ClusterSpec(
+        owner=owner,
+        image=spec.image,
+        image_pull_policy=spec.image_pull_policy,
+        head=spec.head,
+        worker_resources=spec.workers.resources,
+        worker_placement=spec.workers,
+        env=tuple(env),
+        pvcs=pvcs,
+    )
+
+
+def deployment_cluster(owner: Owner, spec: Any, model_uri: str | None) -> ClusterSpec:
+    """Cluster of an LLMDeployment (``spec``: LLMDeploymentSpec); ``model_uri``: the resolved model."""
+    env: list[tuple[str, SecretKeyRef]] = []
+    if spec.model.secret_ref is not None:
+        env.append((HF_TOKEN_ENV, spec.model.secret_ref))
+    if spec.api_key_secret_ref is not None:
+        env.append((API_KEY_ENV, spec.api_key_secret_ref))
+    return ClusterSpec(
+        owner=owner,
+        image=spec.image,
+        image_pull_policy=spec.image_pull_policy,
+        head=spec.head,
+        worker_resources=spec.workers.resources,
+        worker_placement=spec.workers,
+        env=tuple(env),
+        pvcs=pvc_mounts([(model_uri, True)]),
+        serve=spec.service,
+    )

@@ -1,0 +1,152 @@
+"""What the operator needs to know about its children, distilled from their manifests.
+
+The watch caches keep these small frozen views instead of whole objects (less memory at scale,
+and nothing secret is ever held: a Secret is reduced to its name and uid).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from .common import (
+    ANNOTATION_TEMPLATE_HASH,
+    LABEL_INSTANCE,
+    LABEL_KIND,
+    LABEL_RAY_GROUP,
+    LABEL_RAY_NODE_TYPE,
+    LABEL_WORKER_INDEX,
+)
+
+# Container waiting reasons that need a human (a wrong image or a missing Secret/ConfigMap key).
+STUCK_WAITING_REASONS = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "CrashLoopBackOff",
+    }
+)
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, str) and value:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return None
+
+
+def owner_key(obj: dict[str, Any]) -> tuple[str, str, str] | None:
+    """``(kind, namespace, name)`` of the resource a child belongs to, from its labels."""
+    meta = obj.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    kind, name, namespace = labels.get(LABEL_KIND), labels.get(LABEL_INSTANCE), meta.get("namespace")
+    if not (kind and name and namespace):
+        return None
+    return (kind, namespace, name)
+
+
+def _controller_uid(meta: dict[str, Any]) -> str:
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("controller"):
+            return str(ref.get("uid") or "")
+    return ""
+
+
+@dataclass(frozen=True)
+class ChildView:
+    """A Service or Secret: existence, identity and ownership are all that matter."""
+
+    name: str
+    uid: str
+    owner_uid: str
+    deleting: bool = False
+
+    @classmethod
+    def of(cls, obj: dict[str, Any]) -> ChildView:
+        meta = obj.get("metadata") or {}
+        return cls(
+            name=meta.get("name", ""),
+            uid=meta.get("uid", ""),
+            owner_uid=_controller_uid(meta),
+            deleting=bool(meta.get("deletionTimestamp")),
+        )
+
+
+@dataclass(frozen=True)
+class PodView:
+    """The state of one Ray pod."""
+
+    name: str
+    uid: str = ""
+    owner_uid: str = ""
+    node_type: str = ""
+    group: str = ""
+    index: int | None = None
+    template_hash: str = ""
+    phase: str = "Pending"
+    ready: bool = False
+    deleting: bool = False
+    node_name: str = ""
+    unschedulable_since: datetime | None = None
+    unschedulable_message: str = ""
+    waiting_reason: str = ""
+    waiting_message: str = ""
+
+    @classmethod
+    def of(cls, obj: dict[str, Any]) -> PodView:
+        meta = obj.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        spec = obj.get("spec") or {}
+        status = obj.get("status") or {}
+        ready = False
+        unschedulable_since: datetime | None = None
+        unschedulable_message = ""
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == "Ready":
+                ready = cond.get("status") == "True"
+            elif (
+                cond.get("type") == "PodScheduled"
+                and cond.get("status") == "False"
+                and cond.get("reason") == "Unschedulable"
+            ):
+                unschedulable_since = _parse_time(cond.get("lastTransitionTime"))
+                unschedulable_message = str(cond.get("message") or "")
+        waiting_reason = waiting_message = ""
+        for cs in status.get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in STUCK_WAITING_REASONS:
+                waiting_reason = str(waiting["reason"])
+                waiting_message = str(waiting.get("message") or "")
+                break
+        index_label = labels.get(LABEL_WORKER_INDEX)
+        return cls(
+            name=meta.get("name", ""),
+            uid=meta.get("uid", ""),
+            owner_uid=_controller_uid(meta),
+            node_type=labels.get(LABEL_RAY_NODE_TYPE, ""),
+            group=labels.get(LABEL_RAY_GROUP, ""),
+            index=int(index_label) if index_label and index_label.isdigit() else None,
+            template_hash=(meta.get("annotations") or {}).get(ANNOTATION_TEMPLATE_HASH, ""),
+            phase=str(status.get("phase") or "Pending"),
+            ready=ready,
+            deleting=bool(meta.get("deletionTimestamp")),
+            node_name=str(spec.get("nodeName") or ""),
+            unschedulable_since=unschedulable_since,
+            unschedulable_message=unschedulable_message,
+            waiting_reason=waiting_reason,
+            waiting_message=waiting_message,
+        )
+
+    @property
+    def finished(self) -> bool:
+        """The pod's container exited for good (evicted, OOM-killed with restartPolicy Never, ...)."""
+        return self.phase in ("Succeeded", "Failed")
+
+    @property
+    def running_ready(self) -> bool:
+        return self.phase == "Running" and self.ready and not self.deleting

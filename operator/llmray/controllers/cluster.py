@@ -1,0 +1,520 @@
+"""The reconcile pass shared by both kinds: observe -> decide -> apply -> status.
+
+A pass is an ordered list of small idempotent steps (KubeRay's ``rayClusterReconcileFuncs``) that
+stops at the first error or blocker. Status is computed on a copy whatever happened and written
+only when it changed; problems a user can act on become a condition, ``status.message`` and one
+Kubernetes Event when they first appear.
+
+Spec changes:
+- in place: worker count, autoscaling bounds, request limits, engine args, serve Service
+  type/port -- nothing restarts;
+- recreate: anything a pod is built from (image, pull policy, resources, placement, env Secrets,
+  PVCs) changes the pod template hash, and the affected pods are deleted and recreated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar, cast
+
+import kopf
+from pydantic import ValidationError
+
+from llmray.api.common import ConditionStatus, SecretKeyRef, StatusModel
+from llmray.builders import cluster as b
+from llmray.builders.common import (
+    NODE_TYPE_HEAD,
+    NODE_TYPE_WORKER,
+    Owner,
+    auth_secret_name,
+    head_name,
+)
+from llmray.builders.observe import ChildView, PodView
+from llmray.builders.plan import plan_head, plan_workers
+from llmray.builders.status import (
+    COND_CLUSTER_READY,
+    COND_HEAD_READY,
+    COND_RECONCILED,
+    R_API_ERROR,
+    R_FORBIDDEN,
+    R_INVALID_SPEC,
+    R_NAME_CONFLICT,
+    R_RECONCILED,
+    R_SECRET_NOT_FOUND,
+    Blocker,
+    ClusterHealth,
+    cluster_health,
+    get_condition,
+    merge_patch,
+    now,
+    set_condition,
+)
+from llmray.kube import AlreadyExists, Kube, KubeError
+
+from .store import Expectations, Key, Store
+
+logger = logging.getLogger("llmray.controllers")
+
+# Reasons that call for a Warning event when a condition turns False with them.
+WARNING_REASONS = frozenset(
+    {
+        "Unschedulable",
+        R_SECRET_NOT_FOUND,
+        R_NAME_CONFLICT,
+        R_INVALID_SPEC,
+        R_FORBIDDEN,
+        R_API_ERROR,
+        "TrainingJobFailed",
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "CrashLoopBackOff",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Operator-wide settings of the reconcilers."""
+
+    unschedulable_timeout: float = 300.0
+    """Seconds a pod may stay Unschedulable before the resource is marked Failed."""
+    resync_seconds: float = 15.0
+    workers: int = 8
+
+
+@dataclass
+class Pass:
+    """Everything one reconcile pass knows and decides about one resource."""
+
+    key: Key
+    body: dict[str, Any]
+    status: Any
+    """A mutable copy of the resource's status model (written back at the end if changed)."""
+    at: datetime
+    spec: Any = None
+    cluster: b.ClusterSpec | None = None
+    want_cluster: bool = True
+    """False: the resource needs no pods now (suspended, finished, waiting for its model)."""
+    desired_workers: int = 0
+    head: PodView | None = None
+    workers: list[PodView] = field(default_factory=list)
+    services: dict[str, ChildView] = field(default_factory=dict)
+    secrets: dict[str, ChildView] = field(default_factory=dict)
+    auth_uid: str = ""
+    teardown_delay: float = 0.0
+    """When no cluster is wanted: seconds to keep the pods first (ttlSecondsAfterFinished)."""
+    blocker: Blocker | None = None
+    health: ClusterHealth | None = None
+    error: KubeError | None = None
+    requeue_after: float | None = None
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return self.key[0]
+
+    @property
+    def namespace(self) -> str:
+        return self.key[1]
+
+    @property
+    def name(self) -> str:
+        return self.key[2]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return dict(self.body.get("metadata") or {})
+
+    @property
+    def generation(self) -> int:
+        return int(self.meta.get("generation") or 0)
+
+    @property
+    def uid(self) -> str:
+        return str(self.meta.get("uid") or "")
+
+    @property
+    def owner(self) -> Owner:
+        return Owner(kind=self.kind, name=self.name, namespace=self.namespace, uid=self.uid)
+
+    def condition(self, type: str, status: bool | str, reason: str, message: str) -> None:
+        """Set a condition on the status copy (transition time kept when status is unchanged)."""
+        value = status if isinstance(status, str) else ("True" if status else "False")
+        self.status.conditions = set_condition(
+            self.status.conditions,
+            type=type,
+            status=value,
+            reason=reason,
+            message=message,
+            generation=self.generation,
+            at=self.at,
+        )
+
+    def event(self, type: str, reason: str, message: str) -> None:
+        self.events.append((type, reason, message))
+
+
+Step = Callable[[Pass], Awaitable[bool]]
+
+
+class ClusterController:
+    """Reconciles one kind's Ray cluster; subclasses add the kind's phases and Ray hook."""
+
+    kind: ClassVar[str]
+    plural: ClassVar[str]
+    spec_model: ClassVar[type[Any]]
+    status_model: ClassVar[type[StatusModel]]
+    workers_field: ClassVar[str] = "spec.workers"
+
+    def __init__(self, kube: Kube, store: Store, options: Options, expectations: Expectations) -> None:
+        self.kube = kube
+        self.store = store
+        self.options = options
+        self.expectations = expectations
+        # key -> (resourceVersion our last status write was based on, the status we wrote). The
+        # cache may still hold that older object for a moment; our write is then the truth.
+        self._written: dict[Key, tuple[str, dict[str, Any]]] = {}
+
+    # --- to be provided by each kind -------------------------------------------------------------
+
+    def prepare(self, p: Pass) -> None:
+        """Derive cluster, desired workers, want_cluster and blockers from spec and status."""
+        raise NotImplementedError
+
+    def decide_status(self, p: Pass) -> None:
+        """Phase, conditions and kind-specific status fields from what the pass observed."""
+        raise NotImplementedError
+
+    async def ray_steps(self, p: Pass) -> None:
+        """Hook for talking to the Ray head once the cluster exists (jobs, Serve, autoscaling)."""
+
+    # --- the pass ----------------------------------------------------------------------------------
+
+    async def reconcile(self, key: Key) -> float | None:
+        body = self.store.resource(*key)
+        if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+            # Gone or going: owner references let the garbage collector delete the children.
+            self.expectations.forget(key)
+            self._written.pop(key, None)
+            return None
+        p = self.new_pass(key, body)
+        old_status = p.status.model_copy(deep=True)
+        try:
+            parsed = await self.step_parse(p)
+            await self.step_observe(p)
+            if not p.want_cluster:
+                await self.step_teardown(p)
+            elif parsed:
+                for step in (
+                    self.step_user_secrets,
+                    self.step_auth_secret,
+                    self.step_services,
+                    self.step_head,
+                    self.step_workers,
+                ):
+                    if not await step(p):
+                        break
+        except KubeError as err:
+            p.error = err
+        self.finish(p)
+        if p.want_cluster and p.blocker is None and p.error is None:
+            await self.ray_steps(p)
+        await self.write(p, old_status)
+        if p.error is not None:
+            if p.error.transient:
+                raise kopf.TemporaryError(str(p.error))
+            raise RuntimeError(str(p.error))
+        return p.requeue_after
+
+    def current_status(self, key: Key, body: dict[str, Any]) -> dict[str, Any]:
+        """The resource's status: the cached one, or our own newer write if the cache lags."""
+        written = self._written.get(key)
+        version = str((body.get("metadata") or {}).get("resourceVersion") or "")
+        if written is not None and written[0] == version:
+            return written[1]
+        return dict(body.get("status") or {})
+
+    def new_pass(self, key: Key, body: dict[str, Any]) -> Pass:
+        raw = self.current_status(key, body)
+        try:
+            status = self.status_model.model_validate(raw)
+        except ValidationError:
+            status = self.status_model()
+        return Pass(key=key, body=body, status=status, at=now())
+
+    async def step_parse(self, p: Pass) -> bool:
+        try:
+            p.spec = self.spec_model.model_validate(p.body.get("spec") or {})
+        except ValidationError as exc:
+            # The CRD's schema and CEL rules make this rare (e.g. a CRD older than the operator).
+            first = exc.errors()[0]
+            where = "spec." + ".".join(str(x) for x in first.get("loc", ()))
+            p.blocker = Blocker(
+                R_INVALID_SPEC, f"invalid {where}: {first.get('msg')}; fix the spec", fatal=True
+            )
+            p.want_cluster = False
+            return False
+        self.prepare(p)
+        if p.blocker is not None:
+            p.want_cluster = p.want_cluster and not p.blocker.fatal
+        return True
+
+    async def step_observe(self, p: Pass) -> bool:
+        """Read children from the caches, overlaid with our in-flight writes."""
+        pods = [pod for pod in self.expectations.merge(p.key, self.store.pods_of(p.key))]
+        mine = [pod for pod in pods if pod.owner_uid in ("", p.uid)]
+        p.head = next((pod for pod in mine if pod.node_type == NODE_TYPE_HEAD and not pod.deleting), None)
+        if p.head is None:
+            p.head = next((pod for pod in mine if pod.node_type == NODE_TYPE_HEAD), None)
+        p.workers = [pod for pod in mine if pod.node_type == NODE_TYPE_WORKER]
+        p.services = {k: v for k, v in self.store.services_of(p.key).items() if v.owner_uid == p.uid}
+        p.secrets = {k: v for k, v in self.store.secrets_of(p.key).items() if v.owner_uid == p.uid}
+        return True
+
+    def _needs_pods(self, p: Pass) -> bool:
+        live = [w for w in p.workers if not w.deleting]
+        return p.head is None or len(live) < p.desired_workers
+
+    async def step_user_secrets(self, p: Pass) -> bool:
+        """Secrets the pods read must exist before pods are created (else they never start)."""
+        assert p.cluster is not None
+        previous = get_condition(p.status.conditions, COND_CLUSTER_READY)
+        if not (self._needs_pods(p) or (previous is not None and previous.reason == R_SECRET_NOT_FOUND)):
+            return True
+        for var, ref in p.cluster.env:
+            problem = await self._check_secret(p.namespace, ref)
+            if problem:
+                field_name = "spec.apiKeySecretRef" if var == "LLMRAY_API_KEY" else "spec.model.secretRef"
+                p.blocker = Blocker(
+                    R_SECRET_NOT_FOUND,
+                    f"{problem} (referenced by {field_name}); create it, e.g. `kubectl create secret generic "
+                    f"{ref.name} -n {p.namespace} --from-literal={ref.key}=...`",
+                    fatal=p.kind == "LLMDeployment",
+                )
+                return False
+        return True
+
+    async def _check_secret(self, namespace: str, ref: SecretKeyRef) -> str:
+        secret = await self.kube.read("Secret", namespace, ref.name)
+        if secret is None:
+            return f"Secret {ref.name} not found in namespace {namespace}"
+        keys = set((secret.get("data") or {}).keys()) | set((secret.get("stringData") or {}).keys())
+        if ref.key not in keys:
+            return f"Secret {ref.name} has no key {ref.key!r} (keys: {', '.join(sorted(keys)) or 'none'})"
+        return ""
+
+    async def _create_owned(self, p: Pass, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """Create a deterministic-name child; None (plus a NameConflict blocker) if someone else owns it."""
+        try:
+            return await self.kube.create(obj)
+        except AlreadyExists:
+            kind, name = obj["kind"], obj["metadata"]["name"]
+            existing = await self.kube.read(kind, p.namespace, name)
+            if existing is None:
+                raise KubeError(409, "Conflict", f"{kind} {name} is being deleted", "create", name) from None
+            refs = (existing.get("metadata") or {}).get("ownerReferences") or []
+            if any(r.get("uid") == p.uid for r in refs):
+                return existing  # ours: the cache had not caught up
+            if (existing.get("metadata") or {}).get("deletionTimestamp"):
+                raise KubeError(
+                    409, "Conflict", f"old {kind} {name} is still terminating", "create", name
+                ) from None
+            owner = next((f"{r.get('kind')} {r.get('name')}" for r in refs if r.get("controller")), "nobody")
+            p.blocker = Blocker(
+                R_NAME_CONFLICT,
+                f"{kind} {name} already exists and belongs to {owner}; delete it or rename this "
+                f"{p.kind} (resources of both kinds share child names, so their names must differ)",
+                fatal=True,
+            )
+            return None
+
+    async def step_auth_secret(self, p: Pass) -> bool:
+        name = auth_secret_name(p.name)
+        existing = p.secrets.get(name)
+        if existing is not None and not existing.deleting:
+            p.auth_uid = existing.uid
+            return True
+        assert p.cluster is not None
+        created = await self._create_owned(p, b.auth_secret(p.cluster, b.new_auth_token()))
+        if created is None:
+            return False
+        p.auth_uid = str((created.get("metadata") or {}).get("uid") or "")
+        return True
+
+    def wanted_services(self, p: Pass) -> list[dict[str, Any]]:
+        assert p.cluster is not None
+        return [b.head_service(p.cluster)]
+
+    async def step_services(self, p: Pass) -> bool:
+        for svc in self.wanted_services(p):
+            current = p.services.get(svc["metadata"]["name"])
+            if current is not None and not current.deleting:
+                continue
+            if await self._create_owned(p, svc) is None:
+                return False
+        return True
+
+    async def step_head(self, p: Pass) -> bool:
+        assert p.cluster is not None
+        desired = b.head_pod(p.cluster, p.auth_uid)
+        template = desired["metadata"]["annotations"][b.ANNOTATION_TEMPLATE_HASH]
+        plan = plan_head(p.head, template_hash=template)
+        if plan.action == "create":
+            if await self._create_owned(p, desired) is None:
+                return False
+            view = PodView.of(desired)
+            self.expectations.created(p.key, view)
+            p.head = view
+            if not any(w for w in p.workers if not w.deleting):
+                p.event("Normal", "CreatedRayCluster", f"created Ray head pod {head_name(p.name)}")
+        elif plan.action == "delete" and p.head is not None:
+            await self.kube.delete("Pod", p.namespace, p.head.name, p.head.uid)
+            self.expectations.deleted(p.key, p.head.uid)
+            p.event("Normal", "RecreatingHead", f"deleting head pod {p.head.name}: {plan.reason}")
+            p.requeue_after = 1.0
+        return True
+
+    async def step_workers(self, p: Pass) -> bool:
+        assert p.cluster is not None
+        group = p.cluster.worker_group
+        template = b.pod_template_hash(p.cluster, NODE_TYPE_WORKER, p.auth_uid)
+        plan = plan_workers(p.workers, desired=p.desired_workers, group=group, template_hash=template)
+        for pod, _why in plan.delete:
+            await self.kube.delete("Pod", p.namespace, pod.name, pod.uid)
+            self.expectations.deleted(p.key, pod.uid)
+
+        async def create(index: int) -> None:
+            obj = b.worker_pod(cluster, index, p.auth_uid)
+            # AlreadyExists: ours, from a pass the cache has not shown yet (names are deterministic).
+            with contextlib.suppress(AlreadyExists):
+                await self.kube.create(obj)
+            view = PodView.of(obj)
+            self.expectations.created(p.key, view)
+            p.workers.append(view)
+
+        # Slow start (like the ReplicaSet controller): batches of 1, 2, 4, ... so that a systematic
+        # failure (quota, admission) costs one request, not one per missing pod.
+        cluster, pending, batch = p.cluster, list(plan.create), 1
+        while pending:
+            now_, pending = pending[:batch], pending[batch:]
+            results = await asyncio.gather(*(create(i) for i in now_), return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                raise errors[0]
+            batch = min(batch * 2, 32)
+        reasons = sorted({why for _, why in plan.delete})
+        if plan.delete or plan.create:
+            p.event(
+                "Normal",
+                "ScaledWorkers",
+                f"worker pods: +{len(plan.create)} -{len(plan.delete)}"
+                + (f" ({', '.join(reasons)})" if reasons else "")
+                + f", {p.desired_workers} desired",
+            )
+        return True
+
+    async def step_teardown(self, p: Pass) -> bool:
+        """No cluster wanted: delete the Ray pods (Secret and Services are cheap and kept)."""
+        if p.teardown_delay > 0:
+            p.requeue_after = p.teardown_delay
+            return True
+        pods = [pod for pod in [p.head, *p.workers] if pod is not None and not pod.deleting and pod.uid]
+        for pod in pods:
+            await self.kube.delete("Pod", p.namespace, pod.name, pod.uid)
+            self.expectations.deleted(p.key, pod.uid)
+        if pods:
+            p.event(
+                "Normal",
+                "DeletedRayPods",
+                f"deleted {len(pods)} Ray pods: {p.status.message or 'not needed'}",
+            )
+        return True
+
+    # --- status ------------------------------------------------------------------------------------
+
+    def finish(self, p: Pass) -> None:
+        """Common status fields, then the kind's phase and conditions."""
+        p.status.observed_generation = p.generation
+        if p.want_cluster and p.cluster is not None:
+            live_workers = [w for w in p.workers if not w.deleting]
+            p.health = cluster_health(
+                p.head, live_workers, desired_workers=p.desired_workers, at=p.at, kind_hint=self.workers_field
+            )
+            p.status.ray_cluster.name = p.name
+            p.status.ray_cluster.head_service = head_name(p.name)
+            p.status.ray_cluster.dashboard_url = p.cluster.dashboard_url
+            p.status.ray_cluster.head_ready = p.health.head_ready
+            p.status.workers.ready = p.health.workers_ready
+            p.status.workers.desired = p.desired_workers
+            p.condition(
+                COND_HEAD_READY,
+                p.health.head_ready,
+                "HeadPodReady" if p.health.head_ready else "HeadPodNotReady",
+                "the Ray head pod is Running and Ready"
+                if p.health.head_ready
+                else "waiting for the Ray head pod",
+            )
+            if p.health.unschedulable_for or not p.health.ready:
+                # Re-check soon: unschedulable pods time out, and pods become ready without an event
+                # reaching us if the cache missed it.
+                p.requeue_after = min(p.requeue_after or 5.0, 5.0)
+        else:
+            p.status.ray_cluster.head_ready = False
+            p.status.workers.ready = 0
+            p.status.workers.desired = 0
+            p.status.conditions = [c for c in p.status.conditions if c.type != COND_HEAD_READY]
+        if p.error is not None:
+            reason = R_FORBIDDEN if p.error.status == 403 else R_API_ERROR
+            hint = (
+                "; the operator's ServiceAccount lacks this permission (check the chart's RBAC)"
+                if p.error.status == 403
+                else ""
+            )
+            p.condition(COND_RECONCILED, False, reason, f"{p.error}{hint}")
+        else:
+            p.condition(COND_RECONCILED, True, R_RECONCILED, "children match the spec")
+        self.decide_status(p)
+
+    async def write(self, p: Pass, old: Any) -> None:
+        """Events for transitions, then a merge patch of the status if anything changed."""
+        self._transition_events(p, old)
+        for type_, reason, message in p.events:
+            post_event(p.body, type_, reason, message)
+        before = self.current_status(p.key, p.body)
+        after = p.status.to_wire()
+        patch = merge_patch(before, after)
+        if patch:
+            await self.kube.patch_status(self.plural, p.namespace, p.name, patch)
+            version = str(p.meta.get("resourceVersion") or "")
+            self._written[p.key] = (version, after)
+
+    def _transition_events(self, p: Pass, old: Any) -> None:
+        if old.phase != p.status.phase:
+            p.event(
+                "Warning" if p.status.phase == "Failed" else "Normal",
+                p.status.phase,
+                f"phase {old.phase} -> {p.status.phase}"
+                + (f": {p.status.message}" if p.status.message else ""),
+            )
+        before: dict[str, ConditionStatus] = {c.type: c for c in old.conditions}
+        for cond in p.status.conditions:
+            prev = before.get(cond.type)
+            changed = prev is None or (prev.status, prev.reason) != (cond.status, cond.reason)
+            if changed and cond.status == "False" and cond.reason in WARNING_REASONS:
+                p.event("Warning", cond.reason, cond.message)
+
+
+def post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    """Post a Kubernetes Event about ``body`` through Kopf's event poster (non-blocking)."""
+    try:
+        kopf.event(kopf.Body(cast(kopf.RawBody, body)), type=type_, reason=reason, message=message[:1024])
+    except LookupError:  # outside a running operator (unit tests): log only
+        logger.info("event %s %s: %s", type_, reason, message)

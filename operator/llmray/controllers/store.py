@@ -1,0 +1,129 @@
+"""Read access to what the watches have seen (Kopf's in-memory indexes), plus our own recent writes.
+
+The reconcilers never list objects from the API server: they read these caches, filled by
+server-side-filtered watches. A cache can lag behind our own writes by a few milliseconds, so
+:class:`Expectations` overlays the pods we just created or deleted (controller-runtime calls this
+"expectations"); with deterministic pod names a lagging cache can only cause a harmless 409.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from llmray.builders.observe import ChildView, PodView
+
+Key = tuple[str, str, str]
+"""(kind, namespace, name) of an LLMTrainingJob or LLMDeployment."""
+
+
+class _Index(Protocol):
+    """The part of ``kopf.Index`` we use: key -> iterable of values."""
+
+    def get(self, key: Any, default: Any = None) -> Any: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+@dataclass
+class Store:
+    """The operator's caches: custom resources by kind, and children by owner key."""
+
+    resources: dict[str, _Index] = field(default_factory=dict)
+    pods: _Index | None = None
+    services: _Index | None = None
+    secrets: _Index | None = None
+
+    @property
+    def bound(self) -> bool:
+        return self.pods is not None and self.services is not None and self.secrets is not None
+
+    def resource(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The latest body of a custom resource, or None when it is gone."""
+        index = self.resources.get(kind)
+        if index is None:
+            return None
+        values = index.get((namespace, name))
+        return next(iter(values), None) if values is not None else None
+
+    def keys(self) -> list[Key]:
+        """Every custom resource the watches know."""
+        out: list[Key] = []
+        for kind, index in self.resources.items():
+            for namespace, name in list(index):
+                out.append((kind, namespace, name))
+        return out
+
+    @staticmethod
+    def _values(index: _Index | None, key: Key) -> list[Any]:
+        if index is None:
+            return []
+        values = index.get(key)
+        return list(values) if values is not None else []
+
+    def pods_of(self, key: Key) -> list[PodView]:
+        return self._values(self.pods, key)
+
+    def services_of(self, key: Key) -> dict[str, ChildView]:
+        return {v.name: v for v in self._values(self.services, key)}
+
+    def secrets_of(self, key: Key) -> dict[str, ChildView]:
+        return {v.name: v for v in self._values(self.secrets, key)}
+
+    def resources_of_kind(self, kind: str) -> Iterable[tuple[str, str, dict[str, Any]]]:
+        """(namespace, name, body) of every resource of ``kind``."""
+        index = self.resources.get(kind)
+        if index is None:
+            return []
+        return [(ns, name, body) for (ns, name) in list(index) if (body := self.resource(kind, ns, name))]
+
+
+@dataclass
+class Expectations:
+    """Pods this operator created or deleted that the cache may not show yet."""
+
+    ttl: float = 60.0
+    _created: dict[Key, dict[str, tuple[float, PodView]]] = field(default_factory=dict)
+    _deleted: dict[Key, dict[str, float]] = field(default_factory=dict)
+
+    def created(self, key: Key, pod: PodView) -> None:
+        self._created.setdefault(key, {})[pod.name] = (time.monotonic(), pod)
+
+    def deleted(self, key: Key, uid: str) -> None:
+        if uid:
+            self._deleted.setdefault(key, {})[uid] = time.monotonic()
+
+    def forget(self, key: Key) -> None:
+        self._created.pop(key, None)
+        self._deleted.pop(key, None)
+
+    def merge(self, key: Key, observed: list[PodView]) -> list[PodView]:
+        """``observed`` plus the pods we created, with the ones we deleted marked as deleting."""
+        now = time.monotonic()
+        names = {p.name for p in observed}
+        uids = {p.uid for p in observed}
+        created = self._created.get(key, {})
+        for name in [n for n, (t, _) in created.items() if n in names or now - t > self.ttl]:
+            del created[name]
+        deleted = self._deleted.get(key, {})
+        for uid in [u for u, t in deleted.items() if u not in uids or now - t > self.ttl]:
+            del deleted[uid]
+        out: list[PodView] = []
+        for pod in observed:
+            if pod.uid in deleted:
+                if pod.deleting:
+                    del deleted[pod.uid]
+                else:
+                    pod = replace(pod, deleting=True)
+            out.append(pod)
+        out.extend(view for _, view in created.values())
+        return out
+
+    def pending(self, key: Key) -> int:
+        """How many of our writes the cache has not shown yet."""
+        return len(self._created.get(key, {})) + len(self._deleted.get(key, {}))
+
+
+def as_mapping(obj: Any) -> Mapping[str, Any]:
+    return obj if isinstance(obj, Mapping) else {}

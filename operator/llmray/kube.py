@@ -1,0 +1,198 @@
+"""Kubernetes I/O for the controllers: a small async facade over the official client.
+
+The official client is synchronous; its calls run in a bounded thread pool so one slow request
+never blocks the event loop that Kopf's watches share. Responses are read as raw JSON (no model
+deserialisation: cheaper, and the controllers work on plain dicts anyway). Every request is
+counted by verb and resource (``llmray_kube_requests_total``), which the scale benchmark reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+from prometheus_client import Counter as PromCounter
+from urllib3.exceptions import HTTPError as Urllib3Error
+
+from llmray.api.common import GROUP, VERSION
+
+KUBE_REQUESTS = PromCounter(
+    "llmray_kube_requests", "Kubernetes API requests made by the reconcilers", ["verb", "resource", "code"]
+)
+
+
+class KubeError(Exception):
+    """A failed API request, with the HTTP status and the API server's reason and message."""
+
+    def __init__(self, status: int, reason: str, message: str, verb: str, what: str) -> None:
+        self.status, self.reason, self.message = status, reason, message
+        super().__init__(f"{verb} {what}: {status} {reason}: {message}")
+
+    @property
+    def transient(self) -> bool:
+        """Worth retrying as is: conflicts, throttling, timeouts, server errors, connection loss."""
+        return self.status in (0, 409, 429) or self.status >= 500
+
+    @classmethod
+    def of(cls, exc: ApiException, verb: str, what: str) -> KubeError:
+        status = int(exc.status or 0)
+        reason, message = str(exc.reason or ""), ""
+        try:
+            body = json.loads(exc.body or "{}")
+            reason = str(body.get("reason") or reason)
+            message = str(body.get("message") or "")
+        except (ValueError, TypeError):
+            message = str(exc.body or "")[:500]
+        return cls(status, reason, message, verb, what)
+
+
+class AlreadyExists(KubeError):
+    """409 AlreadyExists on create: the object is there (ours after a restart, or someone else's)."""
+
+
+class NotFound(KubeError):
+    """404."""
+
+
+def _raise(exc: ApiException, verb: str, what: str) -> KubeError:
+    err = KubeError.of(exc, verb, what)
+    if err.status == 409 and verb == "create" and err.reason == "AlreadyExists":
+        return AlreadyExists(err.status, err.reason, err.message, verb, what)
+    if err.status == 404:
+        return NotFound(err.status, err.reason, err.message, verb, what)
+    return err
+
+
+def load_api_client(kubeconfig: str | None = None) -> client.ApiClient:
+    """An ApiClient from the in-cluster ServiceAccount, else from kubeconfig (``$KUBECONFIG``)."""
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        cfg = client.Configuration()
+        config.load_incluster_config(client_configuration=cfg)
+        return client.ApiClient(cfg)
+    return config.new_client_from_config(config_file=kubeconfig)
+
+
+_CORE_PLURALS = {"Pod": "pods", "Service": "services", "Secret": "secrets"}
+
+
+class Kube:
+    """Async Kubernetes API access for the reconcilers (pods, services, secrets, custom resources)."""
+
+    def __init__(self, api_client: client.ApiClient, *, max_workers: int = 8) -> None:
+        api_client.configuration.connection_pool_maxsize = max(max_workers, 4)
+        self.api_client = api_client
+        self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kube")
+        self.requests: Counter[tuple[str, str]] = Counter()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.api_client.close()
+
+    async def _call(
+        self, verb: str, resource: str, what: str, fn: Callable[..., Any], *args: Any, **kw: Any
+    ) -> Any:
+        self.requests[(verb, resource)] += 1
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kw))
+        except ApiException as exc:
+            KUBE_REQUESTS.labels(verb, resource, str(exc.status or 0)).inc()
+            raise _raise(exc, verb, what) from None
+        except (OSError, Urllib3Error) as exc:  # connection refused/reset, DNS: transient by nature
+            KUBE_REQUESTS.labels(verb, resource, "0").inc()
+            raise KubeError(0, "ConnectionError", str(exc), verb, what) from None
+        KUBE_REQUESTS.labels(verb, resource, "ok").inc()
+        return result
+
+    @staticmethod
+    def _json(response: Any) -> dict[str, Any]:
+        data = json.loads(response.data or b"{}")
+        return data if isinstance(data, dict) else {}
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create a Pod, Service or Secret; return it as the API server stored it."""
+        kind = obj["kind"]
+        ns = obj["metadata"]["namespace"]
+        what = f"{kind} {ns}/{obj['metadata']['name']}"
+        method: Any = {
+            "Pod": self.core.create_namespaced_pod,
+            "Service": self.core.create_namespaced_service,
+            "Secret": self.core.create_namespaced_secret,
+        }[kind]
+        resp = await self._call("create", _CORE_PLURALS[kind], what, method, ns, obj, _preload_content=False)
+        return self._json(resp)
+
+    async def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """Read a Pod, Service or Secret; None when it does not exist."""
+        method: Any = {
+            "Pod": self.core.read_namespaced_pod,
+            "Service": self.core.read_namespaced_service,
+            "Secret": self.core.read_namespaced_secret,
+        }[kind]
+        try:
+            resp = await self._call(
+                "get", _CORE_PLURALS[kind], f"{kind} {namespace}/{name}", method, name, namespace,
+                _preload_content=False,
+            )  # fmt: skip
+        except NotFound:
+            return None
+        return self._json(resp)
+
+    async def delete(self, kind: str, namespace: str, name: str, uid: str | None = None) -> bool:
+        """Delete a Pod, Service or Secret (only the one with ``uid``, when given).
+
+        Returns False when it was already gone or replaced by another object of that name.
+        """
+        method: Any = {
+            "Pod": self.core.delete_namespaced_pod,
+            "Service": self.core.delete_namespaced_service,
+            "Secret": self.core.delete_namespaced_secret,
+        }[kind]
+        body: dict[str, Any] = {"propagationPolicy": "Background"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        try:
+            await self._call(
+                "delete", _CORE_PLURALS[kind], f"{kind} {namespace}/{name}", method, name, namespace,
+                body=body, _preload_content=False,
+            )  # fmt: skip
+        except NotFound:
+            return False
+        except KubeError as err:
+            if err.status == 409:  # uid precondition failed: a newer object took the name
+                return False
+            raise
+        return True
+
+    async def get_custom(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """Read an llmray.io custom resource; None when it does not exist."""
+        try:
+            resp = await self._call(
+                "get", plural, f"{plural} {namespace}/{name}", self.custom.get_namespaced_custom_object,
+                GROUP, VERSION, namespace, plural, name, _preload_content=False,
+            )  # fmt: skip
+        except NotFound:
+            return None
+        return self._json(resp)
+
+    async def patch_status(
+        self, plural: str, namespace: str, name: str, patch: dict[str, Any]
+    ) -> dict[str, Any]:
+        """JSON-merge-patch the status subresource of an llmray.io custom resource; return the object."""
+        resp = await self._call(
+            "patch", f"{plural}/status", f"{plural} {namespace}/{name} status",
+            self.custom.patch_namespaced_custom_object_status,
+            GROUP, VERSION, namespace, plural, name, {"status": patch},
+            _content_type="application/merge-patch+json", _preload_content=False,
+        )  # fmt: skip
+        return self._json(resp)

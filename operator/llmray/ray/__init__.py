@@ -1,0 +1,67 @@
+"""Async REST clients for a Ray head (Jobs, Serve, cluster status), over httpx only.
+
+The operator never imports ``ray``: it talks to each cluster's dashboard over HTTP with the
+cluster's token. Entry point: :class:`RayClient`; addresses: :func:`resolve_head`.
+"""
+
+from ._http import NO_RETRY, RetryPolicy
+from .client import RayClient
+from .cluster import ClusterStatus, GangDemand, RayNode, ResourceDemand, parse_cluster_status, parse_nodes
+from .endpoints import (
+    DASHBOARD_URL_ENV,
+    SANDBOX_TOKEN_ENV,
+    SERVE_URL_ENV,
+    HeadEndpoints,
+    ServeRoute,
+    resolve_head,
+    sandbox_token,
+    serve_route,
+    submission_id,
+)
+from .errors import RayAPIError, RayAuthError, RayError, RayHeadUnavailable, RayNotFound
+from .jobs import JobInfo, JobStatus, Submission, parse_job, tail_text
+from .serve import (
+    DeploymentStatus,
+    ServeApplication,
+    ServeInstance,
+    parse_serve_details,
+    remove_app_config,
+    upsert_app_config,
+)
+
+__all__ = [
+    "DASHBOARD_URL_ENV",
+    "NO_RETRY",
+    "SANDBOX_TOKEN_ENV",
+    "SERVE_URL_ENV",
+    "ClusterStatus",
+    "DeploymentStatus",
+    "GangDemand",
+    "HeadEndpoints",
+    "JobInfo",
+    "JobStatus",
+    "RayAPIError",
+    "RayAuthError",
+    "RayClient",
+    "RayError",
+    "RayHeadUnavailable",
+    "RayNode",
+    "RayNotFound",
+    "ResourceDemand",
+    "RetryPolicy",
+    "ServeApplication",
+    "ServeInstance",
+    "ServeRoute",
+    "Submission",
+    "parse_cluster_status",
+    "parse_job",
+    "parse_nodes",
+    "parse_serve_details",
+    "remove_app_config",
+    "resolve_head",
+    "sandbox_token",
+    "serve_route",
+    "submission_id",
+    "tail_text",
+    "upsert_app_config",
+]

@@ -1,0 +1,68 @@
+"""Secure by default: every pod the operator makes is admitted by the `restricted` Pod Security
+Standard, and Ray token auth is on for every container."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from tests.kube import Kube
+
+from .test_operator_fixtures import (
+    Operator,
+    apply,
+    condition,
+    crds_fixture,  # noqa: F401 - fixture
+    example,
+    operator_factory_fixture,  # noqa: F401 - fixture
+    operator_fixture,  # noqa: F401 - fixture
+    pods_of,
+    pvc_fixture,  # noqa: F401 - fixture
+    wait_cluster_ready,
+)
+
+pytestmark = pytest.mark.cluster
+
+EXAMPLES = [
+    ("training-tiny-cpu.yaml", "LLMTrainingJob", "tiny-train", 2),
+    ("training-qwen-lora.yaml", "LLMTrainingJob", "qwen-lora", 2),
+    ("deployment-tiny-cpu.yaml", "LLMDeployment", "tiny-chat", 1),
+    ("deployment-vllm.yaml", "LLMDeployment", "qwen-chat", 1),
+]
+
+
+def test_restricted_namespace_admits_every_pod(
+    kube: Kube, namespace: str, operator: Operator, pvc: Any
+) -> None:
+    kube.kubectl(
+        "label", "namespace", namespace,
+        "pod-security.kubernetes.io/enforce=restricted",
+        "pod-security.kubernetes.io/enforce-version=latest",
+    )  # fmt: skip
+    core = client.CoreV1Api(kube.api_client)
+    # The policy is really enforced: a root pod is refused.
+    with pytest.raises(ApiException) as refused:
+        core.create_namespaced_pod(
+            namespace,
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "root"},
+                "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+            },
+        )
+    assert refused.value.status == 403 and "restricted" in str(refused.value.body)
+
+    pvc("llm-models")
+    for file, _, _, _ in EXAMPLES:
+        apply(kube, example(file), namespace)
+    for _, kind, name, workers in EXAMPLES:
+        status = wait_cluster_ready(kube, kind, namespace, name, workers, timeout=90)
+        assert condition(status, "Reconciled")["status"] == "True"
+        for pod in pods_of(kube, namespace, name):
+            env = {e.name: e for e in pod.spec.containers[0].env}
+            assert env["RAY_AUTH_MODE"].value == "token"
+            assert env["RAY_AUTH_TOKEN"].value_from.secret_key_ref.name == f"{name}-ray-auth"

@@ -1,0 +1,445 @@
+"""The serving workload on a real local Ray cluster: OpenAI API, protection, autoscaling.
+
+Two applications share the session's Ray head and one Serve HTTP proxy on 127.0.0.1:
+``tiny`` (API key on, small limits, one replica) for the API and hostile-input tests, and
+``scale`` (1..2 replicas, short delays) for autoscaling. All traffic is loopback; every load loop
+is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from llmray.api.runtime import ServeAppArgs
+from tests.ray_cluster import LocalRay, free_port
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.ray
+
+API_KEY = "test-key-0123456789"
+KEY_ENV = "LLMRAY_TEST_API_KEY"
+MODEL = "tiny"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+MAX_PROMPT_TOKENS = 64
+MAX_TOKENS = 400
+MAX_ONGOING = 4
+MAX_QUEUED = 4
+
+
+def app_args(name: str, model_dir: Path, **spec: Any) -> ServeAppArgs:
+    base: dict[str, Any] = {
+        "model": {"uri": f"file://{model_dir}", "name": MODEL},
+        "engine": "transformers",
+        "engineArgs": {"maxNumSeqs": 16, "batchWaitTimeoutMs": 5},
+        "resourcesPerReplica": {"cpu": "1", "memory": "1Gi"},
+    }
+    return ServeAppArgs.model_validate({"name": name, "spec": {**base, **spec}})
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from llmray_workloads.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("serve") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def serve_url(local_ray: LocalRay, model_dir: Path) -> Iterator[str]:
+    """Deploy ``tiny`` and ``scale``; yield the proxy's base URL; delete both apps afterwards."""
+    from ray.serve.api import RunTarget
+
+    import ray
+    from llmray_workloads.serve.app import build_app_from
+    from ray import serve
+
+    ray.init(address=local_ray.gcs_address, ignore_reinit_error=True, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    tiny = app_args(
+        "tiny",
+        model_dir,
+        limits={
+            "maxPromptTokens": MAX_PROMPT_TOKENS,
+            "maxTokens": MAX_TOKENS,
+            "maxOngoingRequests": MAX_ONGOING,
+            "maxQueuedRequests": MAX_QUEUED,
+        },
+    ).model_copy(update={"api_key_env": KEY_ENV})
+    scale = app_args(
+        "scale",
+        model_dir,
+        autoscaling={
+            "minReplicas": 1,
+            "maxReplicas": 2,
+            "targetOngoingRequests": 1,
+            "upscaleDelaySeconds": 1,
+            "downscaleDelaySeconds": 2,
+        },
+        limits={"maxOngoingRequests": 8, "maxQueuedRequests": 32},
+    )
+    serve.run_many(
+        [
+            RunTarget(
+                build_app_from(tiny, {"env_vars": {KEY_ENV: API_KEY}}), name="tiny", route_prefix="/tiny"
+            ),
+            RunTarget(build_app_from(scale), name="scale", route_prefix="/scale"),
+        ]
+    )
+    http = httpx.get(
+        f"{local_ray.dashboard_url}/api/serve/applications/", headers=local_ray.auth_headers, timeout=10
+    )
+    port = http.json()["http_options"]["port"]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        for name in ("tiny", "scale"):
+            serve.delete(name)
+
+
+@pytest.fixture(scope="module")
+def tiny(serve_url: str) -> str:
+    return f"{serve_url}/tiny"
+
+
+@pytest.fixture(scope="module")
+def client(tiny: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{tiny}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def good_request(base: str) -> None:
+    """A valid request must succeed (the replica is neither crashed nor wedged)."""
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 2}
+    response = httpx.post(f"{base}/v1/completions", json=body, headers=AUTH, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] >= 1
+
+
+# ---- the official client -------------------------------------------------------------------
+
+
+def test_models(client: openai.OpenAI) -> None:
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert client.models.retrieve(MODEL).owned_by == "llmray"
+
+
+def test_completion(client: openai.OpenAI) -> None:
+    result = client.completions.create(
+        model=MODEL, prompt="The quick brown fox", max_tokens=7, extra_body={"ignore_eos": True}
+    )
+    assert result.object == "text_completion"
+    assert result.choices[0].finish_reason == "length"
+    assert result.usage is not None
+    assert result.usage.completion_tokens == 7
+    assert result.usage.prompt_tokens > 0
+    assert result.usage.total_tokens == result.usage.prompt_tokens + 7
+
+
+def test_completion_n_and_batch_of_prompts(client: openai.OpenAI) -> None:
+    result = client.completions.create(model=MODEL, prompt=["a b", "c d"], max_tokens=3, n=2, seed=1)
+    assert sorted(c.index for c in result.choices) == [0, 1, 2, 3]
+
+
+def test_chat(client: openai.OpenAI) -> None:
+    result = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}],
+        max_tokens=5,
+        temperature=0,
+    )
+    assert result.object == "chat.completion"
+    assert result.choices[0].message.role == "assistant"
+    assert isinstance(result.choices[0].message.content, str)
+    assert result.usage is not None and 1 <= result.usage.completion_tokens <= 5
+
+
+def test_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:
+    def once() -> str:
+        r = client.completions.create(
+            model=MODEL, prompt="Once upon", max_tokens=12, temperature=1.0, seed=42
+        )
+        return r.choices[0].text
+
+    assert once() == once()
+
+
+def test_stop_string_cuts_output(client: openai.OpenAI) -> None:
+    def complete(**kwargs: Any) -> Any:
+        return client.completions.create(
+            model=MODEL, prompt="abc", max_tokens=24, temperature=0, extra_body={"ignore_eos": True}, **kwargs
+        ).choices[0]
+
+    full = complete().text
+    stop = full[5:8]
+    assert len(stop) == 3
+    cut = complete(stop=[stop])
+    assert cut.finish_reason == "stop"
+    assert cut.text == full[: full.index(stop)]
+
+
+def test_streaming_completion_and_chat(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt="stream me",
+            max_tokens=10,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 10
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+    events = list(
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=6, stream=True
+        )
+    )
+    assert events[0].choices[0].delta.role == "assistant"
+    assert events[-1].choices[0].finish_reason in {"stop", "length"}
+    text = "".join(e.choices[0].delta.content or "" for e in events)
+    assert isinstance(text, str)
+
+
+def test_raw_sse_ends_with_done(tiny: str) -> None:
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", f"{tiny}/v1/completions", json=body, headers=AUTH, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    for line in lines[:-1]:
+        json.loads(line.removeprefix("data: "))
+
+
+# ---- protection ----------------------------------------------------------------------------
+
+
+def test_api_key_required(tiny: str) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        response = httpx.get(f"{tiny}/v1/models", headers=headers, timeout=30)
+        assert response.status_code == 401, response.text
+        assert response.json()["error"]["code"] == "invalid_api_key"
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 1}
+    assert httpx.post(f"{tiny}/v1/completions", json=body, timeout=30).status_code == 401
+    assert httpx.get(f"{tiny}/v1/models", headers=AUTH, timeout=30).status_code == 200
+    assert httpx.post(f"{tiny}/v1/completions", json=body, headers=AUTH, timeout=30).status_code == 200
+
+
+def _completion(**fields: Any) -> bytes:
+    return json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2, **fields}).encode()
+
+
+def _chat(**fields: Any) -> bytes:
+    return json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **fields}).encode()
+
+
+C, CHAT = "/v1/completions", "/v1/chat/completions"
+HOSTILE: list[tuple[str, str, str, bytes, int, str | None]] = [
+    ("truncated-json", "POST", C, b'{"model": "tiny", "prompt": ', 400, "invalid_json"),
+    ("empty-body", "POST", C, b"", 400, "invalid_json"),
+    ("array-body", "POST", C, b"[1, 2, 3]", 400, "invalid_json"),
+    ("string-body", "POST", CHAT, b'"hello"', 400, "invalid_json"),
+    ("binary-garbage", "POST", C, b"\xff\xfe\x00\x81garbage", 400, "invalid_json"),
+    ("nan-temperature", "POST", C, b'{"model":"tiny","prompt":"hi","temperature":NaN}', 400, "invalid_json"),
+    ("deep-nesting", "POST", C, b"[" * 200_000 + b"]" * 200_000, 400, "invalid_json"),
+    ("max-tokens-string", "POST", C, _completion(max_tokens="5"), 400, "invalid_value"),
+    ("max-tokens-negative", "POST", C, _completion(max_tokens=-1), 400, "invalid_value"),
+    ("max-tokens-huge", "POST", C, _completion(max_tokens=10**30), 400, None),
+    ("max-tokens-over-limit", "POST", C, _completion(max_tokens=MAX_TOKENS + 1), 400, "max_tokens_exceeded"),
+    ("temperature-too-high", "POST", C, _completion(temperature=5), 400, "invalid_value"),
+    ("top-p-zero", "POST", C, _completion(top_p=0), 400, "invalid_value"),
+    ("n-too-large", "POST", C, _completion(n=100), 400, "invalid_value"),
+    ("stream-not-bool", "POST", C, _completion(stream="yes"), 400, "invalid_value"),
+    ("prompt-number", "POST", C, _completion(prompt=5), 400, "invalid_value"),
+    ("prompt-empty-list", "POST", C, _completion(prompt=[]), 400, "invalid_value"),
+    ("prompt-bad-token-ids", "POST", C, _completion(prompt=[1, 2, 10**9]), 400, "invalid_value"),
+    ("prompt-too-long", "POST", C, _completion(prompt="word " * 500), 400, "context_length_exceeded"),
+    ("too-many-stops", "POST", C, _completion(stop=["a", "b", "c", "d", "e"]), 400, "invalid_value"),
+    ("logprobs-unsupported", "POST", C, _completion(logprobs=3), 400, "unsupported_parameter"),
+    ("missing-model", "POST", C, b'{"prompt": "hi"}', 400, "invalid_value"),
+    ("unknown-model", "POST", C, _completion(model="gpt-9"), 404, "model_not_found"),
+    ("chat-empty-messages", "POST", CHAT, _chat(messages=[]), 400, "invalid_value"),
+    ("chat-messages-not-list", "POST", CHAT, _chat(messages="hi"), 400, "invalid_value"),
+    (
+        "chat-bad-role",
+        "POST",
+        CHAT,
+        _chat(messages=[{"role": "wizard", "content": "x"}]),
+        400,
+        "invalid_value",
+    ),
+    (
+        "chat-content-int",
+        "POST",
+        CHAT,
+        _chat(messages=[{"role": "user", "content": 7}]),
+        400,
+        "invalid_value",
+    ),
+    (
+        "chat-image-part",
+        "POST",
+        CHAT,
+        _chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+        400,
+        "invalid_value",
+    ),
+    ("chat-tools", "POST", CHAT, _chat(tools=[{"type": "function"}]), 400, "unsupported_parameter"),
+    ("chat-unknown-model", "POST", CHAT, _chat(model="nope"), 404, "model_not_found"),
+    ("body-too-large", "POST", C, b'{"prompt": "' + b"a" * (2 << 20) + b'"}', 413, "request_too_large"),
+    ("wrong-method", "GET", C, b"", 405, "method_not_allowed"),
+    ("unknown-path", "POST", "/v1/embeddings", _completion(), 404, "not_found"),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "code"), [h[1:] for h in HOSTILE], ids=[h[0] for h in HOSTILE]
+)
+def test_hostile_request(
+    tiny: str, method: str, path: str, body: bytes, status: int, code: str | None
+) -> None:
+    headers = {**AUTH, "Content-Type": "application/json"}
+    response = httpx.request(method, f"{tiny}{path}", content=body, headers=headers, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    good_request(tiny)
+
+
+def test_prompt_too_long_names_the_limit(tiny: str) -> None:
+    response = httpx.post(f"{tiny}{C}", content=_completion(prompt="word " * 500), headers=AUTH, timeout=60)
+    assert response.status_code == 400
+    assert str(MAX_PROMPT_TOKENS) in response.json()["error"]["message"]
+    assert "maxPromptTokens" in response.json()["error"]["message"]
+
+
+def _health(base: str) -> dict[str, Any]:
+    response = httpx.get(f"{base}/health", timeout=30)
+    response.raise_for_status()
+    data: dict[str, Any] = response.json()
+    return data
+
+
+def _long_stream_body() -> dict[str, Any]:
+    return {"model": MODEL, "prompt": "go", "max_tokens": MAX_TOKENS, "stream": True, "ignore_eos": True}
+
+
+def test_disconnect_cancels_generation(tiny: str) -> None:
+    before = _health(tiny)["cancelled"]
+
+    def open_and_drop(_: int) -> None:
+        with httpx.stream(
+            "POST", f"{tiny}{C}", json=_long_stream_body(), headers=AUTH, timeout=60
+        ) as response:
+            assert response.status_code == 200
+            next(response.iter_lines())  # generation has started; now hang up
+
+    with ThreadPoolExecutor(MAX_ONGOING) as pool:
+        list(pool.map(open_and_drop, range(MAX_ONGOING)))
+
+    def freed() -> dict[str, Any] | None:
+        health = _health(tiny)
+        done = (
+            health["cancelled"] >= before + MAX_ONGOING
+            and health["in_flight"] == 0
+            and health["running"] == 0
+        )
+        return health if done else None
+
+    wait_for(freed, timeout=30, what="the dropped streams to be cancelled and their slots freed")
+    good_request(tiny)
+
+
+def test_overload_gets_503_with_retry_after(tiny: str) -> None:
+    """More concurrent requests than maxOngoingRequests + maxQueuedRequests: the rest are refused fast."""
+    total = 4 * (MAX_ONGOING + MAX_QUEUED)
+    start = threading.Barrier(total)
+
+    def call(_: int) -> tuple[int, str | None, bool]:
+        body = {**_long_stream_body(), "max_tokens": 150}
+        start.wait(timeout=30)
+        with httpx.stream("POST", f"{tiny}{C}", json=body, headers=AUTH, timeout=120) as response:
+            lines = [line for line in response.iter_lines() if line]
+            done = bool(lines) and lines[-1] == "data: [DONE]"
+            return response.status_code, response.headers.get("retry-after"), done
+
+    with ThreadPoolExecutor(total) as pool:
+        results = list(pool.map(call, range(total)))
+    statuses = [status for status, _, _ in results]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(503) >= total - 2 * (MAX_ONGOING + MAX_QUEUED), statuses
+    assert all(retry == "1" for status, retry, _ in results if status == 503)
+    assert all(done for status, _, done in results if status == 200)
+    good_request(tiny)
+
+
+# ---- autoscaling -----------------------------------------------------------------------------
+
+
+def _replicas(app: str) -> dict[str, int]:
+    from ray import serve
+
+    status = serve.status().applications[app].deployments["LLMServer"]
+    return {str(state): count for state, count in status.replica_states.items()}
+
+
+def _load(
+    base: str, stop: threading.Event, *, clients: int, per_client: int, seconds: float
+) -> Callable[[], int]:
+    """Start bounded background load; return a join() giving the number of requests sent."""
+    deadline = time.monotonic() + seconds
+    sent = [0] * clients
+
+    def loop(i: int) -> None:
+        body = {"model": MODEL, "prompt": "load", "max_tokens": 64, "ignore_eos": True}
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set() and sent[i] < per_client and time.monotonic() < deadline:
+                http.post(f"{base}/v1/completions", json=body)
+                sent[i] += 1
+
+    threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+
+    def join() -> int:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=90)
+        return sum(sent)
+
+    return join
+
+
+def test_autoscaling_up_under_load_and_back_down(serve_url: str) -> None:
+    base = f"{serve_url}/scale"
+    wait_for(lambda: _replicas("scale").get("RUNNING") == 1, timeout=60, what="scale to start at 1 replica")
+    stop = threading.Event()
+    join = _load(base, stop, clients=6, per_client=2000, seconds=120)
+    try:
+        started = time.monotonic()
+        wait_for(
+            lambda: _replicas("scale").get("RUNNING", 0) >= 2, timeout=120, what="a 2nd replica under load"
+        )
+        scaled_up_after = time.monotonic() - started
+    finally:
+        sent = join()
+    assert sent > 0
+    wait_for(
+        lambda: _replicas("scale") == {"RUNNING": 1}, timeout=90, what="scale back to 1 replica after load"
+    )
+    assert scaled_up_after < 120

@@ -1,0 +1,369 @@
+"""Pod, Service and Secret builders: names, labels, ray start args, security, placement, volumes."""
+
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from llmray.api import LLMDeploymentSpec, LLMTrainingJobSpec, local_path
+from llmray.builders import cluster as b
+from llmray.builders.common import (
+    ANNOTATION_TEMPLATE_HASH,
+    Owner,
+    cpu_count,
+    memory_bytes,
+    worker_name,
+    worker_suffix,
+)
+
+pytestmark = pytest.mark.unit
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+TRAIN_OWNER = Owner("LLMTrainingJob", "qwen-lora", "ml", "0d5e5c2a-1111-2222-3333-444455556666")
+DEPLOY_OWNER = Owner("LLMDeployment", "qwen-chat", "ml", "9c1b7e43-aaaa-bbbb-cccc-ddddeeeeffff")
+
+
+def _example(name: str, kind: str) -> dict[str, Any]:
+    docs = yaml.safe_load_all((EXAMPLES / name).read_text())
+    return next(d for d in docs if d and d["kind"] == kind)["spec"]
+
+
+def _training(**overrides: Any) -> b.ClusterSpec:
+    spec = _example("training-qwen-lora.yaml", "LLMTrainingJob")
+    spec.update(overrides)
+    return b.training_cluster(TRAIN_OWNER, LLMTrainingJobSpec.model_validate(spec))
+
+
+def _deployment(**overrides: Any) -> b.ClusterSpec:
+    spec = _example("deployment-vllm.yaml", "LLMDeployment")
+    spec.update(overrides)
+    parsed = LLMDeploymentSpec.model_validate(spec)
+    return b.deployment_cluster(DEPLOY_OWNER, parsed, parsed.model.uri)
+
+
+def _container(pod: dict[str, Any]) -> dict[str, Any]:
+    (container,) = pod["spec"]["containers"]
+    return container
+
+
+def _env(pod: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e for e in _container(pod)["env"]}
+
+
+# --- names, labels, owner references ---------------------------------------------------------------
+
+
+def test_head_pod_name_labels_and_owner() -> None:
+    pod = b.head_pod(_training(), "secret-uid")
+    meta = pod["metadata"]
+    assert meta["name"] == "qwen-lora-head"
+    assert meta["namespace"] == "ml"
+    assert meta["labels"] == {
+        "app.kubernetes.io/name": "llmray",
+        "app.kubernetes.io/managed-by": "llmray-operator",
+        "app.kubernetes.io/instance": "qwen-lora",
+        "app.kubernetes.io/component": "ray-head",
+        "llmray.io/kind": "LLMTrainingJob",
+        "ray.io/cluster": "qwen-lora",
+        "ray.io/node-type": "head",
+        "ray.io/group": "headgroup",
+    }
+    assert meta["ownerReferences"] == [
+        {
+            "apiVersion": "llmray.io/v1alpha1",
+            "kind": "LLMTrainingJob",
+            "name": "qwen-lora",
+            "uid": TRAIN_OWNER.uid,
+            "controller": True,
+        }
+    ]
+
+
+def test_worker_pod_name_and_labels() -> None:
+    pod = b.worker_pod(_training(), 3, "secret-uid")
+    name = pod["metadata"]["name"]
+    assert re.fullmatch(r"qwen-lora-worker-gpu-[bcdfghjklmnpqrstvwxz2456789]{5}", name)
+    assert name == worker_name("qwen-lora", "gpu", TRAIN_OWNER.uid, 3)
+    labels = pod["metadata"]["labels"]
+    assert labels["ray.io/node-type"] == "worker"
+    assert labels["ray.io/group"] == "gpu"
+    assert labels["llmray.io/worker-index"] == "3"
+
+
+def test_worker_suffixes_are_unique_deterministic_and_owner_specific() -> None:
+    suffixes = [worker_suffix("uid-a", "gpu", i) for i in range(5000)]
+    assert len(set(suffixes)) == len(suffixes)
+    assert suffixes[:10] == [worker_suffix("uid-a", "gpu", i) for i in range(10)]
+    assert suffixes[:10] != [worker_suffix("uid-b", "gpu", i) for i in range(10)]
+    assert all(re.fullmatch(r"[bcdfghjklmnpqrstvwxz2456789]{5}", s) for s in suffixes)
+
+
+def test_cpu_workers_are_in_group_cpu() -> None:
+    cluster = b.training_cluster(
+        TRAIN_OWNER,
+        LLMTrainingJobSpec.model_validate(_example("training-tiny-cpu.yaml", "LLMTrainingJob")),
+    )
+    assert cluster.worker_group == "cpu"
+    assert "-worker-cpu-" in b.worker_pod(cluster, 0, "u")["metadata"]["name"]
+
+
+# --- ray start ------------------------------------------------------------------------------------
+
+
+def test_quantities() -> None:
+    assert cpu_count("500m") == 1
+    assert cpu_count("8") == 8
+    assert cpu_count(2) == 2
+    assert cpu_count("1500m") == 2
+    assert memory_bytes("64Gi") == 64 * 2**30
+    assert memory_bytes("512Mi") == 512 * 2**20
+    assert memory_bytes("1G") == 10**9
+
+
+def test_head_ray_start_args() -> None:
+    cmd = _container(b.head_pod(_training(), "u"))["command"]
+    assert cmd[:3] == ["ray", "start", "--head"]
+    for arg in (
+        "--port=6379",
+        "--dashboard-host=0.0.0.0",
+        "--dashboard-port=8265",
+        "--ray-client-server-port=10001",
+        "--metrics-export-port=8080",
+        "--num-cpus=0",
+        "--num-gpus=0",
+        f"--memory={8 * 2**30}",
+        "--block",
+    ):
+        assert arg in cmd
+
+
+def test_worker_ray_start_args_follow_resources() -> None:
+    cmd = _container(b.worker_pod(_training(), 0, "u"))["command"]
+    assert cmd[:2] == ["ray", "start"]
+    assert "--address=qwen-lora-head.ml.svc.cluster.local:6379" in cmd
+    assert "--num-cpus=8" in cmd
+    assert "--num-gpus=1" in cmd
+    assert f"--memory={48 * 2**30}" in cmd
+    assert "--head" not in cmd
+
+
+def test_resources_requests_equal_limits_with_gpu() -> None:
+    res = _container(b.worker_pod(_training(), 0, "u"))["resources"]
+    assert res["requests"] == {"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": "1"}
+    assert res["limits"] == res["requests"]
+    head = _container(b.head_pod(_training(), "u"))["resources"]
+    assert "nvidia.com/gpu" not in head["limits"]
+
+
+# --- ports, probes, env ----------------------------------------------------------------------------
+
+
+def test_head_ports_and_probes() -> None:
+    container = _container(b.head_pod(_training(), "u"))
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"gcs": 6379, "dashboard": 8265, "client": 10001, "serve": 8000, "metrics": 8080}
+    for probe in (container["readinessProbe"], container["livenessProbe"]):
+        assert probe["httpGet"] == {"path": "/api/gcs_healthz", "port": 8265}
+    assert container["livenessProbe"]["failureThreshold"] * container["livenessProbe"]["periodSeconds"] >= 60
+
+
+def test_worker_probes_use_raylet_health() -> None:
+    container = _container(b.worker_pod(_training(), 0, "u"))
+    assert container["readinessProbe"]["httpGet"] == {"path": "/api/local_raylet_healthz", "port": 52365}
+    assert "--dashboard-agent-listen-port=52365" in container["command"]
+
+
+@pytest.mark.parametrize("which", ["head", "worker"])
+def test_token_auth_env_on_every_container(which: str) -> None:
+    cluster = _deployment()
+    pod = b.head_pod(cluster, "u") if which == "head" else b.worker_pod(cluster, 0, "u")
+    env = _env(pod)
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "qwen-chat-ray-auth", "key": "auth_token"}
+    }
+    assert env["LLMRAY_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "qwen-chat-api-key", "key": "key"}}
+    assert "value" not in env["RAY_AUTH_TOKEN"]  # never the token itself
+
+
+def test_hf_token_from_model_secret_ref() -> None:
+    cluster = _training(model={"uri": "hf://meta-llama/Llama-3.2-1B", "secretRef": {"name": "hf-token"}})
+    env = _env(b.worker_pod(cluster, 0, "u"))
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
+    assert cluster.secret_refs()[0].name == "hf-token"
+    assert "HF_TOKEN" not in _env(b.worker_pod(_training(), 0, "u"))
+
+
+# --- security, volumes, placement ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["head", "worker"])
+def test_restricted_pod_security(which: str) -> None:
+    cluster = _training()
+    pod = b.head_pod(cluster, "u") if which == "head" else b.worker_pod(cluster, 0, "u")
+    spec = pod["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == 1000
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = _container(pod)["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["runAsNonRoot"] is True
+    assert spec["automountServiceAccountToken"] is False
+    for volume in spec["volumes"]:
+        assert set(volume) - {"name"} <= {"emptyDir", "persistentVolumeClaim"}
+
+
+def test_shm_is_a_memory_emptydir() -> None:
+    pod = b.worker_pod(_training(), 0, "u")
+    shm = next(v for v in pod["spec"]["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "48Gi"}
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in _container(pod)["volumeMounts"]
+
+
+def test_pvc_uris_are_mounted_at_their_local_path() -> None:
+    cluster = _training(
+        model={"uri": "pvc://models/base/qwen"},
+        dataset={"uri": "pvc://data/train.jsonl"},
+        output={"uri": "pvc://models/out"},
+    )
+    pod = b.worker_pod(cluster, 0, "u")
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]: v
+        for v in pod["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert set(claims) == {"models", "data"}
+    mounts = {m["mountPath"]: m for m in _container(pod)["volumeMounts"]}
+    assert local_path("pvc://models/out") == "/mnt/pvc/models/out"
+    assert mounts["/mnt/pvc/models"]["readOnly"] is False  # output is written there
+    assert mounts["/mnt/pvc/data"]["readOnly"] is True  # only read
+    assert claims["data"]["persistentVolumeClaim"]["readOnly"] is True
+
+
+def test_deployment_model_pvc_is_read_only() -> None:
+    spec = LLMDeploymentSpec.model_validate(_example("deployment-tiny-cpu.yaml", "LLMDeployment"))
+    cluster = b.deployment_cluster(DEPLOY_OWNER, spec, "pvc://trained/run-1")
+    (pvc,) = cluster.pvcs
+    assert (pvc.claim, pvc.read_only, pvc.mount_path) == ("trained", True, "/mnt/pvc/trained")
+
+
+def test_gpu_toleration_added_and_user_placement_passed_through() -> None:
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}
+                ]
+            }
+        }
+    }
+    cluster = _training(
+        workers={
+            "replicas": 2,
+            "resources": {"gpu": 2, "cpu": "8", "memory": "64Gi"},
+            "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+            "affinity": affinity,
+        }
+    )
+    spec = b.worker_pod(cluster, 0, "u")["spec"]
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"} in spec[
+        "tolerations"
+    ]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    assert spec["affinity"] == affinity
+    head = b.head_pod(cluster, "u")["spec"]
+    assert "tolerations" not in head  # the head has no GPUs and no user tolerations here
+
+
+def test_cpu_pods_get_no_gpu_toleration() -> None:
+    spec = LLMTrainingJobSpec.model_validate(_example("training-tiny-cpu.yaml", "LLMTrainingJob"))
+    pod = b.worker_pod(b.training_cluster(TRAIN_OWNER, spec), 0, "u")
+    assert "tolerations" not in pod["spec"]
+
+
+# --- services and secret ----------------------------------------------------------------------------
+
+
+def test_head_service() -> None:
+    svc = b.head_service(_training())
+    assert svc["metadata"]["name"] == "qwen-lora-head"
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {
+        "gcs": 6379,
+        "dashboard": 8265,
+        "client": 10001,
+        "serve": 8000,
+        "metrics": 8080,
+    }
+    assert svc["spec"]["selector"] == {
+        "ray.io/cluster": "qwen-lora",
+        "llmray.io/kind": "LLMTrainingJob",
+        "ray.io/node-type": "head",
+    }
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+
+
+def test_serve_service_follows_spec_service() -> None:
+    svc = b.serve_service(_deployment(service={"type": "LoadBalancer", "port": 443}))
+    assert svc["metadata"]["name"] == "qwen-chat-serve"
+    assert svc["spec"]["type"] == "LoadBalancer"
+    assert svc["spec"]["ports"] == [{"name": "serve", "port": 443, "targetPort": 8000, "protocol": "TCP"}]
+    assert svc["spec"]["selector"]["ray.io/node-type"] == "head"
+    assert b.serve_endpoint(_deployment()) == "http://qwen-chat-serve.ml.svc.cluster.local:8000/v1"
+
+
+def test_auth_secret() -> None:
+    token = b.new_auth_token()
+    assert len(token) >= 32 and token != b.new_auth_token()
+    secret = b.auth_secret(_training(), token)
+    assert secret["metadata"]["name"] == "qwen-lora-ray-auth"
+    assert secret["type"] == "Opaque"
+    assert base64.b64decode(secret["data"]["auth_token"]).decode() == token
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == TRAIN_OWNER.uid
+
+
+# --- template hash: what recreates pods -------------------------------------------------------------
+
+
+def _hash(cluster: b.ClusterSpec, auth: str = "u") -> str:
+    return str(b.worker_pod(cluster, 0, auth)["metadata"]["annotations"][ANNOTATION_TEMPLATE_HASH])
+
+
+def test_template_hash_is_stable_and_ignores_worker_count() -> None:
+    base = _training()
+    assert _hash(base) == _hash(_training())
+    assert _hash(base) == _hash(
+        _training(workers={**_example("training-qwen-lora.yaml", "LLMTrainingJob")["workers"], "replicas": 7})
+    )
+    assert _hash(base) == str(b.worker_pod(base, 5, "u")["metadata"]["annotations"][ANNOTATION_TEMPLATE_HASH])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"image": "llmray/ray-runtime:0.2.0"},
+        {"imagePullPolicy": "Always"},
+        {"workers": {"replicas": 2, "resources": {"gpu": 1, "cpu": "16", "memory": "48Gi"}}},
+        {
+            "workers": {
+                "replicas": 2,
+                "resources": {"gpu": 1, "cpu": "8", "memory": "48Gi"},
+                "nodeSelector": {"a": "b"},
+            }
+        },
+        {"model": {"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct", "secretRef": {"name": "hf"}}},
+    ],
+)
+def test_template_hash_changes_with_pod_inputs(change: dict[str, Any]) -> None:
+    assert _hash(_training(**change)) != _hash(_training())
+
+
+def test_template_hash_changes_with_auth_secret() -> None:
+    assert _hash(_training(), "secret-1") != _hash(_training(), "secret-2")

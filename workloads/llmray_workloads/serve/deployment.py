@@ -1,0 +1,64 @@
+"""The Ray Serve deployment: one replica = one engine + the OpenAI FastAPI app as its ingress.
+
+The app is built per replica (``__serve_build_asgi_app__``) because it closes over the replica's
+engine. Serve's own health checks call :meth:`LLMServer.check_health`, so a replica whose
+generation loop died is replaced.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ray.serve import Application
+
+from ray import serve
+
+from .api import OpenAIServer, create_app
+from .config import DEPLOYMENT_NAME, ServerSettings, resolve_api_key
+from .engine import TransformersEngine
+from .protocol import MAX_CHOICES
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress()
+class LLMServer:
+    """A Serve replica serving one model with the transformers engine."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        import sys
+        sys.setswitchinterval(float(os.environ.get("SWI", "0.005")))
+        self.settings = ServerSettings.model_validate(settings)
+        api = self.settings.api
+        # Fail before loading weights when a configured key is missing: never serve unauthenticated.
+        self.api_key = resolve_api_key(api.api_key_env, api.api_key_file, os.environ)
+        max_pending = max(self.settings.engine.max_num_seqs, api.max_ongoing_requests * MAX_CHOICES)
+        self.engine = TransformersEngine.load(self.settings.engine, max_pending=max_pending)
+        self.server = OpenAIServer(self.engine, api, self.api_key)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return create_app(self.server)
+
+    def check_health(self) -> None:
+        self.engine.check_health()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def build_transformers_app(
+    settings: ServerSettings, options: dict[str, Any], runtime_env: dict[str, Any] | None = None
+) -> Application:
+    """Bind the deployment with Serve ``options`` (see :func:`.config.deployment_options`).
+
+    ``runtime_env`` is merged into the replica's actor options (tests use it to hand replicas an
+    API key variable; in clusters the operator sets it on the pods instead).
+    """
+    opts = dict(options)
+    if runtime_env:
+        opts["ray_actor_options"] = {**opts.get("ray_actor_options", {}), "runtime_env": runtime_env}
+    deployment: Any = LLMServer
+    app: Application = deployment.options(**opts).bind(settings.model_dump(mode="json"))
+    return app

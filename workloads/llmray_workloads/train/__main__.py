@@ -1,0 +1,5 @@
+"""``python -m llmray_workloads.train --config <file|->``."""
+
+from .driver import main
+
+raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""Writing the final model atomically: build it in a hidden sibling folder, then swap it in.
+
+A retry (or a crash mid-export) never leaves a half-written model at the output path: readers see
+either the previous folder or the complete new one. The swap runs in the driver after
+``TorchTrainer.fit()`` returned, when Ray has stopped writing, because the default checkpoint
+folder (``<output>/checkpoints``) lives inside the output: entries of the old folder that are not
+part of the previous export (checkpoints, ``.llmray`` progress, anything the user put there) are
+moved into the new folder before the swap. ``.llmray/manifest.json`` lists what an export wrote.
+Leftover staging folders of crashed attempts are removed at the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .progress import PROGRESS_DIR
+
+STAGING_TAG = ".staging-"
+OLD_TAG = ".old-"
+MANIFEST = "manifest.json"
+FINAL_REPORT = "final.json"
+
+
+def staging_dir(output_dir: str | Path, token: str) -> Path:
+    """Hidden sibling of the output where this attempt builds the final model."""
+    out = Path(output_dir)
+    return out.parent / f".{out.name}{STAGING_TAG}{token}"
+
+
+def clean_stale(output_dir: str | Path) -> None:
+    """Remove staging / swap leftovers of earlier attempts."""
+    out = Path(output_dir)
+    if not out.parent.is_dir():
+        return
+    for tag in (STAGING_TAG, OLD_TAG):
+        for leftover in out.parent.glob(f".{out.name}{tag}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def read_manifest(folder: Path) -> set[str]:
+    """Top-level names a previous export wrote into ``folder``."""
+    try:
+        return set(json.loads((folder / PROGRESS_DIR / MANIFEST).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def carry_over(old: Path, staging: Path) -> list[str]:
+    """Move entries of the old output that the new export does not replace into ``staging``."""
+    exported = read_manifest(old)
+    moved = []
+    for entry in sorted(old.iterdir()):
+        target = staging / entry.name
+        if entry.name == PROGRESS_DIR:
+            target.mkdir(exist_ok=True)
+            for item in entry.iterdir():
+                if not (target / item.name).exists() and item.name != MANIFEST:
+                    os.replace(item, target / item.name)
+            continue
+        if entry.name in exported or target.exists():
+            continue
+        os.replace(entry, target)
+        moved.append(entry.name)
+    return moved
+
+
+def publish(staging: Path, output_dir: str | Path) -> Path:
+    """Swap ``staging`` in as the output folder (same filesystem: every step is a rename)."""
+    out = Path(output_dir)
+    meta = staging / PROGRESS_DIR
+    meta.mkdir(exist_ok=True)
+    files = sorted(p.name for p in staging.iterdir() if p.name != PROGRESS_DIR)
+    (meta / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        carry_over(out, staging)
+        old = out.parent / f".{out.name}{OLD_TAG}{staging.name.rsplit('-', 1)[-1]}"
+        os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+    return out
+
+
+def merge_adapter(base_ref: str, adapter_dir: Path, target: Path, tokenizer: Any, **load_kwargs: Any) -> Path:
+    """Fold a LoRA adapter into its base model and save a plain HF model folder."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_ref, dtype="auto", **load_kwargs)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return target

@@ -1,0 +1,327 @@
+"""The per-worker training loop: a transformers Trainer inside a Ray Train worker.
+
+Checkpointing uses our own callback rather than ``RayTrainReportCallback`` because we need (a) a
+stable, step-named checkpoint folder (``checkpoint-000100``) whose path goes into the progress
+line, (b) each rank to upload only its own HF output folder (rank 0: weights, optimizer,
+scheduler, trainer state; every rank: its RNG state, FSDP shards) instead of re-copying a shared
+folder, and (c) to delete the local copy once Ray has it. Cadence comes from HF's ``save_steps``
+(= spec.checkpoint.everySteps), retention from Ray's ``CheckpointConfig(num_to_keep=keep)``.
+
+Resuming: Ray Train restores the latest reported checkpoint of a run with the same name and
+storage path (a retried worker group, or a new job attempt), and ``Trainer.train(
+resume_from_checkpoint=...)`` restores weights, optimizer, scheduler, RNG and skips the batches
+already seen, so the step count continues.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer, TrainerCallback
+
+from llmray.api.runtime import TrainingRun
+
+from .config import Plan, Precision, resolve_precision
+from .data import ExampleDataset, PadCollator, PreparedData
+from .export import FINAL_REPORT, merge_adapter, staging_dir
+from .progress import PROGRESS_DIR, ProgressTracker, say
+
+
+class ResumableTrainer(Trainer):  # type: ignore[misc]
+    """Trainer that does no extra step when resumed from a checkpoint taken at the last step.
+
+    transformers 5.24 re-enters the last epoch and runs one more optimiser step before checking
+    max_steps, so resubmitting a finished run would train step max_steps + 1. Skipping the epoch
+    still restores weights, optimizer and state (that happens before the epoch loop).
+    """
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """Name of the checkpoint folder in the run's storage for an optimiser step."""
+    return f"checkpoint-{step:06d}"
+
+
+class RayProgressCallback(TrainerCallback):  # type: ignore[misc]
+    """Reports checkpoints to Ray Train (every rank) and prints progress (rank 0)."""
+
+    def __init__(self, plan: Plan, rank: int, tracker: ProgressTracker, resumed_step: int | None) -> None:
+        self.plan = plan
+        self.rank = rank
+        self.tracker = tracker
+        self.resumed_step = resumed_step
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.tracker.start(state.max_steps, state.num_input_tokens_seen)
+        self.tracker.restore(state.log_history)
+        if self.rank == 0 and self.resumed_step is not None:
+            say(f"resumed from {self.tracker.checkpoint_path} at step {state.global_step}")
+            self.tracker.emit(state.global_step, state.epoch or 0.0)
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+    ) -> None:
+        logs = logs or {}
+        if "loss" in logs:
+            self.tracker.loss = float(logs["loss"])
+            self.tracker.update_throughput(state.num_input_tokens_seen)
+        if "learning_rate" in logs:
+            self.tracker.learning_rate = float(logs["learning_rate"])
+        if "eval_loss" in logs:
+            self.tracker.eval_loss = float(logs["eval_loss"])
+        if self.rank == 0 and ("loss" in logs or "eval_loss" in logs):
+            self.tracker.emit(state.global_step, state.epoch or 0.0)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        import ray.train
+
+        local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        name = checkpoint_dir_name(state.global_step)
+        checkpoint = ray.train.Checkpoint.from_directory(str(local)) if local.is_dir() else None
+        metrics = {"step": state.global_step, "epoch": state.epoch or 0.0}
+        if self.tracker.loss is not None:
+            metrics["loss"] = self.tracker.loss
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=name,
+            delete_local_checkpoint_after_upload=True,
+        )
+        self.tracker.checkpoint_path = self.plan.checkpoint_path(name)
+        self.tracker.checkpoint_step = state.global_step
+        if self.rank == 0:
+            self.tracker.emit(state.global_step, state.epoch or 0.0, state="checkpointed")
+
+
+def use_fsdp(run: TrainingRun, cuda: bool) -> bool:
+    """Whether this run shards with FSDP (asked for, and the workers have GPUs)."""
+    return run.spec.distributed.strategy == "fsdp" and cuda
+
+
+def training_arguments(
+    run: TrainingRun,
+    plan: Plan,
+    precision: Precision,
+    has_eval: bool,
+    cuda: bool,
+    output_dir: str,
+    model: Any,
+) -> Any:
+    """HF TrainingArguments from the spec (DDP by default, FSDP2 when asked and on GPUs).
+
+    accelerate only shards with FSDP on accelerators; on CPU workers fsdp runs as DDP (gloo).
+    """
+    from transformers import TrainingArguments
+
+    spec = run.spec
+    hp = spec.hyperparameters
+    fsdp = use_fsdp(run, cuda)
+    fsdp_kwargs: dict[str, Any] = {}
+    if fsdp:
+        layers = list(getattr(model, "_no_split_modules", None) or [])
+        fsdp_kwargs = {
+            "fsdp": True,
+            "fsdp_config": {
+                "version": 2,
+                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                **({"transformer_layer_cls_to_wrap": layers} if layers else {}),
+                # FSDP's own activation checkpointing replaces HF's with FSDP
+                "activation_checkpointing": hp.gradient_checkpointing,
+                "state_dict_type": "FULL_STATE_DICT",
+            },
+        }
+    every = spec.checkpoint.every_steps
+    return TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=hp.batch_size_per_worker,
+        per_device_eval_batch_size=hp.batch_size_per_worker,
+        gradient_accumulation_steps=hp.gradient_accumulation_steps,
+        learning_rate=hp.learning_rate,
+        lr_scheduler_type=hp.lr_scheduler,
+        warmup_steps=hp.warmup_steps,
+        weight_decay=hp.weight_decay,
+        num_train_epochs=hp.epochs,
+        max_steps=hp.max_steps or -1,
+        logging_strategy="steps",
+        logging_steps=hp.logging_steps,
+        save_strategy="steps",
+        save_steps=every,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=every if has_eval else None,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        activation_checkpointing=hp.gradient_checkpointing and not fsdp,
+        activation_checkpointing_kwargs={"use_reentrant": False} if hp.gradient_checkpointing else None,
+        seed=hp.seed,
+        data_seed=hp.seed,
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False,
+        use_cpu=not cuda,
+        dataloader_pin_memory=cuda,
+        remove_unused_columns=False,
+        **fsdp_kwargs,
+    )
+
+
+def load_model(run: TrainingRun, plan: Plan) -> Any:
+    """Base model in fp32 (mixed precision autocasts), wrapped with LoRA adapters when asked."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        plan.model_ref,
+        dtype=torch.float32,
+        revision=run.spec.model.revision,
+        token=os.environ.get("HF_TOKEN"),
+    )
+    if run.spec.hyperparameters.gradient_checkpointing:
+        model.config.use_cache = False
+    lora = run.spec.effective_lora()
+    if lora is None:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+@contextmanager
+def latest_checkpoint() -> Iterator[tuple[str | None, int | None]]:
+    """The HF checkpoint folder Ray restored for this run (and its step), if any."""
+    import json
+
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        yield None, None
+        return
+    with checkpoint.as_directory() as folder:
+        state_file = Path(folder) / "trainer_state.json"
+        step = int(json.loads(state_file.read_text())["global_step"]) if state_file.is_file() else None
+        yield (str(folder) if step is not None else None), step
+
+
+def evaluated_at(log_history: list[dict[str, Any]], step: int) -> bool:
+    """Whether the trainer already logged an eval loss for ``step`` (avoids a duplicate final eval)."""
+    return any("eval_loss" in entry and entry.get("step") == step for entry in log_history)
+
+
+def stage_model(
+    trainer: Any, run: TrainingRun, plan: Plan, rank: int, token: str, tokenizer: Any
+) -> Path | None:
+    """Write the final model (full, adapter, or merged) to the staging folder; rank 0 returns it.
+
+    The driver swaps it into place once ``fit()`` returned (see :mod:`.export`).
+    """
+    staging = staging_dir(plan.output_dir, token)
+    adapter_stage = staging.with_name(staging.name + "-adapter")
+    lora = run.spec.effective_lora()
+    merge = lora is not None and lora.merge_on_export
+    # Every rank takes part: FSDP gathers the full state dict; DDP writes on rank 0 only.
+    trainer.save_model(str(adapter_stage if merge else staging))
+    if rank != 0:
+        return None
+    (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing downstream needs it
+    if merge:
+        merge_adapter(
+            plan.model_ref,
+            adapter_stage,
+            staging,
+            tokenizer,
+            revision=run.spec.model.revision,
+            token=os.environ.get("HF_TOKEN"),
+        )
+        shutil.rmtree(adapter_stage, ignore_errors=True)
+    return staging
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point (``train_loop_per_worker``)."""
+    import ray.train
+    import torch
+    import transformers
+    from ray.train.huggingface.transformers import prepare_trainer
+    from transformers import AutoTokenizer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    import ray
+
+    run: TrainingRun = config["run"]
+    plan: Plan = config["plan"]
+    data: PreparedData = ray.get(config["data"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    transformers.logging.set_verbosity_warning()
+    cuda = plan.use_gpu and torch.cuda.is_available()
+    precision = resolve_precision(
+        run.spec.hyperparameters.precision, cuda, cuda and torch.cuda.is_bf16_supported()
+    )
+    requested = run.spec.hyperparameters.precision
+    if rank == 0 and run.spec.distributed.strategy == "fsdp" and not use_fsdp(run, cuda):
+        say("distributed.strategy fsdp needs GPU workers (accelerate shards only on accelerators); using DDP")
+    if rank == 0 and requested not in ("auto", precision):
+        say(f"precision {requested} -> {precision} (no GPU on the workers)")
+    transformers.set_seed(run.spec.hyperparameters.seed)
+    tokenizer = AutoTokenizer.from_pretrained(
+        plan.model_ref, revision=run.spec.model.revision, token=os.environ.get("HF_TOKEN")
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    model = load_model(run, plan)
+    local_dir = tempfile.mkdtemp(prefix=f"llmray-hf-rank{rank}-")
+    args = training_arguments(run, plan, precision, data.eval is not None, cuda, local_dir, model)
+    tracker = ProgressTracker(output_dir=plan.output_dir if rank == 0 else None)
+    with latest_checkpoint() as (resume_dir, resumed_step):
+        if resumed_step is not None:
+            tracker.checkpoint_path = plan.checkpoint_path(checkpoint_dir_name(resumed_step))
+            tracker.checkpoint_step = resumed_step
+        trainer: Any = ResumableTrainer(
+            model=model,
+            args=args,
+            train_dataset=ExampleDataset(data.train),
+            eval_dataset=ExampleDataset(data.eval) if data.eval is not None else None,
+            data_collator=PadCollator(pad_id, 8 if cuda else 1),
+            processing_class=tokenizer,
+            callbacks=[RayProgressCallback(plan, rank, tracker, resumed_step)],
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        trainer = prepare_trainer(trainer)
+        if rank == 0:
+            say(
+                f"worker setup: {context.get_world_size()} worker(s), "
+                f"{trainer.accelerator.distributed_type.value}, fsdp={trainer.is_fsdp_enabled}, "
+                f"precision {precision}, device {args.device}"
+            )
+        trainer.train(resume_from_checkpoint=resume_dir)
+    state = trainer.state
+    if data.eval is not None and not evaluated_at(state.log_history, state.global_step):
+        trainer.evaluate()
+    staged = stage_model(trainer, run, plan, rank, config["export_token"], tokenizer)
+    shutil.rmtree(local_dir, ignore_errors=True)
+    if staged is not None:
+        tracker.tokens_per_second = tracker.average_throughput(state.num_input_tokens_seen)
+        final = tracker.report(state.global_step, state.epoch or 0.0, "finished", output_path=plan.output_dir)
+        (staged / PROGRESS_DIR).mkdir(exist_ok=True)
+        (staged / PROGRESS_DIR / FINAL_REPORT).write_text(
+            final.model_dump_json(by_alias=True, exclude_none=True)
+        )
