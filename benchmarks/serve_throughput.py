@@ -2,7 +2,9 @@
 
 Same model (the tiny local Llama), same prompts, same token counts (``ignore_eos``), same run:
 
-1. baseline: ``model.generate`` called once per prompt, sequentially, in this process;
+1. baseline: ``model.generate`` once per prompt, sequentially, in this process (conc 1 is measured
+   as interleaved pairs, and a baseline block runs right before each other level, so load drift on
+   a shared machine affects both sides alike);
 2. the ``transformers`` engine behind Ray Serve's HTTP proxy on 127.0.0.1, at concurrency 1, 8, 32.
 
 Prints requests/s and p50/p99 latency per level and the ratios the serving issue targets
@@ -77,36 +79,67 @@ def summarize(name: str, concurrency: int, latencies: list[float], seconds: floa
     )
 
 
-def in_process_baseline(model_dir: Path, max_tokens: int, requests: int, threads: int) -> Level:
-    """Sequential ``model.generate`` over the prompts: what one process does without a server."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class Baseline:
+    """Sequential ``model.generate`` in this process: what one process does without a server."""
 
-    torch.set_num_threads(threads)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    def __init__(self, model_dir: Path, max_tokens: int, threads: int) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    def one(prompt: str) -> None:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        with torch.inference_mode():
-            out = model.generate(
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.max_tokens = max_tokens
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        for prompt in PROMPTS[:3]:
+            self.one(prompt)  # warm up
+
+    def one(self, prompt: str) -> float:
+        """Latency (s) of one generate + decode."""
+        started = time.perf_counter()
+        ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with self.torch.inference_mode():
+            out = self.model.generate(
                 ids,
-                max_new_tokens=max_tokens,
-                min_new_tokens=max_tokens,
+                max_new_tokens=self.max_tokens,
+                min_new_tokens=self.max_tokens,
                 do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
             )
-        tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        return time.perf_counter() - started
 
-    for prompt in PROMPTS[:3]:
-        one(prompt)  # warm up
-    latencies: list[float] = []
-    started = time.perf_counter()
-    for i in range(requests):
-        t0 = time.perf_counter()
-        one(PROMPTS[i % len(PROMPTS)])
-        latencies.append(time.perf_counter() - t0)
-    return summarize("in-process sequential", 1, latencies, time.perf_counter() - started, max_tokens)
+    def block(self, requests: int) -> Level:
+        started = time.perf_counter()
+        latencies = [self.one(PROMPTS[i % len(PROMPTS)]) for i in range(requests)]
+        return summarize(
+            "in-process sequential", 1, latencies, time.perf_counter() - started, self.max_tokens
+        )
+
+
+async def paired_conc1(baseline: Baseline, url: str, requests: int, model: str) -> tuple[Level, Level]:
+    """Alternate one in-process generate and one HTTP request, so load drift on a shared box hits both."""
+    import httpx
+
+    local: list[float] = []
+    remote: list[float] = []
+    body = {"model": model, "max_tokens": baseline.max_tokens, "temperature": 0, "ignore_eos": True}
+    async with httpx.AsyncClient(timeout=120) as http:
+        for i in range(requests + 2):
+            prompt = PROMPTS[i % len(PROMPTS)]
+            local_s = baseline.one(prompt)
+            started = time.perf_counter()
+            response = await http.post(f"{url}/v1/completions", json={**body, "prompt": prompt})
+            remote_s = time.perf_counter() - started
+            response.raise_for_status()
+            if i >= 2:  # the first pair warms up the connection
+                local.append(local_s)
+                remote.append(remote_s)
+    n = baseline.max_tokens
+    return (
+        summarize("in-process sequential", 1, local, sum(local), n),
+        summarize("serve http conc=1", 1, remote, sum(remote), n),
+    )
 
 
 async def http_level(url: str, concurrency: int, requests: int, max_tokens: int, model: str) -> Level:
@@ -172,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--requests", type=int, default=32, help="Requests per level (x2 at conc 32).")
     parser.add_argument(
-        "--cpus", default="2", help="CPUs per replica; the baseline uses as many torch threads."
+        "--cpus", default="1", help="CPUs per replica; the baseline uses as many torch threads."
     )
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
@@ -185,15 +218,17 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = max(1, round(parse_quantity(ns.cpus)))
     model_dir = build_tiny_model(Path(tempfile.gettempdir()) / "llmray-bench-tiny")
-    baseline = in_process_baseline(model_dir, ns.max_tokens, ns.requests, threads)
+    baseline = Baseline(model_dir, ns.max_tokens, threads)
     local = start_local_ray(num_cpus=8)
     os.environ.update(local.env)  # before ray is imported: it reads RAY_AUTH_MODE once
+    pairs: list[tuple[Level, Level]] = []
     try:
         url = deploy(local, model_dir, ns.cpus, ns.max_num_seqs)
-        levels = [baseline]
-        for concurrency in (1, 8, 32):
+        pairs.append(asyncio.run(paired_conc1(baseline, url, ns.requests, "tiny")))
+        for concurrency in (8, 32):
             count = ns.requests * (2 if concurrency == 32 else 1)
-            levels.append(asyncio.run(http_level(url, concurrency, count, ns.max_tokens, "tiny")))
+            base = baseline.block(ns.requests)
+            pairs.append((base, asyncio.run(http_level(url, concurrency, count, ns.max_tokens, "tiny"))))
     finally:
         import ray
 
@@ -201,24 +236,21 @@ def main(argv: list[str] | None = None) -> int:
         stop_local_ray(local)
 
     print(f"\nmodel: tiny Llama ({model_dir}), max_tokens={ns.max_tokens}, replica cpus={ns.cpus}")
+    print("each Serve level is compared with an in-process block measured right before it")
     print(f"{'level':<24}{'reqs':>6}{'req/s':>9}{'tok/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'x seq':>7}")
-    for level in levels:
-        ratio = level.rps / baseline.rps
-        print(
-            f"{level.name:<24}{level.requests:>6}{level.rps:>9.1f}{level.tokens_per_s:>9.0f}"
-            f"{level.p50_ms:>9.1f}{level.p99_ms:>9.1f}{ratio:>7.2f}"
-        )
-    by_conc = {level.concurrency: level for level in levels[1:]}
-    speedup = by_conc[32].rps / baseline.rps
-    overhead = by_conc[1].p50_ms - baseline.p50_ms
+    for base, level in pairs:
+        for row in (base, level):
+            print(
+                f"{row.name:<24}{row.requests:>6}{row.rps:>9.1f}{row.tokens_per_s:>9.0f}"
+                f"{row.p50_ms:>9.1f}{row.p99_ms:>9.1f}{row.rps / base.rps:>7.2f}"
+            )
+    speedup = pairs[2][1].rps / pairs[2][0].rps
+    overhead = pairs[0][1].p50_ms - pairs[0][0].p50_ms
     print(f"\nconc 32 vs sequential: {speedup:.2f}x rps (target >= 3x) {'OK' if speedup >= 3 else 'MISS'}")
     print(f"conc 1 p50 overhead: {overhead:+.1f} ms (target <= +25 ms) {'OK' if overhead <= 25 else 'MISS'}")
     if ns.json:
-        result = {
-            "levels": [asdict(level) for level in levels],
-            "speedup_32": speedup,
-            "overhead_ms": overhead,
-        }
+        levels = [asdict(row) for pair in pairs for row in pair]
+        result = {"levels": levels, "speedup_32": speedup, "overhead_ms": overhead}
         ns.json.write_text(json.dumps(result, indent=2))
     return 0
 

@@ -85,9 +85,17 @@ def _reachable(bin_dir: Path, kubeconfig: Path) -> bool:
         return False
     try:
         proc = subprocess.run(
-            [str(bin_dir / "kubectl"), "--kubeconfig", str(kubeconfig), "--request-timeout=5s",
-             "get", "--raw=/readyz"],
-            capture_output=True, text=True, timeout=15,
+            [
+                str(bin_dir / "kubectl"),
+                "--kubeconfig",
+                str(kubeconfig),
+                "--request-timeout=5s",
+                "get",
+                "--raw=/readyz",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=15,
         )
     except (OSError, subprocess.TimeoutExpired):
         return False
@@ -200,7 +208,16 @@ def apply_yaml(
     if not docs:
         raise ValueError("apply_yaml: nothing to apply")
     text = yaml.safe_dump_all(docs)
-    args = ["apply", "--server-side", "--force-conflicts", "--field-manager=llmray-tests", "-o", "yaml", "-f", "-"]
+    args = [
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--field-manager=llmray-tests",
+        "-o",
+        "yaml",
+        "-f",
+        "-",
+    ]
     if namespace:
         args[1:1] = ["-n", namespace]
     out = kube.kubectl(*args, input=text).stdout

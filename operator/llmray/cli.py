@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -41,6 +42,9 @@ def _operator(args: argparse.Namespace) -> int:
         quiet=args.log_level in ("warning", "error"),
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
     )
+    if args.log_level != "debug":
+        # Kopf logs every handled watch event at INFO; the reconcilers log what they do.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     config = RunConfig(
         namespaces=tuple(args.namespace or ()),
         all_namespaces=args.all_namespaces,

@@ -174,6 +174,15 @@ class Kube:
             raise
         return True
 
+    async def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """JSON-merge-patch a Service (lists in the patch replace the stored ones)."""
+        method: Any = {"Service": self.core.patch_namespaced_service}[kind]
+        resp = await self._call(
+            "patch", _CORE_PLURALS[kind], f"{kind} {namespace}/{name}", method, name, namespace, patch,
+            _content_type="application/merge-patch+json", _preload_content=False,
+        )  # fmt: skip
+        return self._json(resp)
+
     async def get_custom(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         """Read an llmray.io custom resource; None when it does not exist."""
         try:

@@ -391,3 +391,18 @@ def test_name_clash_between_kinds_is_reported(kube: Kube, namespace: str, operat
     assert "belongs to LLMTrainingJob tiny-train" in status["message"]
     # the training job's cluster is untouched
     wait_cluster_ready(kube, "LLMTrainingJob", namespace, "tiny-train", 2)
+
+
+def test_delete_and_reapply_with_the_same_name(kube: Kube, namespace: str, operator: Operator) -> None:
+    """Leftovers of the old resource (awaiting garbage collection) delay the new one, never fail it."""
+    apply(kube, example("training-tiny-cpu.yaml"), namespace)
+    wait_cluster_ready(kube, "LLMTrainingJob", namespace, "tiny-train", 2)
+    old_uid = get_cr(kube, "LLMTrainingJob", namespace, "tiny-train")["metadata"]["uid"]
+    kube.kubectl("delete", "ltj", "tiny-train", "-n", namespace, "--wait=true")
+    apply(kube, example("training-tiny-cpu.yaml"), namespace)
+    new_uid = get_cr(kube, "LLMTrainingJob", namespace, "tiny-train")["metadata"]["uid"]
+    assert new_uid != old_uid
+    wait_cluster_ready(kube, "LLMTrainingJob", namespace, "tiny-train", 2)
+    for pod in pods_of(kube, namespace, "tiny-train"):
+        assert pod.metadata.owner_references[0].uid == new_uid
+    assert status_of(kube, "LLMTrainingJob", namespace, "tiny-train")["phase"] == "Running"

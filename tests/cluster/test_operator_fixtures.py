@@ -235,7 +235,7 @@ def running_ready(pod: client.V1Pod) -> bool:
 
 
 def wait_phase(
-    kube: Kube, kind: str, namespace: str, name: str, phase: str, timeout: float = 60
+    kube: Kube, kind: str, namespace: str, name: str, phase: str, timeout: float = 120
 ) -> dict[str, Any]:
     def probe() -> dict[str, Any] | None:
         status = status_of(kube, kind, namespace, name)
@@ -245,7 +245,7 @@ def wait_phase(
 
 
 def wait_cluster_ready(
-    kube: Kube, kind: str, namespace: str, name: str, workers: int, timeout: float = 60
+    kube: Kube, kind: str, namespace: str, name: str, workers: int, timeout: float = 120
 ) -> dict[str, Any]:
     """Wait until head + ``workers`` pods are Running/Ready and the status says so."""
 

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -24,6 +25,7 @@ from llmray.ray import (
     RayClient,
     RayHeadUnavailable,
     RetryPolicy,
+    Submission,
     submission_id,
 )
 from tests.ray_cluster import LocalRay, free_port
@@ -46,6 +48,20 @@ def unique_id(name: str) -> str:
     return submission_id("llmray-rc", name, f"uid-{time.time_ns()}", 0)
 
 
+async def submit(ray: RayClient, entrypoint: str, sid: str, **kwargs: Any) -> Submission:
+    """Submit, retrying while a fresh head has no job agent yet ("No available agent", HTTP 500).
+
+    Retrying is safe because submission is idempotent; that is also why ``created`` of the
+    returned submission may be False when an earlier, timed-out attempt did create the job.
+    """
+    return await async_wait_for(
+        lambda: ray.jobs.submit(entrypoint, submission_id=sid, **kwargs),
+        timeout=180,
+        what=f"the head to accept job {sid}",
+        interval=2,
+    )
+
+
 async def wait_status(ray: RayClient, sid: str, *wanted: JobStatus, timeout: float = 120) -> JobStatus:
     async def probe() -> JobStatus | None:
         status = (await ray.jobs.get(sid)).status
@@ -62,10 +78,10 @@ async def test_submit_twice_runs_once_and_logs_progress(ray: RayClient) -> None:
     progress = json.dumps({"step": 3, "totalSteps": 10, "loss": 1.5})
     code = f"print('LLMRAY_PROGRESS ' + {progress!r})"
     entrypoint = f"{PY} -c {shlex.quote(code)}"
-    first = await ray.jobs.submit(entrypoint, submission_id=sid, metadata={"llmray.io/name": "progress"})
+    first = await submit(ray, entrypoint, sid, metadata={"llmray.io/name": "progress"})
     second = await ray.jobs.submit(entrypoint, submission_id=sid)
-    assert first.created and not second.created
-    assert second.job.submission_id == sid
+    assert not second.created
+    assert first.job.submission_id == second.job.submission_id == sid
     assert [j.submission_id for j in await ray.jobs.list()].count(sid) == 1
 
     assert await wait_status(ray, sid, JobStatus.SUCCEEDED, JobStatus.FAILED) is JobStatus.SUCCEEDED
@@ -81,7 +97,7 @@ async def test_submit_twice_runs_once_and_logs_progress(ray: RayClient) -> None:
 
 async def test_stop_long_job(ray: RayClient) -> None:
     sid = unique_id("sleeper")
-    await ray.jobs.submit(f"{PY} -c 'import time; time.sleep(600)'", submission_id=sid)
+    await submit(ray, f"{PY} -c 'import time; time.sleep(600)'", sid)
     await wait_status(ray, sid, JobStatus.RUNNING)
     assert await ray.jobs.stop(sid) is True
     assert await wait_status(ray, sid, JobStatus.STOPPED, JobStatus.FAILED) is JobStatus.STOPPED
@@ -188,7 +204,7 @@ async def test_cluster_status_reports_pending_demand(ray: RayClient, tmp_path: P
     script = tmp_path / "demand.py"
     script.write_text(DEMAND_DRIVER)
     sid = unique_id("demand")
-    await ray.jobs.submit(f"{PY} {shlex.quote(str(script))}", submission_id=sid)
+    await submit(ray, f"{PY} {shlex.quote(str(script))}", sid)
     try:
 
         async def demand_seen() -> bool:

@@ -68,7 +68,7 @@ class FakeEngine:
             raise ValueError("roles must alternate")
         return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages))
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stream: bool = True) -> GenerationStream:
         if self.overloaded:
             raise EngineOverloadedError("full")
         stream = FakeStream(params, self.fail_after)

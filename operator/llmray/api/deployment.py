@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from .common import (
     ApiModel,
@@ -184,8 +184,35 @@ class WorkerPool(Placement):
 class ServiceSpec(ApiModel):
     """The ``<name>-serve`` Service in front of the OpenAI endpoint."""
 
+    model_config = ConfigDict(
+        **ApiModel.model_config,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.nodePort) || self.type != 'ClusterIP'",
+                    "message": "spec.service.nodePort needs spec.service.type NodePort or LoadBalancer",
+                    "fieldPath": ".nodePort",
+                    "reason": "FieldValueForbidden",
+                }
+            ]
+        },
+    )
+
     type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field("ClusterIP", description="Service type.")
     port: int = Field(SERVE_PORT, ge=1, le=65535, description="Service port.")
+    node_port: int | None = Field(
+        None,
+        ge=30000,
+        le=32767,
+        description="Fixed node port (type NodePort or LoadBalancer), e.g. to match a kind port mapping; "
+        "default: one is allocated.",
+    )
+
+    @model_validator(mode="after")
+    def _node_port(self) -> ServiceSpec:
+        if self.node_port is not None and self.type == "ClusterIP":
+            raise ValueError("spec.service.nodePort needs spec.service.type NodePort or LoadBalancer")
+        return self
 
 
 class LLMDeploymentSpec(ApiModel):

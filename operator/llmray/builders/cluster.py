@@ -145,6 +145,12 @@ def auth_secret(cluster: ClusterSpec, token: str) -> dict[str, Any]:
     }
 
 
+def _with_hash(service: dict[str, Any]) -> dict[str, Any]:
+    """Annotate a Service with the hash of its spec, so a changed spec is detected and patched."""
+    service["metadata"]["annotations"] = {ANNOTATION_TEMPLATE_HASH: stable_hash(service["spec"])}
+    return service
+
+
 def _head_selector(cluster: ClusterSpec) -> dict[str, str]:
     return {
         LABEL_RAY_CLUSTER: cluster.name,
@@ -166,17 +172,19 @@ def head_service(cluster: ClusterSpec) -> dict[str, Any]:
         ("serve", SERVE_PORT),
         ("metrics", METRICS_PORT),
     ]
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": metadata(cluster.owner, head_name(cluster.name), "ray-head"),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": _head_selector(cluster),
-            "publishNotReadyAddresses": True,
-            "ports": [{"name": n, "port": p, "targetPort": p, "protocol": "TCP"} for n, p in ports],
-        },
-    }
+    return _with_hash(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": metadata(cluster.owner, head_name(cluster.name), "ray-head"),
+            "spec": {
+                "type": "ClusterIP",
+                "selector": _head_selector(cluster),
+                "publishNotReadyAddresses": True,
+                "ports": [{"name": n, "port": p, "targetPort": p, "protocol": "TCP"} for n, p in ports],
+            },
+        }
+    )
 
 
 def serve_service(cluster: ClusterSpec) -> dict[str, Any]:
@@ -185,16 +193,26 @@ def serve_service(cluster: ClusterSpec) -> dict[str, Any]:
     It targets the head pod, whose Serve HTTP proxy always runs and routes to replicas anywhere.
     """
     service = cluster.serve or ServiceSpec()
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": metadata(cluster.owner, serve_service_name(cluster.name), "serve"),
-        "spec": {
-            "type": service.type,
-            "selector": _head_selector(cluster),
-            "ports": [{"name": "serve", "port": service.port, "targetPort": SERVE_PORT, "protocol": "TCP"}],
-        },
+    port: dict[str, Any] = {
+        "name": "serve",
+        "port": service.port,
+        "targetPort": SERVE_PORT,
+        "protocol": "TCP",
     }
+    if service.node_port is not None:
+        port["nodePort"] = service.node_port
+    return _with_hash(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": metadata(cluster.owner, serve_service_name(cluster.name), "serve"),
+            "spec": {
+                "type": service.type,
+                "selector": _head_selector(cluster),
+                "ports": [port],
+            },
+        }
+    )
 
 
 def serve_endpoint(cluster: ClusterSpec) -> str:

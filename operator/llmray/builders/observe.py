@@ -65,6 +65,7 @@ class ChildView:
     uid: str
     owner_uid: str
     deleting: bool = False
+    template_hash: str = ""
 
     @classmethod
     def of(cls, obj: dict[str, Any]) -> ChildView:
@@ -74,6 +75,7 @@ class ChildView:
             uid=meta.get("uid", ""),
             owner_uid=_controller_uid(meta),
             deleting=bool(meta.get("deletionTimestamp")),
+            template_hash=(meta.get("annotations") or {}).get(ANNOTATION_TEMPLATE_HASH, ""),
         )
 
 

@@ -109,6 +109,7 @@ class Pass:
     services: dict[str, ChildView] = field(default_factory=dict)
     secrets: dict[str, ChildView] = field(default_factory=dict)
     auth_uid: str = ""
+    created_head: bool = False
     teardown_delay: float = 0.0
     """When no cluster is wanted: seconds to keep the pods first (ttlSecondsAfterFinished)."""
     blocker: Blocker | None = None
@@ -327,7 +328,15 @@ class ClusterController:
                 raise KubeError(
                     409, "Conflict", f"old {kind} {name} is still terminating", "create", name
                 ) from None
-            owner = next((f"{r.get('kind')} {r.get('name')}" for r in refs if r.get("controller")), "nobody")
+            controller: dict[str, Any] = next((r for r in refs if r.get("controller")), {})
+            if controller.get("kind") == p.kind and controller.get("name") == p.name:
+                # Left by a deleted resource of the same name (delete + re-apply): the garbage
+                # collector removes it shortly, then the create succeeds.
+                raise KubeError(
+                    409, "Conflict", f"{kind} {name} of the previous {p.kind} {p.name} awaits garbage "
+                    "collection", "create", name,
+                ) from None  # fmt: skip
+            owner = f"{controller.get('kind')} {controller.get('name')}" if controller else "nobody"
             p.blocker = Blocker(
                 R_NAME_CONFLICT,
                 f"{kind} {name} already exists and belongs to {owner}; delete it or rename this "
@@ -355,11 +364,22 @@ class ClusterController:
 
     async def step_services(self, p: Pass) -> bool:
         for svc in self.wanted_services(p):
-            current = p.services.get(svc["metadata"]["name"])
-            if current is not None and not current.deleting:
+            name = svc["metadata"]["name"]
+            current = p.services.get(name)
+            if current is None or current.deleting:
+                if await self._create_owned(p, svc) is None:
+                    return False
                 continue
-            if await self._create_owned(p, svc) is None:
-                return False
+            wanted = svc["metadata"]["annotations"][b.ANNOTATION_TEMPLATE_HASH]
+            if current.template_hash != wanted:
+                # In place: type, ports and selector are patched; the ClusterIP is kept.
+                await self.kube.patch(
+                    "Service",
+                    p.namespace,
+                    name,
+                    {"metadata": {"annotations": svc["metadata"]["annotations"]}, "spec": svc["spec"]},
+                )
+                p.event("Normal", "UpdatedService", f"updated Service {name} to the spec")
         return True
 
     async def step_head(self, p: Pass) -> bool:
@@ -373,8 +393,7 @@ class ClusterController:
             view = PodView.of(desired)
             self.expectations.created(p.key, view)
             p.head = view
-            if not any(w for w in p.workers if not w.deleting):
-                p.event("Normal", "CreatedRayCluster", f"created Ray head pod {head_name(p.name)}")
+            p.created_head = True
         elif plan.action == "delete" and p.head is not None:
             await self.kube.delete("Pod", p.namespace, p.head.name, p.head.uid)
             self.expectations.deleted(p.key, p.head.uid)
@@ -411,7 +430,15 @@ class ClusterController:
                 raise errors[0]
             batch = min(batch * 2, 32)
         reasons = sorted({why for _, why in plan.delete})
-        if plan.delete or plan.create:
+        if p.created_head:
+            # One event for a new cluster (events are API writes too: keep them few).
+            p.event(
+                "Normal",
+                "CreatedRayCluster",
+                f"created Ray head pod {head_name(p.name)}"
+                + (f" and {len(plan.create)} worker pods" if plan.create else ""),
+            )
+        elif plan.delete or plan.create:
             p.event(
                 "Normal",
                 "ScaledWorkers",
@@ -471,7 +498,10 @@ class ClusterController:
             p.status.workers.ready = 0
             p.status.workers.desired = 0
             p.status.conditions = [c for c in p.status.conditions if c.type != COND_HEAD_READY]
-        if p.error is not None:
+        if p.error is not None and p.error.transient:
+            # Conflicts, throttling, a terminating object in the way: retried with backoff, no alarm.
+            p.condition(COND_RECONCILED, False, "Retrying", f"{p.error}; retrying")
+        elif p.error is not None:
             reason = R_FORBIDDEN if p.error.status == 403 else R_API_ERROR
             hint = (
                 "; the operator's ServiceAccount lacks this permission (check the chart's RBAC)"
@@ -514,7 +544,8 @@ class ClusterController:
 
 def post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
     """Post a Kubernetes Event about ``body`` through Kopf's event poster (non-blocking)."""
-    try:
+    log = logger.warning if type_ == "Warning" else logger.info
+    meta = body.get("metadata") or {}
+    log("%s %s/%s: %s: %s", body.get("kind"), meta.get("namespace"), meta.get("name"), reason, message)
+    with contextlib.suppress(LookupError):  # outside a running operator (unit tests): logged only
         kopf.event(kopf.Body(cast(kopf.RawBody, body)), type=type_, reason=reason, message=message[:1024])
-    except LookupError:  # outside a running operator (unit tests): log only
-        logger.info("event %s %s: %s", type_, reason, message)

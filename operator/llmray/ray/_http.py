@@ -21,7 +21,8 @@ from .errors import RayHeadUnavailable, api_error
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=3.0)
+# Generous reads: a loaded 2-core head answers slowly; connect stays short so "head down" is fast.
+DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=3.0)
 MAX_ERROR_BODY = 64 * 1024
 
 

@@ -21,6 +21,9 @@ from .errors import RayAPIError, RayNotFound
 
 DEFAULT_TAIL_LINES = 200
 DEFAULT_TAIL_BYTES = 64 * 1024
+# Ray answers a submission only after it started the job's supervisor actor (and, on a fresh head,
+# after a job agent registered): tens of seconds on a loaded machine.
+SUBMIT_TIMEOUT = httpx.Timeout(120.0, connect=3.0)
 
 
 class JobStatus(StrEnum):
@@ -149,7 +152,9 @@ class JobsAPI:
         body.update({k: v for k, v in optional.items() if v is not None})
         created = True
         try:
-            await self._http.request("POST", "/api/jobs/", json=body, final=_already_exists)
+            await self._http.request(
+                "POST", "/api/jobs/", json=body, final=_already_exists, timeout=SUBMIT_TIMEOUT
+            )
         except RayAPIError as exc:
             if "already exists" not in exc.body:
                 raise

@@ -205,7 +205,7 @@ class OpenAIServer:
         streams: list[GenerationStream] = []
         try:
             for ids, params in job.sequences:
-                streams.append(self.engine.submit(ids, params))
+                streams.append(self.engine.submit(ids, params, stream=job.stream))
         except EngineOverloadedError as exc:
             for stream in streams:
                 stream.cancel()

@@ -26,8 +26,6 @@ class LLMServer:
     """A Serve replica serving one model with the transformers engine."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
-        import sys
-        sys.setswitchinterval(float(os.environ.get("SWI", "0.005")))
         self.settings = ServerSettings.model_validate(settings)
         api = self.settings.api
         # Fail before loading weights when a configured key is missing: never serve unauthenticated.

@@ -84,7 +84,9 @@ class Engine(Protocol):
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]: ...
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream: ...
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, stream: bool = True
+    ) -> GenerationStream: ...
 
     def check_health(self) -> None: ...
 
@@ -108,6 +110,9 @@ class _Sequence:
     id: int = field(default_factory=lambda: next(_ids))
     gap: float = float("inf")
     """Seconds since the previous submission on this engine (burst detection)."""
+    stream: bool = True
+    """False: deliver one chunk with all the text at the end (far fewer event-loop wakeups)."""
+    pending: str = ""
     generated: int = 0
     last_token: int = -1
     finished: bool = False
@@ -264,8 +269,11 @@ class TransformersEngine:
         rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
-        """Queue one sequence; raise :class:`EngineOverloadedError` when the replica is full."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stream: bool = True) -> GenerationStream:
+        """Queue one sequence; raise :class:`EngineOverloadedError` when the replica is full.
+
+        With ``stream=False`` the text arrives as a single final chunk.
+        """
         if not self._thread.is_alive():
             raise EngineError("the generation loop is not running")
         loop = asyncio.get_running_loop()
@@ -280,6 +288,7 @@ class TransformersEngine:
             text=IncrementalText(self._decode, params.stop),
             push=_threadsafe_push(loop, queue, ref),
             generator=generator,
+            stream=stream,
         )
         ref.append(seq)
         with self._cond:
@@ -461,8 +470,11 @@ class TransformersEngine:
                     reason, delta = "length", delta + seq.text.flush()
             if reason is not None:
                 seq.finished = True
-            if delta or reason is not None:
-                seq.push(GenerationChunk(delta, reason, seq.generated))
+            if reason is None and not seq.stream:
+                seq.pending += delta
+            elif delta or reason is not None:
+                seq.push(GenerationChunk(seq.pending + delta, reason, seq.generated))
+                seq.pending = ""
 
     def _evict(self) -> None:
         """Drop finished and cancelled rows from the batch and trim padding nobody needs."""

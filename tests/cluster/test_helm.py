@@ -1,0 +1,109 @@
+"""The Helm chart: lints, renders manifests the API server accepts, installs and uninstalls."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.kube import Kube
+
+from .test_operator_fixtures import REPO, crds_fixture  # noqa: F401 - fixture
+
+pytestmark = [pytest.mark.cluster, pytest.mark.helm]
+
+CHART = REPO / "charts" / "llmray"
+
+
+def _helm(kube: Kube, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [str(kube.bin_dir / "helm"), "--kubeconfig", str(kube.kubeconfig), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check:
+        assert proc.returncode == 0, f"helm {' '.join(args)}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def _docs(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def test_lint(kube: Kube) -> None:
+    _helm(kube, "lint", "--strict", str(CHART))
+    _helm(kube, "lint", "--strict", str(CHART), "--set", "watchNamespaces={a,b}")
+
+
+def test_values_schema_rejects_bad_values(kube: Kube) -> None:
+    for bad in (
+        "operator.logLevel=loud",
+        "health.port=0",
+        "watchNamespaces={Not_A_Namespace}",
+        "unknownKey=1",
+    ):
+        proc = _helm(kube, "template", "x", str(CHART), "--set", bad, check=False)
+        assert proc.returncode != 0, bad
+        assert "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("scope", ["cluster", "namespaced"])
+def test_rendered_manifests_are_accepted_by_the_api_server(kube: Kube, namespace: str, scope: str) -> None:
+    args = ["template", f"r{uuid.uuid4().hex[:6]}", str(CHART), "--namespace", namespace, "--include-crds"]
+    if scope == "namespaced":
+        args += ["--set", f"watchNamespaces={{{namespace}}}"]
+    rendered = _helm(kube, *args).stdout
+    docs = _docs(rendered)
+    kinds = sorted({d["kind"] for d in docs})
+    expected = {"CustomResourceDefinition", "Deployment", "Service", "ServiceAccount"}
+    expected |= {"ClusterRole", "ClusterRoleBinding"} if scope == "cluster" else {"Role", "RoleBinding"}
+    assert set(kinds) == expected, kinds
+    kube.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=rendered)
+
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["args"][0] == "operator"
+    assert ("--all-namespaces" in container["args"]) is (scope == "cluster")
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["port"] == "health"
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_chart_crds_match_the_generated_ones(kube: Kube) -> None:
+    for path in (REPO / "crds").glob("*.yaml"):
+        assert (CHART / "crds" / path.name).read_text() == path.read_text()
+
+
+def test_install_and_uninstall(kube: Kube, namespace: str, crds: None) -> None:
+    release = f"llmray-{uuid.uuid4().hex[:6]}"
+    kube.kubectl(
+        "label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted"
+    )  # the operator's own pod passes the restricted standard too
+    try:
+        _helm(
+            kube, "install", release, str(CHART),
+            "--namespace", namespace,
+            "--set", f"watchNamespaces={{{namespace}}}",
+            "--wait", "--timeout", "3m",
+        )  # fmt: skip
+        status = _helm(kube, "status", release, "--namespace", namespace, "-o", "yaml").stdout
+        assert yaml.safe_load(status)["info"]["status"] == "deployed"
+        out = kube.kubectl(
+            "get", "deploy", release, "-n", namespace, "-o", "jsonpath={.status.readyReplicas}"
+        ).stdout
+        assert out == "1"
+        notes = _helm(kube, "get", "notes", release, "--namespace", namespace).stdout
+        assert "kubectl get llmray" in notes
+    finally:
+        _helm(kube, "uninstall", release, "--namespace", namespace, "--wait", check=False)
+    assert not kube.kubectl("get", "deploy,sa,role,rolebinding", "-n", namespace, "-l",
+                            f"app.kubernetes.io/instance={release}", "-o", "name").stdout.strip()  # fmt: skip

@@ -1,0 +1,157 @@
+"""TrainingRun parsing and plan resolution: pure rules, every error naming its field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmray_workloads.train.config import (
+    ConfigError,
+    check_capacity,
+    cpu_quantity,
+    parse_run,
+    read_config,
+    resolve_plan,
+    resolve_precision,
+    workers_that_fit,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def run_dict(**spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "model": {"uri": "file:///models/tiny"},
+        "dataset": {"uri": "pvc://data/sets/train.jsonl"},
+        "output": {"uri": "pvc://models/out/run"},
+    }
+    return {"name": "job", "namespace": "team", "spec": {**base, **spec}}
+
+
+def test_parse_json_and_yaml() -> None:
+    as_json = parse_run(json.dumps(run_dict()))
+    as_yaml = parse_run(
+        "name: job\nnamespace: team\nspec:\n  model: {uri: 'file:///models/tiny'}\n"
+        "  dataset: {uri: 'pvc://data/sets/train.jsonl'}\n  output: {uri: 'pvc://models/out/run'}\n"
+    )
+    assert as_json == as_yaml
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[1, 2]", "expected a TrainingRun object"),
+        ("name: [unclosed", "neither valid JSON nor YAML"),
+        (json.dumps({"spec": run_dict()["spec"]}), "name: Field required"),
+        (json.dumps(run_dict(hyperparameters={"maxSeqLength": 4})), "spec.hyperparameters.maxSeqLength"),
+        (json.dumps(run_dict(method="full", lora={"r": 4})), "spec.lora may only be set"),
+        (json.dumps(run_dict(bogus=1)), "spec.bogus: Extra inputs are not permitted"),
+    ],
+)
+def test_parse_errors_name_the_field(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=r"invalid TrainingRun|TrainingRun object|JSON nor YAML") as err:
+        parse_run(text)
+    assert message in str(err.value)
+
+
+def test_read_config_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"--config: cannot read"):
+        read_config(str(tmp_path / "nope.json"))
+    assert read_config("-", json.dumps(run_dict())).name == "job"
+
+
+def test_plan_paths_run_name_and_resources() -> None:
+    spec_extra = {
+        "workers": {"replicas": 3, "resources": {"cpu": "500m", "gpu": 2}},
+        "failurePolicy": {"maxRestarts": 3},
+    }
+    run = parse_run(json.dumps({**run_dict(**spec_extra), "attempt": 1}))
+    plan = resolve_plan(run)
+    assert plan.run_name == "team.job"
+    assert plan.model_ref == "/models/tiny" and not plan.model_is_hub
+    assert plan.dataset_ref == "/mnt/pvc/data/sets/train.jsonl"
+    assert plan.output_dir == "/mnt/pvc/models/out/run"
+    assert plan.storage_path == "/mnt/pvc/models/out/run/checkpoints"  # default: output + /checkpoints
+    assert plan.run_dir == "/mnt/pvc/models/out/run/checkpoints/team.job"
+    assert plan.checkpoint_path("checkpoint-000010").endswith("team.job/checkpoint-000010")
+    assert plan.resources_per_worker == {"CPU": 0.5, "GPU": 2.0} and plan.use_gpu
+    assert plan.num_workers == 3
+    assert plan.max_failures == 2  # the restart budget left after this attempt
+
+
+def test_plan_hub_and_object_store_uris() -> None:
+    run = parse_run(
+        json.dumps(
+            run_dict(
+                model={"uri": "hf://Qwen/Qwen2.5-0.5B"},
+                dataset={"uri": "hf://org/set"},
+                checkpoint={"storageUri": "s3://bucket/ckpt"},
+            )
+        )
+    )
+    plan = resolve_plan(run)
+    assert (plan.model_ref, plan.model_is_hub) == ("Qwen/Qwen2.5-0.5B", True)
+    assert (plan.dataset_ref, plan.dataset_is_hub) == ("org/set", True)
+    assert plan.storage_path == "s3://bucket/ckpt"  # Ray Train writes object stores itself
+    with pytest.raises(ConfigError, match=r"spec.output.uri: s3:// is not supported"):
+        resolve_plan(parse_run(json.dumps(run_dict(output={"uri": "s3://bucket/out"}))))
+    with pytest.raises(ConfigError, match=r"spec.dataset.uri: gs:// is not supported"):
+        resolve_plan(parse_run(json.dumps(run_dict(dataset={"uri": "gs://bucket/data"}))))
+
+
+def test_overrides_win() -> None:
+    run = parse_run(json.dumps({**run_dict(), "storagePath": "/ckpt", "outputPath": "/out"}))
+    plan = resolve_plan(run)
+    assert (plan.storage_path, plan.output_dir) == ("/ckpt", "/out")
+
+
+@pytest.mark.parametrize(("value", "cores"), [("4", 4.0), ("500m", 0.5), ("1.5", 1.5)])
+def test_cpu_quantity(value: str, cores: float) -> None:
+    assert cpu_quantity(value) == cores
+
+
+@pytest.mark.parametrize("value", ["2Gi", "0", "0m"])
+def test_cpu_quantity_rejects(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"spec.workers.resources.cpu"):
+        cpu_quantity(value)
+
+
+@pytest.mark.parametrize(
+    ("requested", "cuda", "bf16", "expected"),
+    [
+        ("auto", True, True, "bf16"),
+        ("auto", True, False, "fp32"),
+        ("auto", False, False, "fp32"),
+        ("bf16", False, False, "fp32"),
+        ("bf16", True, True, "bf16"),
+        ("fp16", True, False, "fp16"),
+        ("fp32", True, True, "fp32"),
+    ],
+)
+def test_precision(requested: str, cuda: bool, bf16: bool, expected: str) -> None:
+    assert resolve_precision(requested, cuda, bf16) == expected
+
+
+def test_precision_errors() -> None:
+    with pytest.raises(ConfigError, match=r"fp16 needs GPU"):
+        resolve_precision("fp16", False, False)
+    with pytest.raises(ConfigError, match=r"bf16 is not supported"):
+        resolve_precision("bf16", True, False)
+
+
+def test_capacity() -> None:
+    nodes = [{"CPU": 8.0}, {"CPU": 4.0, "GPU": 1.0}, {"CPU": 16.0, "GPU": 2.0}]
+    assert workers_that_fit(nodes, {"CPU": 4.0}) == 2 + 1 + 4
+    assert workers_that_fit(nodes, {"CPU": 4.0, "GPU": 1.0}) == 1 + 2
+    assert workers_that_fit(nodes, {"CPU": 1.0, "GPU": 4.0}) == 0
+    plan = resolve_plan(
+        parse_run(json.dumps(run_dict(workers={"replicas": 4, "resources": {"cpu": "4", "gpu": 1}})))
+    )
+    with pytest.raises(
+        ConfigError, match=r"spec.workers: 4 worker\(s\) of \{CPU 4, GPU 1\}.*GPU 3.*room for 3"
+    ):
+        check_capacity(nodes, plan)
+    check_capacity([*nodes, {"CPU": 4.0, "GPU": 1.0}], plan)
