@@ -102,6 +102,15 @@ def test_two_workers_train_and_loss_falls(local_ray: LocalRay, tiny: Path, tmp_p
     assert not (out / "training_args.bin").exists()
 
 
+def registered_step(snapshot: Path) -> int | None:
+    """Step of the latest checkpoint Ray Train registered for resumption (from its run snapshot)."""
+    try:
+        latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return int(latest["metrics"]["step"]) if latest else None
+
+
 def job_client(local_ray: LocalRay) -> Any:
     from ray.job_submission import JobSubmissionClient
 
@@ -120,7 +129,7 @@ def job_status(client: Any, job_id: str) -> str:
 
 
 def test_stopped_job_resumes_from_last_checkpoint(local_ray: LocalRay, tiny: Path, tmp_path: Path) -> None:
-    """Attempt 0 is stopped after a checkpoint; attempt 1 continues the step count and writes a LoRA adapter."""
+    """Attempt 0 is stopped after a checkpoint; attempt 1 continues the step count, writes a LoRA adapter."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -148,11 +157,14 @@ def test_stopped_job_resumes_from_last_checkpoint(local_ray: LocalRay, tiny: Pat
         return [r for r in progress_reports(client.get_job_logs(first)) if r.state == "checkpointed"]
 
     wait_for(checkpointed, timeout=180, what="attempt 0 to report a checkpoint", interval=0.5)
+    # A checkpoint line means its files are written; Ray registers it for resumption a moment later.
+    snapshot = out / "checkpoints" / "default.resume" / "checkpoint_manager_snapshot.json"
+    wait_for(lambda: registered_step(snapshot), timeout=60, what="Ray to register the checkpoint")
     client.stop_job(first)
     wait_for(lambda: job_status(client, first) == "STOPPED", timeout=60, what="attempt 0 to stop")
     seen = progress_reports(client.get_job_logs(first))
-    last_checkpoint = max(r.checkpoint_step or 0 for r in seen)
-    assert seen[-1].state != "finished" and last_checkpoint < 40
+    last_checkpoint = registered_step(snapshot)
+    assert seen[-1].state != "finished" and last_checkpoint is not None and last_checkpoint < 40
 
     second = submit(client, write_config(tmp_path / "a1.json", training_run("resume", tiny, out, 1, **spec)))
     wait_for(
@@ -165,8 +177,7 @@ def test_stopped_job_resumes_from_last_checkpoint(local_ray: LocalRay, tiny: Pat
     assert job_status(client, second) == "SUCCEEDED", log[-4000:]
     reports = progress_reports(log)
     resumed = reports[0]  # the first line of a resumed run names the checkpoint it restored
-    assert resumed.checkpoint_step is not None and resumed.checkpoint_step >= last_checkpoint
-    assert resumed.step == resumed.checkpoint_step
+    assert resumed.checkpoint_step == resumed.step == last_checkpoint
     assert "resumed from" in log
     trained = [r.step for r in reports if r.state == "running" and r.loss is not None]
     assert trained and min(trained) == resumed.step + 1  # continues, does not restart at 1

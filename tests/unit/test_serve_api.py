@@ -71,10 +71,10 @@ class FakeEngine:
     def submit(self, prompt_ids: list[int], params: SamplingParams, stream: bool = True) -> GenerationStream:
         if self.overloaded:
             raise EngineOverloadedError("full")
-        stream = FakeStream(params, self.fail_after)
-        self.streams.append(stream)
+        fake = FakeStream(params, self.fail_after)
+        self.streams.append(fake)
         self.params.append(params)
-        return stream
+        return fake
 
     def check_health(self) -> None:
         pass

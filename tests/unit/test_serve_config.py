@@ -112,7 +112,8 @@ def test_deployment_options_are_accepted_by_serve() -> None:
     class Probe:
         pass
 
-    Probe.options(**deployment_options(args().spec))
+    deployment: Any = Probe
+    deployment.options(**deployment_options(args().spec))
 
 
 @pytest.mark.parametrize(
@@ -248,3 +249,18 @@ def test_vllm_with_api_key_fails_closed() -> None:
 def test_vllm_without_vllm_says_what_is_missing() -> None:
     with pytest.raises(RuntimeError, match="vLLM"):
         build_vllm_app(args({"engine": "vllm", "resourcesPerReplica": {"gpu": 1}}))
+
+
+def test_example_serve_config_is_valid_and_builds() -> None:
+    """examples/serve-config-tiny.yaml is a valid Serve config whose args build the application."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from llmray_workloads.serve.app import build_app
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "serve-config-tiny.yaml"
+    config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    (app,) = config.applications
+    assert app.import_path == "llmray_workloads.serve.app:build_app"
+    assert app.args is not None
+    assert build_app(app.args) is not None

@@ -107,6 +107,14 @@ async def test_seeded_sampling_is_reproducible_across_batches(engine: Transforme
     assert together[0][0] == alone
 
 
+async def test_non_streaming_sequences_arrive_as_one_chunk(engine: TransformersEngine) -> None:
+    ids = engine.encode("quiet")
+    streamed, _ = await collect(engine.submit(ids, greedy(9)))
+    chunks = [chunk async for chunk in engine.submit(ids, greedy(9), stream=False)]
+    assert len(chunks) == 1
+    assert (chunks[0].text, chunks[0].finish_reason, chunks[0].completion_tokens) == (streamed, "length", 9)
+
+
 async def test_stop_string_ends_generation(engine: TransformersEngine) -> None:
     ids = engine.encode("abc")
     full, _ = await collect(engine.submit(ids, greedy(20)))
