@@ -26,19 +26,45 @@ venv: $(VENV)/.installed
 bins:
 	bash tests/cluster/build.sh
 
-cluster-up: bins
+cluster-up:
 	bash tests/cluster/cluster.sh up
 
 cluster-down:
 	bash tests/cluster/cluster.sh down
 
+crds: venv
+	$(VENV)/bin/llmray crds
+
 lint: venv
 	$(VENV)/bin/ruff check operator workloads tests benchmarks
 	$(VENV)/bin/ruff format --check operator workloads tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/llmray crds --check
 
+# One pytest session for every tier: one control plane and one Ray cluster shared by all tests.
 test: venv bins lint
 	$(VENV)/bin/pytest tests
+
+test-unit: venv
+	$(VENV)/bin/pytest -m unit tests/unit
+
+test-cluster: venv bins
+	$(VENV)/bin/pytest -m cluster tests/cluster
+
+test-ray: venv
+	$(VENV)/bin/pytest -m ray tests/ray
+
+test-e2e: venv bins
+	$(VENV)/bin/pytest -m e2e tests/e2e
+
+sandbox-up: venv bins
+	$(VENV)/bin/llmray sandbox up
+
+sandbox-down:
+	@if [ -x $(VENV)/bin/llmray ]; then $(VENV)/bin/llmray sandbox down; else bash tests/cluster/cluster.sh down; fi
+
+demo: venv bins
+	$(VPY) -m llmray.demo
 
 clean: cluster-down
 	rm -rf .cache

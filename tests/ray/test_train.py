@@ -20,7 +20,7 @@ import pytest
 from llmray.api.runtime import PROGRESS_MARKER, ProgressReport, parse_progress
 from llmray_workloads.tiny import build_tiny_model, data_dir
 from tests.ray_cluster import LocalRay
-from tests.waiting import wait_for
+from tests.waiting import WaitTimeout, wait_for
 
 pytestmark = pytest.mark.ray
 
