@@ -7,6 +7,7 @@ test sessions'). Ports are picked free so parallel sessions do not collide.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -51,7 +52,13 @@ class LocalRay:
 
 def ray_env(token: str) -> dict[str, str]:
     """Environment for Ray processes and drivers of a token-auth cluster."""
-    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: without it Ray 2.60 ignores --node-ip-address=127.0.0.1.
+    return {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }
 
 
 def start_local_ray(num_cpus: int = 8, extra_args: list[str] | None = None) -> LocalRay:
@@ -62,12 +69,24 @@ def start_local_ray(num_cpus: int = 8, extra_args: list[str] | None = None) -> L
     env = {**os.environ, **ray_env(token)}
     ray_bin = str(Path(sys.executable).with_name("ray"))
     cmd = [
-        ray_bin, "start", "--head", "--block",
-        f"--node-ip-address={LOOPBACK}", f"--port={gcs_port}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-        f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=true",
-        f"--temp-dir={temp_dir}", "--disable-usage-stats",
-        f"--min-worker-port={free_port()}", "--max-worker-port=0",
+        ray_bin,
+        "start",
+        "--head",
+        "--block",
+        f"--node-ip-address={LOOPBACK}",
+        f"--port={gcs_port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash_port}",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        "--include-dashboard=true",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
         *(extra_args or []),
     ]
     log = (temp_dir / "ray-start.log").open("wb")
@@ -77,7 +96,9 @@ def start_local_ray(num_cpus: int = 8, extra_args: list[str] | None = None) -> L
 
     def dashboard_up() -> bool:
         if process.poll() is not None:
-            raise RuntimeError(f"ray start exited {process.returncode}: {(temp_dir / 'ray-start.log').read_text()[-2000:]}")
+            raise RuntimeError(
+                f"ray start exited {process.returncode}: {(temp_dir / 'ray-start.log').read_text()[-2000:]}"
+            )
         return httpx.get(f"{dashboard_url}/api/version", headers=headers, timeout=2).status_code == 200
 
     try:
@@ -88,15 +109,32 @@ def start_local_ray(num_cpus: int = 8, extra_args: list[str] | None = None) -> L
     return LocalRay(f"{LOOPBACK}:{gcs_port}", dashboard_url, token, temp_dir, process, ray_env(token))
 
 
-def stop_local_ray_process(process: subprocess.Popen[bytes]) -> None:
-    """Stop a ``ray start --block`` process group and everything it started."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
+def session_pids(sid: int) -> list[int]:
+    """Every live process of session ``sid`` (Ray's actors get own process groups, not sessions)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
         try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
+            if os.getsid(int(entry.name)) == sid:
+                pids.append(int(entry.name))
+        except (ProcessLookupError, PermissionError):
+            continue
+    return pids
+
+
+def stop_local_ray_process(process: subprocess.Popen[bytes]) -> None:
+    """Stop a ``ray start --block`` session and every process in it."""
+    sid = process.pid  # start_new_session=True: the pid is the session id
+    for pid in session_pids(sid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=10)
+    for pid in session_pids(sid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait(timeout=30)
 
 
 def stop_local_ray(ray: LocalRay) -> None:

@@ -34,7 +34,7 @@ def wait_for(
             if value:
                 return value
             last = value
-        except Exception as exc:  # noqa: BLE001 - reported on timeout
+        except Exception as exc:  # reported on timeout
             last = exc
         if time.monotonic() > deadline:
             raise WaitTimeout(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last!r}")
@@ -57,7 +57,7 @@ async def async_wait_for(
             if value:
                 return value
             last = value
-        except Exception as exc:  # noqa: BLE001 - reported on timeout
+        except Exception as exc:  # reported on timeout
             last = exc
         if time.monotonic() > deadline:
             raise WaitTimeout(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last!r}")

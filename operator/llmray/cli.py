@@ -62,6 +62,18 @@ def _operator(args: argparse.Namespace) -> int:
     return run(config, options)
 
 
+def _sandbox(args: argparse.Namespace) -> int:
+    from llmray import sandbox
+
+    return sandbox.run(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from llmray import demo
+
+    return demo.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; subcommands register themselves here."""
     parser = argparse.ArgumentParser(prog="llmray", description=__doc__)
@@ -106,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a Ray pod may stay Unschedulable before its resource is marked Failed (default 300)",
     )
     op.set_defaults(func=_operator)
+
+    from llmray import sandbox
+
+    box = sub.add_parser(
+        "sandbox", help="a local control plane + Ray head + operator on 127.0.0.1 (docs/sandbox.md)"
+    )
+    sandbox.add_arguments(box)
+    box.set_defaults(func=_sandbox)
+
+    demo = sub.add_parser("demo", help="train the tiny model, serve it and chat with it, in the sandbox")
+    demo.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for each stage")
+    demo.set_defaults(func=_demo)
     return parser
 
 

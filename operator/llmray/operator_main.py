@@ -171,7 +171,7 @@ def _enqueue(key: Key, event_type: str | None, engine: Engine[Key]) -> None:
         engine.queue.forget(key)
         controller = STATE.controllers.get(key[0])
         if controller is not None:
-            controller.expectations.forget(key)
+            controller.forget(key)  # in-memory state, and best-effort cleanup on Ray
         return
     engine.queue.add(key)
 

@@ -15,7 +15,7 @@
 
 Pods are simulated, so every resource's Ray work runs in the one local head. State, logs and pid
 files live in ``.cache/sandbox``; ``up`` is idempotent (running parts are kept), ``down`` removes
-everything it started. Ports move with ``LLMRAY_SANDBOX_{DASHBOARD,SERVE,GCS,CLIENT}_PORT``, the
+everything it started. Ports move with ``LLMRAY_SANDBOX_{DASHBOARD,SERVE,GCS,CLIENT,AGENT}_PORT``, the
 head's logical CPUs with ``LLMRAY_SANDBOX_NUM_CPUS``.
 """
 
@@ -79,6 +79,7 @@ class SandboxConfig:
     serve_port: int = 8000
     gcs_port: int = 6379
     client_port: int = 10001
+    agent_port: int = 52365
     num_cpus: int = 8
     object_store_bytes: int = 1 << 30
 
@@ -95,6 +96,7 @@ class SandboxConfig:
             serve_port=num("SERVE_PORT", 8000),
             gcs_port=num("GCS_PORT", 6379),
             client_port=num("CLIENT_PORT", 10001),
+            agent_port=num("AGENT_PORT", 52365),
             num_cpus=num("NUM_CPUS", 8),
         )
 
@@ -150,7 +152,9 @@ def ray_env(token: str, base: Mapping[str, str]) -> dict[str, str]:
     }
 
 
-def ray_start_command(cfg: SandboxConfig, client_port: int | None = None) -> list[str]:
+def ray_start_command(
+    cfg: SandboxConfig, client_port: int | None = None, agent_port: int | None = None
+) -> list[str]:
     """``ray start --head --block`` bound to loopback with the sandbox's fixed ports."""
     return [
         str(Path(sys.executable).with_name("ray")),
@@ -162,6 +166,7 @@ def ray_start_command(cfg: SandboxConfig, client_port: int | None = None) -> lis
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={cfg.dashboard_port}",
         f"--ray-client-server-port={client_port or cfg.client_port}",
+        f"--dashboard-agent-listen-port={agent_port or cfg.agent_port}",
         "--include-dashboard=true",
         f"--num-cpus={cfg.num_cpus}",
         "--num-gpus=0",
@@ -414,13 +419,19 @@ def ray_up(cfg: SandboxConfig, token: str) -> None:
                 f"ports {busy} on {LOOPBACK} are taken (another Ray?); free them or set "
                 "LLMRAY_SANDBOX_{GCS,DASHBOARD,SERVE}_PORT"
             )
-        # The Ray client port is not used by llmray; test heads often hold the default 10001.
+        # Ports nobody dials from outside: take a free one when another head holds the default
+        # (two heads on one agent port leave one without a job agent: "No available agent").
         client_port = cfg.client_port if not port_in_use(cfg.client_port) else _free_port()
+        agent_port = cfg.agent_port if not port_in_use(cfg.agent_port) else _free_port()
         _log(f"ray head: starting on {cfg.dashboard_url} (log {cfg.log_file('ray')})")
         cfg.ray_temp.mkdir(parents=True, exist_ok=True)
         env = ray_env(token, os.environ)
         proc = start_detached(
-            ray_start_command(cfg, client_port), env, cfg.log_file("ray"), cfg.pid_file("ray"), cfg.repo
+            ray_start_command(cfg, client_port, agent_port),
+            env,
+            cfg.log_file("ray"),
+            cfg.pid_file("ray"),
+            cfg.repo,
         )
 
         def up() -> bool:

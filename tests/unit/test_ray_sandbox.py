@@ -56,12 +56,14 @@ def test_ray_temp_is_short_and_per_checkout(tmp_path: Path) -> None:
 
 
 def test_ray_start_command_binds_loopback_and_blocks(cfg: SandboxConfig) -> None:
-    cmd = ray_start_command(cfg, client_port=12345)
+    cmd = ray_start_command(cfg, client_port=12345, agent_port=23456)
     assert cmd[0].endswith("ray") and cmd[1:4] == ["start", "--head", "--block"]
     assert "--node-ip-address=127.0.0.1" in cmd
     assert "--dashboard-host=127.0.0.1" in cmd
     assert "--dashboard-port=8265" in cmd and "--port=6379" in cmd
     assert "--ray-client-server-port=12345" in cmd
+    assert "--dashboard-agent-listen-port=23456" in cmd
+    assert "--dashboard-agent-listen-port=52365" in ray_start_command(cfg)
     assert f"--temp-dir={cfg.ray_temp}" in cmd
     assert "--num-gpus=0" in cmd
 

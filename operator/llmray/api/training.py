@@ -306,6 +306,11 @@ class LLMTrainingJobStatus(StatusModel):
     workers: PodCounts = Field(default_factory=PodCounts, description="Worker pods ready / desired.")
     job_id: str = Field("", description="Ray job submission id of the current attempt.")
     restarts: int = Field(0, description="Resubmissions after failures so far.")
+    attempt: int = Field(
+        0,
+        description="Ray job attempt number: +1 per restart and per resume after suspend; the job's "
+        "submission id is derived from (uid, attempt), so no attempt ever runs twice.",
+    )
     progress: Progress = Field(default_factory=Progress, description="Live training progress.")
     checkpoint: CheckpointStatus = Field(default_factory=CheckpointStatus, description="Latest checkpoint.")
     output: OutputStatus = Field(

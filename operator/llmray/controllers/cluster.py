@@ -56,6 +56,7 @@ from llmray.builders.status import (
 )
 from llmray.kube import AlreadyExists, Kube, KubeError
 
+from .rayconn import TokenCache
 from .store import Expectations, Key, Store
 
 logger = logging.getLogger("llmray.controllers")
@@ -183,6 +184,8 @@ class ClusterController:
         # key -> (resourceVersion our last status write was based on, the status we wrote). The
         # cache may still hold that older object for a moment; our write is then the truth.
         self._written: dict[Key, tuple[str, dict[str, Any]]] = {}
+        self.tokens = TokenCache()
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     # --- to be provided by each kind -------------------------------------------------------------
 
@@ -197,14 +200,44 @@ class ClusterController:
     async def ray_steps(self, p: Pass) -> None:
         """Hook for talking to the Ray head once the cluster exists (jobs, Serve, autoscaling)."""
 
+    async def ray_idle(self, p: Pass) -> None:
+        """Hook for passes that want no cluster (suspended, finished, waiting): e.g. stop a job."""
+
+    async def ray_gone(self, key: Key) -> None:
+        """Hook for a deleted resource (best effort: stop its Ray job, remove its Serve app)."""
+
+    def forget(self, key: Key) -> None:
+        """The resource was deleted: drop its in-memory state and clean up on Ray in the background.
+
+        No finalizer is involved (deletion never waits for the operator); in a real cluster the
+        resource's Ray cluster is garbage-collected with it anyway, so this matters for a shared
+        head (the sandbox), where a job or Serve app would otherwise outlive its resource.
+        """
+        self.expectations.forget(key)
+        self._written.pop(key, None)
+        try:
+            task = asyncio.get_running_loop().create_task(self._gone(key))
+        except RuntimeError:  # no loop (unit tests): nothing to clean up on Ray
+            self.tokens.forget(key)
+            return
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _gone(self, key: Key) -> None:
+        try:
+            await self.ray_gone(key)
+        except Exception:  # best effort: never let cleanup take the operator down
+            logger.exception("%s %s/%s: Ray cleanup after deletion failed", *key)
+        finally:
+            self.tokens.forget(key)
+
     # --- the pass ----------------------------------------------------------------------------------
 
     async def reconcile(self, key: Key) -> float | None:
         body = self.store.resource(*key)
         if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
             # Gone or going: owner references let the garbage collector delete the children.
-            self.expectations.forget(key)
-            self._written.pop(key, None)
+            self.forget(key)
             return None
         p = self.new_pass(key, body)
         old_status = p.status.model_copy(deep=True)
@@ -228,6 +261,8 @@ class ClusterController:
         self.finish(p)
         if p.want_cluster and p.blocker is None and p.error is None:
             await self.ray_steps(p)
+        elif not p.want_cluster and p.error is None:
+            await self.ray_idle(p)
         await self.write(p, old_status)
         if p.error is not None:
             if p.error.transient:

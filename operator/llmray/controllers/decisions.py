@@ -1,0 +1,304 @@
+"""Pure decisions of the Ray integration (no I/O): training job lifecycle, progress, Serve status.
+
+The controllers' ``ray_steps`` observe Ray (job state, log tail, Serve status, demand), call these
+functions and apply what they return. Everything here is unit-tested without Ray or Kubernetes
+(``tests/unit/test_ray_decisions.py``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from llmray.api.deployment import LLMDeploymentSpec
+from llmray.api.runtime import (
+    API_KEY_ENV,
+    SERVE_APP_IMPORT_PATH,
+    TRAIN_ENTRYPOINT_MODULE,
+    ProgressReport,
+    ServeAppArgs,
+    TrainingRun,
+)
+from llmray.api.training import CheckpointStatus, Progress
+from llmray.ray.jobs import JobInfo, JobStatus
+from llmray.ray.serve import ServeApplication
+
+# --- training ------------------------------------------------------------------------------------
+
+TRAINING_RUN_ENV = "LLMRAY_TRAINING_RUN_B64"
+"""Environment variable of the Ray job holding the TrainingRun JSON, base64-encoded (no quoting
+issues in the shell entrypoint, no file to share between operator and head)."""
+POLL_RUNNING_S = 5.0
+"""Requeue while a job runs: progress in status is at most this (plus one pass) old."""
+POLL_PENDING_S = 3.0
+
+# Metadata on every Ray job the operator submits (``ray job list`` shows whose it is).
+META_NAMESPACE = "llmray.io/namespace"
+META_NAME = "llmray.io/name"
+META_UID = "llmray.io/uid"
+META_ATTEMPT = "llmray.io/attempt"
+
+TrainingAction = Literal["wait", "submit", "poll", "succeed", "restart", "fail"]
+
+
+@dataclass(frozen=True)
+class TrainingStep:
+    """What to do with a training job's current attempt, and what status then says."""
+
+    action: TrainingAction
+    attempt: int
+    restarts: int
+    phase: str
+    reason: str
+    message: str
+    requeue_after: float | None = None
+
+
+def training_entrypoint() -> str:
+    """The Ray job entrypoint: the TrainingRun comes from the job's env (base64 JSON) on stdin."""
+    return f'echo "${TRAINING_RUN_ENV}" | base64 -d | python -m {TRAIN_ENTRYPOINT_MODULE} --config -'
+
+
+def encode_training_run(run: TrainingRun) -> str:
+    """The TrainingRun as the base64 text the entrypoint decodes."""
+    raw = json.dumps(run.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=True)
+    return base64.b64encode(raw.encode()).decode()
+
+
+def decide_training(
+    *,
+    attempt: int,
+    restarts: int,
+    max_restarts: int,
+    job: JobInfo | None,
+    cluster_ready: bool,
+    submission_id: str,
+) -> TrainingStep:
+    """The next step of one training job from what Ray says about attempt ``attempt``.
+
+    - no job for this attempt: submit it once the cluster is ready (the id is deterministic, so a
+      repeated submit after a crash adopts the running job instead of starting a second one);
+    - PENDING/RUNNING: keep polling (progress mirrored by the caller);
+    - SUCCEEDED: Succeeded;
+    - FAILED/STOPPED: the next attempt while ``restarts < max_restarts`` (it resumes from the run's
+      checkpoints by itself), else Failed.
+    """
+    if job is None:
+        if not cluster_ready:
+            return TrainingStep(
+                "wait", attempt, restarts, "", "WaitingForCluster", "waiting for the Ray cluster"
+            )
+        return TrainingStep(
+            "submit",
+            attempt,
+            restarts,
+            "Running",
+            "Submitted",
+            f"submitted Ray job {submission_id} (attempt {attempt})",
+            POLL_PENDING_S,
+        )
+    if job.status == JobStatus.PENDING:
+        return TrainingStep(
+            "poll",
+            attempt,
+            restarts,
+            "Running",
+            "JobPending",
+            f"Ray job {submission_id} is starting (attempt {attempt})",
+            POLL_PENDING_S,
+        )
+    if job.status == JobStatus.RUNNING:
+        return TrainingStep(
+            "poll",
+            attempt,
+            restarts,
+            "Running",
+            "JobRunning",
+            f"Ray job {submission_id} is running (attempt {attempt})",
+            POLL_RUNNING_S,
+        )
+    if job.status == JobStatus.SUCCEEDED:
+        return TrainingStep(
+            "succeed", attempt, restarts, "Succeeded", "JobSucceeded", f"Ray job {submission_id} succeeded"
+        )
+    why = f"Ray job {submission_id} {job.status.value}" + (f": {job.message}" if job.message else "")
+    if restarts < max_restarts:
+        return TrainingStep(
+            "restart",
+            attempt + 1,
+            restarts + 1,
+            "Running",
+            "Restarting",
+            f"{why}; restart {restarts + 1}/{max_restarts} resumes from the latest checkpoint",
+            0.0,
+        )
+    return TrainingStep(
+        "fail",
+        attempt,
+        restarts,
+        "Failed",
+        "JobFailed",
+        f"{why}; no restarts left (failurePolicy.maxRestarts={max_restarts})",
+    )
+
+
+def format_duration(seconds: float) -> str:
+    """``3m20s``-style duration (``1h02m``, ``45s``)."""
+    s = max(0, round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "" if value is None or not math.isfinite(value) else format(value, fmt)
+
+
+def _uri(path: str) -> str:
+    return f"file://{path}" if path.startswith("/") else path
+
+
+def progress_status(
+    report: ProgressReport, previous: Progress, at: datetime
+) -> tuple[Progress, CheckpointStatus | None]:
+    """Status progress (and latest checkpoint) from the job's last progress line.
+
+    ``updatedAt`` moves only when the report itself changed, so an unchanged job costs no write.
+    """
+    total = report.total_steps
+    percent = min(100, int(100 * report.step / total)) if total > 0 else 0
+    if report.state == "finished":
+        percent = 100
+    eta = ""
+    if 0 < report.step < total and report.elapsed_seconds:
+        eta = format_duration((total - report.step) * report.elapsed_seconds / report.step)
+    elif report.state == "finished" or (total and report.step >= total):
+        eta = "0s"
+    progress = Progress(
+        step=report.step,
+        total_steps=total,
+        percent=percent,
+        epoch=round(report.epoch, 3),
+        loss=_num(report.loss, ".4f"),
+        eval_loss=_num(report.eval_loss, ".4f"),
+        learning_rate=_num(report.learning_rate, ".2e"),
+        tokens_per_second=int(report.tokens_per_second or 0),
+        eta=eta,
+        updated_at=previous.updated_at,
+    )
+    if progress.model_dump(exclude={"updated_at"}) != previous.model_dump(exclude={"updated_at"}):
+        progress.updated_at = at
+    checkpoint = None
+    if report.checkpoint_path:
+        checkpoint = CheckpointStatus(uri=_uri(report.checkpoint_path), step=report.checkpoint_step or 0)
+    return progress, checkpoint
+
+
+def failure_event(message: str, log_tail: str, max_chars: int = 1000) -> str:
+    """Event text for a failed job: what happened plus the end of its log (whole lines)."""
+    lines = [ln for ln in log_tail.splitlines() if ln.strip() and "LLMRAY_PROGRESS" not in ln]
+    room = max_chars - len(message) - len("\nlast log lines:\n")
+    tail: list[str] = []
+    for line in reversed(lines[-20:]):
+        if room - len(line) - 1 < 0:
+            break
+        tail.insert(0, line)
+        room -= len(line) + 1
+    return message + ("\nlast log lines:\n" + "\n".join(tail) if tail else "")
+
+
+# --- serving -------------------------------------------------------------------------------------
+
+
+def serve_app_config(
+    *,
+    app_name: str,
+    route_prefix: str,
+    resource_name: str,
+    spec: LLMDeploymentSpec,
+    model_path: str | None,
+    api_key: str | None,
+    api_key_in_pods: bool,
+) -> dict[str, Any]:
+    """One entry of Serve's ``applications`` for an LLMDeployment.
+
+    ``api_key_in_pods``: the Ray pods carry ``LLMRAY_API_KEY`` from the Secret (a real cluster);
+    otherwise (one shared head, the sandbox) ``api_key`` goes into the app's runtime_env.
+    """
+    args = ServeAppArgs(
+        name=resource_name,
+        spec=spec,
+        model_path=model_path,
+        api_key_env=API_KEY_ENV if spec.api_key_secret_ref is not None else None,
+        route_prefix=route_prefix,
+    )
+    config: dict[str, Any] = {
+        "name": app_name,
+        "route_prefix": route_prefix,
+        "import_path": SERVE_APP_IMPORT_PATH,
+        "args": args.model_dump(mode="json", by_alias=True, exclude_none=True),
+    }
+    if spec.api_key_secret_ref is not None and not api_key_in_pods and api_key:
+        config["runtime_env"] = {"env_vars": {API_KEY_ENV: api_key}}
+    return config
+
+
+@dataclass(frozen=True)
+class ServeVerdict:
+    """Phase, reason and message of a deployment from its Serve application's status."""
+
+    phase: str
+    reason: str
+    message: str
+    ready_replicas: int
+    desired_replicas: int | None
+
+
+def serve_verdict(app: ServeApplication | None, previous_phase: str, min_replicas: int) -> ServeVerdict:
+    """Ready when Serve says RUNNING; Degraded when a Ready app turns unhealthy; Deploying else."""
+    if app is None:
+        return ServeVerdict("Deploying", "Deploying", "deploying the Serve application", 0, None)
+    ready = app.running_replicas
+    desired = app.target_replicas if app.deployments else None
+    detail = app.message or "; ".join(
+        f"{d.name}: {d.status}" + (f" ({d.message})" if d.message else "")
+        for d in app.deployments.values()
+        if d.status != "HEALTHY"
+    )
+    if app.status == "RUNNING":
+        return ServeVerdict(
+            "Ready", "ServeRunning", f"Serve application {app.name} is running", ready, desired
+        )
+    if app.status in ("UNHEALTHY", "DEPLOY_FAILED"):
+        phase = "Degraded" if previous_phase in ("Ready", "Degraded") else "Deploying"
+        if app.status == "DEPLOY_FAILED" and previous_phase not in ("Ready", "Degraded"):
+            phase = "Failed"
+        return ServeVerdict(
+            phase,
+            "ServeUnhealthy" if app.status == "UNHEALTHY" else "ServeDeployFailed",
+            f"Serve application {app.name} is {app.status}" + (f": {detail}" if detail else ""),
+            ready,
+            desired,
+        )
+    # DEPLOYING, NOT_STARTED, DELETING: an update of a Ready app keeps serving the old replicas.
+    if previous_phase == "Ready" and ready >= max(1, min_replicas):
+        return ServeVerdict(
+            "Ready",
+            "ServeUpdating",
+            f"Serve application {app.name} is updating ({app.status})",
+            ready,
+            desired,
+        )
+    return ServeVerdict(
+        "Deploying",
+        "Deploying",
+        f"Serve application {app.name} is {app.status}" + (f": {detail}" if detail else ""),
+        ready,
+        desired,
+    )

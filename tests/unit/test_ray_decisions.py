@@ -1,0 +1,149 @@
+"""Pure decisions of the Ray integration: training lifecycle, progress mirroring, Serve status."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from llmray.api.deployment import LLMDeploymentSpec
+from llmray.api.runtime import API_KEY_ENV, SERVE_APP_IMPORT_PATH, ProgressReport, ServeAppArgs, TrainingRun
+from llmray.api.training import LLMTrainingJobSpec, Progress
+from llmray.controllers.decisions import (
+    decide_training,
+    encode_training_run,
+    failure_event,
+    format_duration,
+    progress_status,
+    serve_app_config,
+    serve_verdict,
+    training_entrypoint,
+)
+from llmray.ray.jobs import JobInfo, JobStatus
+from llmray.ray.serve import DeploymentStatus, ServeApplication
+
+pytestmark = pytest.mark.unit
+
+AT = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def job(status: JobStatus, message: str = "") -> JobInfo:
+    return JobInfo(submission_id="sid", status=status, message=message)
+
+
+def step(
+    j: JobInfo | None, *, attempt: int = 0, restarts: int = 0, max_restarts: int = 1, ready: bool = True
+):  # type: ignore[no-untyped-def]
+    return decide_training(
+        attempt=attempt,
+        restarts=restarts,
+        max_restarts=max_restarts,
+        job=j,
+        cluster_ready=ready,
+        submission_id="sid",
+    )
+
+
+def test_submit_only_when_ready_and_unknown() -> None:
+    assert step(None, ready=False).action == "wait"
+    s = step(None)
+    assert (s.action, s.attempt, s.phase) == ("submit", 0, "Running")
+    # A known job is adopted, never resubmitted (operator restart, repeated pass).
+    assert step(job(JobStatus.RUNNING)).action == "poll"
+    assert step(job(JobStatus.PENDING), ready=False).action == "poll"
+
+
+def test_running_polls_every_few_seconds() -> None:
+    s = step(job(JobStatus.RUNNING))
+    assert s.requeue_after is not None and s.requeue_after <= 5
+
+
+def test_success() -> None:
+    s = step(job(JobStatus.SUCCEEDED))
+    assert (s.action, s.phase) == ("succeed", "Succeeded")
+
+
+@pytest.mark.parametrize("status", [JobStatus.FAILED, JobStatus.STOPPED])
+def test_failure_restarts_then_fails(status: JobStatus) -> None:
+    s = step(job(status, "boom"), attempt=2, restarts=0, max_restarts=2)
+    assert (s.action, s.attempt, s.restarts, s.phase) == ("restart", 3, 1, "Running")
+    assert "boom" in s.message and "1/2" in s.message
+    s = step(job(status, "boom"), attempt=3, restarts=2, max_restarts=2)
+    assert (s.action, s.attempt, s.restarts, s.phase) == ("fail", 3, 2, "Failed")
+    assert "maxRestarts=2" in s.message
+
+
+def test_entrypoint_round_trip() -> None:
+    spec = LLMTrainingJobSpec.model_validate(
+        {"model": {"uri": "file:///m"}, "dataset": {"uri": "file:///d.jsonl"}, "output": {"uri": "file:///o"}}
+    )
+    run = TrainingRun(name="x", namespace="ns", attempt=2, spec=spec)
+    decoded = json.loads(base64.b64decode(encode_training_run(run)))
+    assert TrainingRun.model_validate(decoded) == run
+    assert "--config -" in training_entrypoint() and "base64 -d" in training_entrypoint()
+
+
+def test_progress_mapping_and_updated_at() -> None:
+    report = ProgressReport(
+        step=5, total_steps=20, epoch=0.25, loss=1.23456, tokens_per_second=812.7, elapsed_seconds=10,
+        checkpoint_path="/tmp/ck/5", checkpoint_step=5, learning_rate=0.001,
+    )  # fmt: skip
+    progress, ckpt = progress_status(report, Progress(), AT)
+    assert (progress.step, progress.total_steps, progress.percent) == (5, 20, 25)
+    assert (progress.loss, progress.tokens_per_second, progress.eta) == ("1.2346", 812, "30s")
+    assert progress.learning_rate == "1.00e-03" and progress.updated_at == AT
+    assert ckpt is not None and (ckpt.uri, ckpt.step) == ("file:///tmp/ck/5", 5)
+    later = datetime(2026, 1, 2, tzinfo=UTC)
+    again, _ = progress_status(report, progress, later)
+    assert again.updated_at == AT  # same report: no change, no write
+    done, _ = progress_status(report.model_copy(update={"step": 20, "state": "finished"}), progress, later)
+    assert (done.percent, done.eta, done.updated_at) == (100, "0s", later)
+
+
+def test_format_duration() -> None:
+    assert [format_duration(s) for s in (0, 45, 200, 3725)] == ["0s", "45s", "3m20s", "1h02m"]
+
+
+def test_failure_event_bounded_without_progress_lines() -> None:
+    tail = "\n".join([f"line {i}" for i in range(500)] + ['LLMRAY_PROGRESS {"step": 1}', "Traceback: x"])
+    text = failure_event("job failed", tail, max_chars=200)
+    assert len(text) <= 200 and text.startswith("job failed") and text.endswith("Traceback: x")
+    assert "LLMRAY_PROGRESS" not in text
+
+
+def dep_spec(**extra: object) -> LLMDeploymentSpec:
+    return LLMDeploymentSpec.model_validate({"model": {"uri": "file:///m", "name": "m"}, **extra})
+
+
+def test_serve_app_config_shared_head_carries_api_key() -> None:
+    spec = dep_spec(apiKeySecretRef={"name": "k", "key": "key"})
+    cfg = serve_app_config(
+        app_name="ns-x", route_prefix="/ns/x", resource_name="x", spec=spec,
+        model_path="/m", api_key="s3cret", api_key_in_pods=False,
+    )  # fmt: skip
+    assert cfg["import_path"] == SERVE_APP_IMPORT_PATH and cfg["route_prefix"] == "/ns/x"
+    args = ServeAppArgs.model_validate(cfg["args"])
+    assert (args.api_key_env, args.model_path, args.route_prefix) == (API_KEY_ENV, "/m", "/ns/x")
+    assert cfg["runtime_env"] == {"env_vars": {API_KEY_ENV: "s3cret"}}
+    own = serve_app_config(
+        app_name="x", route_prefix="/", resource_name="x", spec=spec,
+        model_path=None, api_key="s3cret", api_key_in_pods=True,
+    )  # fmt: skip
+    assert "runtime_env" not in own  # the pods have it from the Secret
+
+
+def app(status: str, running: int = 1, target: int = 1) -> ServeApplication:
+    dep = DeploymentStatus(name="LLM", status="HEALTHY", target_replicas=target, running_replicas=running)
+    return ServeApplication(name="a", status=status, deployments={"LLM": dep})
+
+
+def test_serve_verdict() -> None:
+    assert serve_verdict(None, "Deploying", 1).phase == "Deploying"
+    v = serve_verdict(app("RUNNING", 2, 2), "Deploying", 1)
+    assert (v.phase, v.ready_replicas, v.desired_replicas) == ("Ready", 2, 2)
+    assert serve_verdict(app("DEPLOYING", 1, 2), "Ready", 1).phase == "Ready"  # rolling update
+    assert serve_verdict(app("DEPLOYING", 0, 1), "Deploying", 1).phase == "Deploying"
+    assert serve_verdict(app("UNHEALTHY", 0, 1), "Ready", 1).phase == "Degraded"
+    assert serve_verdict(app("DEPLOY_FAILED", 0, 1), "Deploying", 1).phase == "Failed"
