@@ -33,7 +33,9 @@ from typing import Any
 from llmray.api.runtime import PROGRESS_MARKER, parse_progress
 from llmray_workloads.tiny import build_tiny_model, data_dir
 
-SMALL = {  # ~20M parameters: compute-bound enough that per-step overheads show as what they are
+SMALL: dict[
+    str, Any
+] = {  # ~20M parameters: compute-bound enough that per-step overheads show as what they are
     "hidden_size": 512,
     "intermediate_size": 1376,
     "num_hidden_layers": 6,
@@ -95,6 +97,7 @@ def plain_rates(config: dict[str, Any], threads: int) -> list[float]:
     """Single process, no Ray: the workload's own Trainer setup, timed the same way."""
     import torch
     from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
 
     from llmray.api.runtime import TrainingRun
     from llmray_workloads.train.data import ExampleDataset, PadCollator
@@ -126,6 +129,7 @@ def plain_rates(config: dict[str, Any], threads: int) -> list[float]:
             data_collator=PadCollator(prepared.tokenizer.pad_token_id),
             callbacks=[Rate()],
         )
+        trainer.remove_callback(PrinterCallback)
         trainer.train()
     return [r for r in rates if r > 0]
 
@@ -144,7 +148,8 @@ def private_ray(cpus: int) -> Iterator[dict[str, str]]:
     port = free_port()
     temp = tempfile.mkdtemp(prefix="ray-bench-")
     cmd = [
-        str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+        str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+        "--node-ip-address=127.0.0.1",
         f"--port={port}", f"--num-cpus={cpus}", "--num-gpus=0", "--include-dashboard=true",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}",
         f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp}", "--disable-usage-stats",
@@ -190,13 +195,15 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", choices=["small", "tiny"], default="small")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--log-every", type=int, default=4)
-    parser.add_argument("--warmup-intervals", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=None, help="Optimiser steps (small 24, tiny 200).")
+    parser.add_argument("--log-every", type=int, default=None, help="Steps per interval (small 4, tiny 20).")
+    parser.add_argument("--warmup-intervals", type=int, default=1)
     parser.add_argument("--batch", type=int, default=8, help="Global batch (split across Ray workers).")
-    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args(argv)
+    args.steps = args.steps or (24 if args.model == "small" else 200)
+    args.log_every = args.log_every or (4 if args.model == "small" else 20)
 
     root = Path(tempfile.gettempdir()) / "llmray-bench"
     model = build_model(args.model, root)
@@ -215,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     base = results["plain HF Trainer (1 process)"]
     print(
         f"\ntrain throughput: model={args.model} steps={args.steps} global_batch={args.batch} seq={args.seq} "
-        f"cpus={args.cpus} (median interval spread {statistics.pstdev(plain) / statistics.mean(plain):.0%})"
+        f"cpus={args.cpus} (plain interval spread {statistics.pstdev(plain) / statistics.mean(plain):.0%})"
     )
     for name, rate in results.items():
         print(f"  {name:32s} {rate:10.0f} tokens/s   {rate / base:5.2f}x plain")

@@ -55,6 +55,7 @@ from llmray.builders.status import (
     set_condition,
 )
 from llmray.kube import AlreadyExists, Kube, KubeError
+from llmray.ray import sandbox_token
 
 from .rayconn import TokenCache
 from .store import Expectations, Key, Store
@@ -387,7 +388,9 @@ class ClusterController:
             p.auth_uid = existing.uid
             return True
         assert p.cluster is not None
-        created = await self._create_owned(p, b.auth_secret(p.cluster, b.new_auth_token()))
+        # The sandbox's one shared head has one token: every auth Secret must carry it.
+        token = sandbox_token() or b.new_auth_token()
+        created = await self._create_owned(p, b.auth_secret(p.cluster, token))
         if created is None:
             return False
         p.auth_uid = str((created.get("metadata") or {}).get("uid") or "")

@@ -74,7 +74,8 @@ def _worker_states(
 
     On a shared head (the sandbox) worker pods are simulated and never join Ray: a Ready pod with
     no Ray node counts as capacity on its way while demand is pending (so it absorbs that demand
-    once), and as idle since it became Ready otherwise (so it is removed after idleTimeoutSeconds).
+    once), and as idle since it became Ready (or since demand was last seen) otherwise, so it is
+    removed after idleTimeoutSeconds.
     """
     live = [w for w in p.workers if not w.deleting]
     now = time.time()
@@ -91,12 +92,12 @@ def _worker_states(
         if matched or not pod.ready:
             out.append(state)
             continue
-        since = seen.setdefault(pod.name, now)
-        out.append(
-            WorkerState(pod.name, in_ray=False)
-            if has_demand
-            else WorkerState(pod.name, in_ray=True, idle_seconds=now - since)
-        )
+        if has_demand:  # idle time counts from the last pass that saw demand
+            seen[pod.name] = now
+            out.append(WorkerState(pod.name, in_ray=False))
+        else:
+            since = seen.setdefault(pod.name, now)
+            out.append(WorkerState(pod.name, in_ray=True, idle_seconds=now - since))
     return out
 
 

@@ -20,6 +20,8 @@ from llmray.ray.endpoints import HeadEndpoints, ServeRoute
 from .store import Key
 
 logger = logging.getLogger("llmray.controllers.ray")
+# httpx logs every request at INFO: one line per poll of every resource is noise in the operator log.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 AUTH_TOKEN_KEY = "auth_token"
 # Polls retry once: the next pass comes in seconds anyway, and a head that is down (or a name

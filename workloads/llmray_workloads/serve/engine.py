@@ -359,7 +359,11 @@ class TransformersEngine:
         if free <= 0 or (self._running and not self._can_merge):
             return []
         with self._cond:
-            if not self._running and self._waiting and self.batch_wait_s > 0:
+            if not self._waiting:
+                return []
+            if self._running and not self._prefill_due(free):
+                return []  # keep decoding; newcomers are prefilled together a little later
+            if not self._running and self.batch_wait_s > 0:
                 self._wait_for_company(free)
             admitted: list[_Sequence] = []
             while self._waiting and len(admitted) < free:
@@ -369,6 +373,15 @@ class TransformersEngine:
                 else:
                     admitted.append(seq)
         return admitted
+
+    def _prefill_due(self, free: int) -> bool:
+        """While a batch is decoding, admit newcomers once they fill it or the oldest waited long enough.
+
+        Every prefill is a forward pass of its own, so prefilling arrivals one by one (they trickle
+        in under load) would nearly double the passes per generated token; waiting up to
+        ``batch_wait_s`` lets them share one.
+        """
+        return len(self._waiting) >= free or time.monotonic() - self._waiting[0].arrival >= self.batch_wait_s
 
     def _wait_for_company(self, free: int) -> None:
         """When idle and requests arrive in a burst, wait up to ``batch_wait_s`` to batch them.
