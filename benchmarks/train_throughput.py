@@ -9,7 +9,7 @@ Throughput is measured in steady state: tokens/s per logging interval (the same 
 progress lines use), first intervals dropped as warm-up, intervals combined by harmonic mean
 (packing makes every interval the same number of tokens).
 
-    python benchmarks/train_throughput.py [--model small|tiny] [--steps 40] [--cpus 2]
+    python benchmarks/train_throughput.py [--model small|tiny] [--steps N] [--cpus-per-worker 1]
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def build_model(kind: str, root: Path) -> Path:
 
 
 def run_config(
-    name: str, model: Path, out: Path, workers: int, cpus: int, args: argparse.Namespace
+    name: str, model: Path, out: Path, workers: int, cpus_per_worker: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     """A TrainingRun with the same global batch whatever the worker count."""
     return {
@@ -80,11 +80,16 @@ def run_config(
                 "loggingSteps": args.log_every,
                 "precision": "fp32",
             },
-            "workers": {"replicas": workers, "resources": {"cpu": str(cpus // workers)}},
+            "workers": {"replicas": workers, "resources": {"cpu": str(cpus_per_worker)}},
             "checkpoint": {"everySteps": 1_000_000, "keep": 1},
             "output": {"uri": f"file://{out}"},
         },
     }
+
+
+def spread(rates: list[float]) -> float:
+    """Relative standard deviation of the per-interval rates (how noisy the machine was)."""
+    return statistics.pstdev(rates) / statistics.mean(rates) if len(rates) > 1 else 0.0
 
 
 def steady_rate(rates: list[float], warmup: int) -> float:
@@ -200,7 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-intervals", type=int, default=1)
     parser.add_argument("--batch", type=int, default=8, help="Global batch (split across Ray workers).")
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    parser.add_argument(
+        "--cpus-per-worker",
+        type=int,
+        default=1,
+        help="Threads of the plain run and CPUs of each Ray worker (1: no OpenMP contention on a busy box).",
+    )
     args = parser.parse_args(argv)
     args.steps = args.steps or (24 if args.model == "small" else 200)
     args.log_every = args.log_every or (4 if args.model == "small" else 20)
@@ -208,24 +218,32 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.gettempdir()) / "llmray-bench"
     model = build_model(args.model, root)
     results: dict[str, float] = {}
+    spreads: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="llmray-bench-") as tmp:
         work = Path(tmp)
         started = time.monotonic()
-        plain = plain_rates(run_config("plain", model, work / "plain", 1, args.cpus, args), args.cpus)
+        per_worker = args.cpus_per_worker
+        plain = plain_rates(run_config("plain", model, work / "plain", 1, per_worker, args), per_worker)
         results["plain HF Trainer (1 process)"] = steady_rate(plain, args.warmup_intervals)
-        with private_ray(args.cpus) as env:
+        spreads["plain HF Trainer (1 process)"] = spread(plain)
+        with private_ray(2 * per_worker) as env:
             for workers in (1, 2):
-                config = run_config(f"ray{workers}", model, work / f"ray{workers}", workers, args.cpus, args)
+                config = run_config(f"ray{workers}", model, work / f"ray{workers}", workers, per_worker, args)
                 rates = ray_rates(config, env, work)
                 results[f"Ray Train {workers} worker(s)"] = steady_rate(rates, args.warmup_intervals)
+                spreads[f"Ray Train {workers} worker(s)"] = spread(rates)
         elapsed = time.monotonic() - started
     base = results["plain HF Trainer (1 process)"]
     print(
         f"\ntrain throughput: model={args.model} steps={args.steps} global_batch={args.batch} seq={args.seq} "
-        f"cpus={args.cpus} (plain interval spread {statistics.pstdev(plain) / statistics.mean(plain):.0%})"
+        f"cpus_per_worker={args.cpus_per_worker} log_every={args.log_every} "
+        f"warmup_intervals={args.warmup_intervals}"
     )
     for name, rate in results.items():
-        print(f"  {name:32s} {rate:10.0f} tokens/s   {rate / base:5.2f}x plain")
+        print(
+            f"  {name:30s} {rate:9.0f} tokens/s  {rate / base:5.2f}x plain  "
+            f"(interval spread {spreads[name]:.0%})"
+        )
     print(f"  (benchmark wall time {elapsed:.0f}s)")
     ratio = results["Ray Train 1 worker(s)"] / base
     print(

@@ -69,9 +69,9 @@ def _sandbox(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from llmray import demo
+    from llmray.demo import run
 
-    return demo.run(args)
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,13 +82,13 @@ def train(api: Any, timeout: float, log: Path) -> dict[str, Any]:
     columns = (
         TextColumn("[bold]tiny-train[/] {task.fields[phase]:<12}"),
         BarColumn(),
-        TextColumn("step {task.completed:>3.0f}/{task.total:<3.0f}"),
+        TextColumn("step {task.fields[steps]:<7}"),
         TextColumn("loss {task.fields[loss]:<7} {task.fields[tps]:>6} tok/s  ETA {task.fields[eta]:<6}"),
         TimeElapsedColumn(),
     )
     deadline = time.monotonic() + timeout
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task("train", total=None, phase="Pending", loss="-", tps="-", eta="-")
+        task = bar.add_task("train", total=None, phase="Pending", steps="-", loss="-", tps="-", eta="-")
         while True:
             st = _status(api, "llmtrainingjobs", "tiny-train")
             prog = st.get("progress") or {}
@@ -96,6 +96,7 @@ def train(api: Any, timeout: float, log: Path) -> dict[str, Any]:
                 task,
                 total=prog.get("totalSteps") or None,
                 completed=prog.get("step", 0),
+                steps=f"{prog.get('step', 0)}/{prog.get('totalSteps') or '?'}",
                 phase=st.get("phase", "Pending"),
                 loss=prog.get("loss") or "-",
                 tps=str(prog.get("tokensPerSecond") or "-"),

@@ -195,13 +195,26 @@ class Kube:
         return self._json(resp)
 
     async def patch_status(
-        self, plural: str, namespace: str, name: str, patch: dict[str, Any]
+        self,
+        plural: str,
+        namespace: str,
+        name: str,
+        patch: dict[str, Any],
+        resource_version: str | None = None,
     ) -> dict[str, Any]:
-        """JSON-merge-patch the status subresource of an llmray.io custom resource; return the object."""
+        """JSON-merge-patch the status subresource of an llmray.io custom resource; return the object.
+
+        With ``resource_version`` the write is conditional (optimistic concurrency): the API server
+        answers 409 Conflict when the object changed since, so a status computed from a stale view
+        never overwrites a newer one.
+        """
+        body: dict[str, Any] = {"status": patch}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         resp = await self._call(
             "patch", f"{plural}/status", f"{plural} {namespace}/{name} status",
             self.custom.patch_namespaced_custom_object_status,
-            GROUP, VERSION, namespace, plural, name, {"status": patch},
+            GROUP, VERSION, namespace, plural, name, body,
             _content_type="application/merge-patch+json", _preload_content=False,
         )  # fmt: skip
         return self._json(resp)

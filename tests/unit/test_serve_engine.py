@@ -192,3 +192,17 @@ async def test_chat_template_is_applied(engine: TransformersEngine) -> None:
     ids = engine.encode_chat([{"role": "user", "content": "hi"}])
     rendered = engine.tokenizer.decode(ids)
     assert rendered.startswith("<s><|user|>\nhi</s>") and rendered.endswith("<|assistant|>\n")
+
+
+async def test_chunks_that_piled_up_are_merged(engine: TransformersEngine) -> None:
+    """A consumer that falls behind gets fewer, larger chunks with the same text and counts."""
+    ids = engine.encode("lagging")
+    expected, _ = await collect(engine.submit(ids, greedy(20)))
+    stream = engine.submit(ids, greedy(20))
+    for _ in range(200):  # let the engine finish before reading anything
+        if engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    chunks = [chunk async for chunk in stream]
+    assert len(chunks) == 1
+    assert (chunks[0].text, chunks[0].finish_reason, chunks[0].completion_tokens) == (expected, "length", 20)

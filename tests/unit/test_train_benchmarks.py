@@ -21,7 +21,9 @@ def test_gpu_smoke_dry_run_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
     lines = capsys.readouterr().out.strip().splitlines()
     detail = json.loads(lines[-2])
     assert detail["result"]["device"] == "cpu" and detail["config"]["steps"] == 2
-    assert lines[-1].startswith("GPU_TRAIN_SMOKE ok=") and "path=plain" in lines[-1] and "mfu=n/a" in lines[-1]
+    assert (
+        lines[-1].startswith("GPU_TRAIN_SMOKE ok=") and "path=plain" in lines[-1] and "mfu=n/a" in lines[-1]
+    )
 
 
 def test_mfu_inputs() -> None:
@@ -35,6 +37,8 @@ def test_mfu_inputs() -> None:
 def test_throughput_helpers() -> None:
     assert train_throughput.steady_rate([1.0, 100.0, 100.0, 50.0], warmup=1) == pytest.approx(75.0)
     args = train_throughput.argparse.Namespace(steps=10, batch=8, seq=128, log_every=2)
-    config = train_throughput.run_config("x", train_throughput.Path("/m"), train_throughput.Path("/o"), 2, 2, args)
+    config = train_throughput.run_config(
+        "x", train_throughput.Path("/m"), train_throughput.Path("/o"), 2, 1, args
+    )
     assert config["spec"]["hyperparameters"]["batchSizePerWorker"] == 4  # same global batch
     assert config["spec"]["workers"] == {"replicas": 2, "resources": {"cpu": "1"}}

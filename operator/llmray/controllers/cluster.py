@@ -184,7 +184,9 @@ class ClusterController:
         self.expectations = expectations
         # key -> (resourceVersion our last status write was based on, the status we wrote). The
         # cache may still hold that older object for a moment; our write is then the truth.
-        self._written: dict[Key, tuple[str, dict[str, Any]]] = {}
+        # key -> (resourceVersion our last status write was based on, the status we wrote, the
+        # resourceVersion that write produced).
+        self._written: dict[Key, tuple[str, dict[str, Any], str]] = {}
         self.tokens = TokenCache()
         self._cleanups: set[asyncio.Task[None]] = set()
 
@@ -264,7 +266,12 @@ class ClusterController:
             await self.ray_steps(p)
         elif not p.want_cluster and p.error is None:
             await self.ray_idle(p)
-        await self.write(p, old_status)
+        try:
+            await self.write(p, old_status)
+        except KubeError as err:
+            if err.status == 409:  # the resource changed since the pass read it: redo on a fresh view
+                raise kopf.TemporaryError(f"status changed meanwhile ({err}); re-reading", delay=0.5) from err
+            raise
         if p.error is not None:
             if p.error.transient:
                 raise kopf.TemporaryError(str(p.error))
@@ -273,11 +280,15 @@ class ClusterController:
 
     def current_status(self, key: Key, body: dict[str, Any]) -> dict[str, Any]:
         """The resource's status: the cached one, or our own newer write if the cache lags."""
+        return self._current(key, body)[0]
+
+    def _current(self, key: Key, body: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """(status, the resourceVersion it belongs to)."""
         written = self._written.get(key)
         version = str((body.get("metadata") or {}).get("resourceVersion") or "")
         if written is not None and written[0] == version:
-            return written[1]
-        return dict(body.get("status") or {})
+            return written[1], written[2]
+        return dict(body.get("status") or {}), version
 
     def new_pass(self, key: Key, body: dict[str, Any]) -> Pass:
         raw = self.current_status(key, body)
@@ -552,17 +563,23 @@ class ClusterController:
         self.decide_status(p)
 
     async def write(self, p: Pass, old: Any) -> None:
-        """Events for transitions, then a merge patch of the status if anything changed."""
+        """A conditional merge patch of the status if anything changed, then the pass's Events."""
         self._transition_events(p, old)
-        for type_, reason, message in p.events:
-            post_event(p.body, type_, reason, message)
-        before = self.current_status(p.key, p.body)
+        before, based_on = self._current(p.key, p.body)
         after = p.status.to_wire()
         patch = merge_patch(before, after)
         if patch:
-            await self.kube.patch_status(self.plural, p.namespace, p.name, patch)
+            # Conditional on the version the pass started from: if the resource changed meanwhile
+            # (a user, another writer, or our cache lagging), 409 -> retried on a fresh view.
+            obj = await self.kube.patch_status(
+                self.plural, p.namespace, p.name, patch, resource_version=based_on or None
+            )
             version = str(p.meta.get("resourceVersion") or "")
-            self._written[p.key] = (version, after)
+            new_version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+            self._written[p.key] = (version, after, new_version)
+        # After the write: a pass whose write conflicted is redone, and posts its events then.
+        for type_, reason, message in p.events:
+            post_event(p.body, type_, reason, message)
 
     def _transition_events(self, p: Pass, old: Any) -> None:
         if old.phase != p.status.phase:

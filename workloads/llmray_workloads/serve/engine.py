@@ -124,11 +124,16 @@ class _Sequence:
 
 
 class _Stream:
-    """Async iterator over one sequence's chunks, fed from the engine thread."""
+    """Async iterator over one sequence's chunks, fed from the engine thread.
+
+    Chunks that piled up while the consumer was busy (a slow client, a loaded proxy) are merged
+    into one, so a lagging stream sends fewer, larger events instead of falling further behind.
+    """
 
     def __init__(self, seq: _Sequence, queue: _Queue, wake: Callable[[], None]) -> None:
         self._seq, self._queue, self._wake = seq, queue, wake
         self._done = False
+        self._held: BaseException | None = None
 
     def __aiter__(self) -> _Stream:
         return self
@@ -136,10 +141,17 @@ class _Stream:
     async def __anext__(self) -> GenerationChunk:
         if self._done:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        item = self._held or await self._queue.get()
+        self._held = None
         if isinstance(item, BaseException):
             self._done = True
             raise item
+        while item.finish_reason is None and not self._queue.empty():
+            more = self._queue.get_nowait()
+            if isinstance(more, BaseException):
+                self._held = more  # deliver what we have first, then the error
+                break
+            item = GenerationChunk(item.text + more.text, more.finish_reason, more.completion_tokens)
         if item.finish_reason is not None:
             self._done = True
         return item

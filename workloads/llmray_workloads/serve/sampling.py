@@ -36,7 +36,10 @@ def sample_next(
         return tokens
     rows = torch.tensor(sampled, device=logits.device)
     scaled = logits.index_select(0, rows).float() / temperature.index_select(0, rows).unsqueeze(-1)
-    probs = top_p_filter(torch.softmax(scaled, dim=-1), top_p.index_select(0, rows))
+    probs = torch.softmax(scaled, dim=-1)
+    nucleus = top_p.index_select(0, rows)
+    if bool((nucleus < 1.0).any()):  # the sort is the costliest part; skip it when nobody asked
+        probs = top_p_filter(probs, nucleus)
     unseeded = [i for i, row in enumerate(sampled) if generators[row] is None]
     if unseeded:
         picks = torch.multinomial(probs[unseeded], 1).flatten()
