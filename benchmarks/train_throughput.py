@@ -188,6 +188,8 @@ def ray_rates(config: dict[str, Any], env: dict[str, str], workdir: Path) -> lis
         raise RuntimeError(f"{config['name']} failed:\n{(result.stdout + result.stderr)[-3000:]}")
     rates = []
     for line in result.stdout.splitlines():
+        if "worker setup:" in line:
+            print(f"{config['name']}: {line[line.index('worker setup:') :]}")
         if PROGRESS_MARKER in line:
             report = parse_progress(line[line.index(PROGRESS_MARKER) :])
             if report and report.state == "running" and report.tokens_per_second:
@@ -217,23 +219,27 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(tempfile.gettempdir()) / "llmray-bench"
     model = build_model(args.model, root)
-    results: dict[str, float] = {}
-    spreads: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="llmray-bench-") as tmp:
+    rates: dict[str, list[float]] = {}
+    per_worker = args.cpus_per_worker
+    with tempfile.TemporaryDirectory(prefix="llmray-bench-") as tmp, private_ray(2 * per_worker) as env:
+        # The plain runs bracket the Ray runs and share the machine with the same idle Ray daemons,
+        # so drift in the (shared, busy) machine's load shows up as the gap between plain #1 and #2.
         work = Path(tmp)
         started = time.monotonic()
-        per_worker = args.cpus_per_worker
-        plain = plain_rates(run_config("plain", model, work / "plain", 1, per_worker, args), per_worker)
-        results["plain HF Trainer (1 process)"] = steady_rate(plain, args.warmup_intervals)
-        spreads["plain HF Trainer (1 process)"] = spread(plain)
-        with private_ray(2 * per_worker) as env:
-            for workers in (1, 2):
-                config = run_config(f"ray{workers}", model, work / f"ray{workers}", workers, per_worker, args)
-                rates = ray_rates(config, env, work)
-                results[f"Ray Train {workers} worker(s)"] = steady_rate(rates, args.warmup_intervals)
-                spreads[f"Ray Train {workers} worker(s)"] = spread(rates)
+        plain_config = run_config("plain", model, work / "plain", 1, per_worker, args)
+        rates["plain HF Trainer #1"] = plain_rates(plain_config, per_worker)
+        for workers in (1, 2):
+            config = run_config(f"ray{workers}", model, work / f"ray{workers}", workers, per_worker, args)
+            rates[f"Ray Train {workers} worker(s)"] = ray_rates(config, env, work)
+        rates["plain HF Trainer #2"] = plain_rates(plain_config, per_worker)
         elapsed = time.monotonic() - started
-    base = results["plain HF Trainer (1 process)"]
+    results = {name: steady_rate(values, args.warmup_intervals) for name, values in rates.items()}
+    spreads = {name: spread(values) for name, values in rates.items()}
+    results["plain HF Trainer (mean)"] = (results["plain HF Trainer #1"] + results["plain HF Trainer #2"]) / 2
+    spreads["plain HF Trainer (mean)"] = spread(
+        [results["plain HF Trainer #1"], results["plain HF Trainer #2"]]
+    )
+    base = results["plain HF Trainer (mean)"]
     print(
         f"\ntrain throughput: model={args.model} steps={args.steps} global_batch={args.batch} seq={args.seq} "
         f"cpus_per_worker={args.cpus_per_worker} log_every={args.log_every} "

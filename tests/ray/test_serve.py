@@ -9,10 +9,12 @@ is bounded in count and time.
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +49,11 @@ def app_args(name: str, model_dir: Path, **spec: Any) -> ServeAppArgs:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_dir() -> Path:
+    """The tiny model, in a stable folder: the builder is fingerprinted and atomic, so reruns reuse it."""
     from llmray_workloads.tiny import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("serve") / "tiny")
+    return build_tiny_model(Path(tempfile.gettempdir()) / "llmray-tiny-serve-tests")
 
 
 @pytest.fixture(scope="module")
@@ -366,26 +369,44 @@ def test_disconnect_cancels_generation(tiny: str) -> None:
 
 
 def test_overload_gets_503_with_retry_after(tiny: str) -> None:
-    """More concurrent requests than maxOngoingRequests + maxQueuedRequests: the rest are refused fast."""
-    total = 4 * (MAX_ONGOING + MAX_QUEUED)
-    start = threading.Barrier(total)
+    """With every slot busy and the queue full, further requests are refused at once with Retry-After."""
+    burst = MAX_QUEUED + 12
+    limits = httpx.Limits(max_connections=burst, max_keepalive_connections=burst)
+    with (
+        httpx.Client(headers=AUTH, timeout=120, limits=limits) as http,
+        ThreadPoolExecutor(MAX_ONGOING + burst) as pool,
+        ExitStack() as stack,
+    ):
+        list(pool.map(lambda _: http.get(f"{tiny}/v1/models").raise_for_status(), range(burst)))  # warm pool
+        # Occupy every maxOngoingRequests slot of the (single) replica with slow requests:
+        # n=8 long sequences each, more than the engine's batch, so they run for seconds.
+        hold = {**_long_stream_body(), "n": 8}
+        drained: list[Future[str]] = []
+        for _ in range(MAX_ONGOING):
+            response = stack.enter_context(http.stream("POST", f"{tiny}{C}", json=hold))
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            next(lines)  # generating now
+            drained.append(pool.submit(_last_line, lines))
+        start = threading.Barrier(burst)
 
-    def call(_: int) -> tuple[int, str | None, bool]:
-        body = {**_long_stream_body(), "max_tokens": 150}
-        start.wait(timeout=30)
-        with httpx.stream("POST", f"{tiny}{C}", json=body, headers=AUTH, timeout=120) as response:
-            lines = [line for line in response.iter_lines() if line]
-            done = bool(lines) and lines[-1] == "data: [DONE]"
-            return response.status_code, response.headers.get("retry-after"), done
+        def call(_: int) -> tuple[int, str | None]:
+            start.wait(timeout=30)
+            response = http.post(f"{tiny}{C}", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+            return response.status_code, response.headers.get("retry-after")
 
-    with ThreadPoolExecutor(total) as pool:
-        results = list(pool.map(call, range(total)))
-    statuses = [status for status, _, _ in results]
+        results = list(pool.map(call, range(burst)))
+        assert all(future.result(timeout=120) == "data: [DONE]" for future in drained)
+    statuses = [status for status, _ in results]
     assert set(statuses) <= {200, 503}, statuses
-    assert statuses.count(503) >= total - 2 * (MAX_ONGOING + MAX_QUEUED), statuses
-    assert all(retry == "1" for status, retry, _ in results if status == 503)
-    assert all(done for status, _, done in results if status == 200)
+    # At most maxQueuedRequests wait for a slot; the rest are refused without waiting.
+    assert statuses.count(503) >= burst - MAX_QUEUED, statuses
+    assert all(retry == "1" for status, retry in results if status == 503)
     good_request(tiny)
+
+
+def _last_line(lines: Iterator[str]) -> str:
+    return [line for line in lines if line][-1]
 
 
 # ---- autoscaling -----------------------------------------------------------------------------
