@@ -377,7 +377,7 @@ def test_overload_gets_503_with_retry_after(tiny: str) -> None:
         ThreadPoolExecutor(MAX_ONGOING + burst) as pool,
         ExitStack() as stack,
     ):
-        list(pool.map(lambda _: http.get(f"{tiny}/v1/models").raise_for_status(), range(burst)))  # warm pool
+        list(pool.map(lambda _: http.get(f"{tiny}/v1/models"), range(burst)))  # open the connections
         # Occupy every maxOngoingRequests slot of the (single) replica with slow requests:
         # n=8 long sequences each, more than the engine's batch, so they run for seconds.
         hold = {**_long_stream_body(), "n": 8}

@@ -98,6 +98,8 @@ class PodView:
     unschedulable_message: str = ""
     waiting_reason: str = ""
     waiting_message: str = ""
+    pod_ip: str = ""
+    """The pod's IP: a Ray node started in the pod reports it as its node IP (autoscaling match)."""
 
     @classmethod
     def of(cls, obj: dict[str, Any]) -> PodView:
@@ -138,6 +140,7 @@ class PodView:
             ready=ready,
             deleting=bool(meta.get("deletionTimestamp")),
             node_name=str(spec.get("nodeName") or ""),
+            pod_ip=str(status.get("podIP") or ""),
             unschedulable_since=unschedulable_since,
             unschedulable_message=unschedulable_message,
             waiting_reason=waiting_reason,

@@ -79,7 +79,7 @@ def _worker_states(
     """
     live = [w for w in p.workers if not w.deleting]
     now = time.time()
-    states = worker_states([(w.name, None) for w in live], nodes, now=now)
+    states = worker_states([(w.name, w.pod_ip or None) for w in live], nodes, now=now)
     seen = controller.ready_since.setdefault(p.key, {})
     for name in list(seen):
         if name not in {w.name for w in live if w.ready}:
