@@ -41,9 +41,12 @@ lint: venv
 	$(VENV)/bin/mypy
 	$(VENV)/bin/llmray crds --check
 
-# One pytest session for every tier: one control plane and one Ray cluster shared by all tests.
+# Two pytest sessions: the Kubernetes tiers (unit, cluster, e2e: one control plane) and the Ray
+# tier (one local Ray cluster). Ray's driver keeps one GCS connection and auth token per process,
+# so the ray tier's in-process driver gets a process of its own.
 test: venv bins lint
-	$(VENV)/bin/pytest tests
+	$(VENV)/bin/pytest -m "not ray" tests
+	$(VENV)/bin/pytest -m ray tests/ray
 
 test-unit: venv
 	$(VENV)/bin/pytest -m unit tests/unit

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import statistics
@@ -171,6 +172,7 @@ def private_ray(cpus: int) -> Iterator[dict[str, str]]:
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def ray_rates(config: dict[str, Any], env: dict[str, str], workdir: Path) -> list[float]:

@@ -36,13 +36,14 @@ MAX_PROMPT_TOKENS = 64
 MAX_TOKENS = 400
 MAX_ONGOING = 4
 MAX_QUEUED = 4
+MAX_NUM_SEQS = 16
 
 
 def app_args(name: str, model_dir: Path, **spec: Any) -> ServeAppArgs:
     base: dict[str, Any] = {
         "model": {"uri": f"file://{model_dir}", "name": MODEL},
         "engine": "transformers",
-        "engineArgs": {"maxNumSeqs": 16, "batchWaitTimeoutMs": 5},
+        "engineArgs": {"maxNumSeqs": MAX_NUM_SEQS, "batchWaitTimeoutMs": 5},
         "resourcesPerReplica": {"cpu": "1", "memory": "1Gi"},
     }
     return ServeAppArgs.model_validate({"name": name, "spec": {**base, **spec}})
@@ -378,9 +379,9 @@ def test_overload_gets_503_with_retry_after(tiny: str) -> None:
         ExitStack() as stack,
     ):
         list(pool.map(lambda _: http.get(f"{tiny}/v1/models"), range(burst)))  # open the connections
-        # Occupy every maxOngoingRequests slot of the (single) replica with slow requests:
-        # n=8 long sequences each, more than the engine's batch, so they run for seconds.
-        hold = {**_long_stream_body(), "n": 8}
+        # Occupy every maxOngoingRequests slot of the (single) replica with requests that run for
+        # seconds: together they fill the engine's batch exactly, so all of them start at once.
+        hold = {**_long_stream_body(), "n": MAX_NUM_SEQS // MAX_ONGOING}
         drained: list[Future[str]] = []
         for _ in range(MAX_ONGOING):
             response = stack.enter_context(http.stream("POST", f"{tiny}{C}", json=hold))

@@ -111,9 +111,15 @@ def registered_step(snapshot: Path) -> int | None:
     return int(latest["metrics"]["step"]) if latest else None
 
 
-def job_client(local_ray: LocalRay) -> Any:
+def job_client(local_ray: LocalRay, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Jobs client on the dashboard URL.
+
+    RAY_ADDRESS (exported by the fixture) would override the URL given here and send the client
+    through a GCS lookup; RAY_API_SERVER_ADDRESS wins over both and goes straight to HTTP.
+    """
     from ray.job_submission import JobSubmissionClient
 
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", local_ray.dashboard_url)
     return JobSubmissionClient(local_ray.dashboard_url, headers=local_ray.auth_headers)
 
 
@@ -135,7 +141,9 @@ def job_status(client: Any, job_id: str) -> str:
     return str(client.get_job_status(job_id).value)
 
 
-def test_stopped_job_resumes_from_last_checkpoint(local_ray: LocalRay, tiny: Path, tmp_path: Path) -> None:
+def test_stopped_job_resumes_from_last_checkpoint(
+    local_ray: LocalRay, tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Attempt 0 is stopped after a checkpoint; attempt 1 continues the step count, writes a LoRA adapter."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -155,7 +163,7 @@ def test_stopped_job_resumes_from_last_checkpoint(local_ray: LocalRay, tiny: Pat
         },
         "checkpoint": {"everySteps": 4, "keep": 2},
     }
-    client = job_client(local_ray)
+    client = job_client(local_ray, monkeypatch)
     first = submit(client, write_config(tmp_path / "a0.json", training_run("resume", tiny, out, 0, **spec)))
 
     def checkpointed() -> list[ProgressReport]:
@@ -207,6 +215,7 @@ def test_stopped_job_resumes_from_last_checkpoint(local_ray: LocalRay, tiny: Pat
             r"1 worker\(s\) of {CPU 1, GPU 1} .* room for 0",
         ),
     ],
+    ids=["cpus", "gpus"],
 )
 def test_more_than_the_cluster_has_is_refused(
     local_ray: LocalRay, tiny: Path, tmp_path: Path, resources: dict[str, Any], message: str

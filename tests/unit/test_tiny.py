@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,7 +43,7 @@ def test_loads_and_runs_forward(tiny: Path) -> None:
 def test_chat_template_marks_only_assistant_turns(tiny: Path) -> None:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    tokenizer: Any = AutoTokenizer.from_pretrained(tiny)
     messages = [
         {"role": "user", "content": "Hi there"},
         {"role": "assistant", "content": "Hello friend."},

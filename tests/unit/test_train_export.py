@@ -73,7 +73,7 @@ def test_merge_adapter_writes_a_plain_model(tmp_path: Path) -> None:
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.fill_(0.01)  # a non-zero update, so merging changes q_proj
-    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
     merge_adapter(str(base_dir), tmp_path / "adapter", tmp_path / "merged", tokenizer)
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()

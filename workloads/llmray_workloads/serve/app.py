@@ -8,13 +8,14 @@ and config files use the same builder. ``args`` is validated with the shared
 
 from __future__ import annotations
 
-from typing import Any
-
-from ray.serve import Application
+from typing import TYPE_CHECKING, Any
 
 from llmray.api.runtime import ServeAppArgs
 
 from .config import deployment_options, server_settings
+
+if TYPE_CHECKING:  # importing ray is deferred to the builders (cheap imports for config checks)
+    from ray.serve import Application
 
 
 def parse_args(args: dict[str, Any] | ServeAppArgs) -> ServeAppArgs:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,6 +110,25 @@ def use_fsdp(run: TrainingRun, cuda: bool) -> bool:
     return run.spec.distributed.strategy == "fsdp" and cuda
 
 
+def fsdp_arguments(model: Any, activation_checkpointing: bool) -> dict[str, Any]:
+    """TrainingArguments for FSDP2: shard per transformer block, full state dict on save.
+
+    FULL_STATE_DICT keeps checkpoints loadable at any world size and lets ``save_model`` write a
+    plain HF folder; FSDP's own activation checkpointing replaces HF's under FSDP.
+    """
+    layers = list(getattr(model, "_no_split_modules", None) or [])
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            **({"transformer_layer_cls_to_wrap": layers} if layers else {}),
+            "activation_checkpointing": activation_checkpointing,
+            "state_dict_type": "FULL_STATE_DICT",
+        },
+    }
+
+
 def training_arguments(
     run: TrainingRun,
     plan: Plan,
@@ -127,20 +147,7 @@ def training_arguments(
     spec = run.spec
     hp = spec.hyperparameters
     fsdp = use_fsdp(run, cuda)
-    fsdp_kwargs: dict[str, Any] = {}
-    if fsdp:
-        layers = list(getattr(model, "_no_split_modules", None) or [])
-        fsdp_kwargs = {
-            "fsdp": True,
-            "fsdp_config": {
-                "version": 2,
-                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                **({"transformer_layer_cls_to_wrap": layers} if layers else {}),
-                # FSDP's own activation checkpointing replaces HF's with FSDP
-                "activation_checkpointing": hp.gradient_checkpointing,
-                "state_dict_type": "FULL_STATE_DICT",
-            },
-        }
+    fsdp_kwargs = fsdp_arguments(model, hp.gradient_checkpointing) if fsdp else {}
     every = spec.checkpoint.every_steps
     return TrainingArguments(
         output_dir=output_dir,
@@ -272,6 +279,8 @@ def train_loop(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     transformers.logging.set_verbosity_warning()
+    transformers.logging.disable_progress_bar()  # no tqdm bars for weight loading in the job log
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
     cuda = plan.use_gpu and torch.cuda.is_available()
     precision = resolve_precision(
         run.spec.hyperparameters.precision, cuda, cuda and torch.cuda.is_bf16_supported()
