@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -263,27 +264,30 @@ def main(argv: list[str] | None = None) -> int:
     max_tokens = ns.max_tokens or (128 if gpu else 32)
     levels = (1, 32)
     workdir = Path(tempfile.mkdtemp(prefix="llmray-gpu-smoke-"))
-    model_dir = build_gpu_model(workdir / "model") if gpu else build_tiny_model(workdir / "tiny")
-    if gpu:
-        print(f"device: {torch.cuda.get_device_name(0)}", flush=True)
+    try:
+        model_dir = build_gpu_model(workdir / "model") if gpu else build_tiny_model(workdir / "tiny")
+        if gpu:
+            print(f"device: {torch.cuda.get_device_name(0)}", flush=True)
 
-    settings = EngineSettings(
-        model_source=str(model_dir),
-        device="cuda" if gpu else "cpu",
-        dtype="auto",
-        max_model_len=1024 if gpu else None,
-        max_num_seqs=64,
-        torch_threads=None if gpu else 1,
-    )
-    engine = TransformersEngine.load(settings)
-    padding_ok = padding_check(engine)
-    rows = [asyncio.run(engine_level(engine, c, max_tokens)) for c in levels]
-    engine.shutdown()
-    del engine
-    if gpu:
-        torch.cuda.empty_cache()
-    if not ns.skip_serve:
-        rows += serve_levels(model_dir, gpu, max_tokens, levels)
+        settings = EngineSettings(
+            model_source=str(model_dir),
+            device="cuda" if gpu else "cpu",
+            dtype="auto",
+            max_model_len=1024 if gpu else None,
+            max_num_seqs=64,
+            torch_threads=None if gpu else 1,
+        )
+        engine = TransformersEngine.load(settings)
+        padding_ok = padding_check(engine)
+        rows = [asyncio.run(engine_level(engine, c, max_tokens)) for c in levels]
+        engine.shutdown()
+        del engine
+        if gpu:
+            torch.cuda.empty_cache()
+        if not ns.skip_serve:
+            rows += serve_levels(model_dir, gpu, max_tokens, levels)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
     ok = padding_ok and all(row["tokens"] == row["concurrency"] * max_tokens for row in rows)
     print(f"\n{'OK' if ok else 'FAILED'}: {len(rows)} measurements, max_tokens={max_tokens}", flush=True)

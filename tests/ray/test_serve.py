@@ -127,6 +127,52 @@ def good_request(base: str) -> None:
     assert response.json()["usage"]["completion_tokens"] >= 1
 
 
+# ---- Serve accepts what we build (need ray imported, so after local_ray exported the auth env) -----
+
+
+@pytest.mark.parametrize(("up", "down"), [(0, 0), (1, 2), (10, 60), (3600, 86400)])
+def test_autoscaling_config_is_valid_for_serve(local_ray: LocalRay, up: float, down: float) -> None:
+    from ray.serve.config import AutoscalingConfig
+
+    from llmray_workloads.serve.config import autoscaling_config
+
+    spec = {
+        "model": {"uri": "file:///m"},
+        "autoscaling": {"upscaleDelaySeconds": up, "downscaleDelaySeconds": down},
+    }
+    AutoscalingConfig(
+        **autoscaling_config(ServeAppArgs.model_validate({"name": "a", "spec": spec}).spec.autoscaling)
+    )
+
+
+def test_deployment_options_are_accepted_by_serve(local_ray: LocalRay) -> None:
+    from llmray_workloads.serve.config import deployment_options
+    from ray import serve
+
+    @serve.deployment
+    class Probe:
+        pass
+
+    deployment: Any = Probe
+    spec = ServeAppArgs.model_validate({"name": "a", "spec": {"model": {"uri": "file:///m"}}}).spec
+    deployment.options(**deployment_options(spec))
+
+
+def test_example_serve_config_is_valid_and_builds(local_ray: LocalRay) -> None:
+    """examples/serve-config-tiny.yaml is a valid Serve config whose args build the application."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from llmray_workloads.serve.app import build_app
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "serve-config-tiny.yaml"
+    config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    (app,) = config.applications
+    assert app.import_path == "llmray_workloads.serve.app:build_app"
+    assert app.args is not None
+    assert build_app(app.args) is not None
+
+
 # ---- the official client -------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -85,15 +86,12 @@ def test_autoscaling_config_maps_the_spec() -> None:
 
 
 @pytest.mark.parametrize(("up", "down"), [(0, 0), (1, 2), (10, 60), (3600, 86400)])
-def test_autoscaling_windows_stay_valid_for_serve(up: float, down: float) -> None:
-    """Serve wants look_back_period_s > metrics_interval_s; both stay within Serve's defaults."""
-    from ray.serve.config import AutoscalingConfig
-
+def test_autoscaling_windows_stay_in_serve_bounds(up: float, down: float) -> None:
+    """Serve wants look_back_period_s > metrics_interval_s (checked against Serve in tests/ray)."""
     spec = args({"autoscaling": {"upscaleDelaySeconds": up, "downscaleDelaySeconds": down}}).spec
     config = autoscaling_config(spec.autoscaling)
     assert 0.5 <= config["metrics_interval_s"] <= 10
     assert config["metrics_interval_s"] < config["look_back_period_s"] <= 30
-    AutoscalingConfig(**config)
 
 
 def test_deployment_options_limits_and_backpressure() -> None:
@@ -103,17 +101,6 @@ def test_deployment_options_limits_and_backpressure() -> None:
     assert options["max_queued_requests"] == 1  # Serve cannot express an empty queue
     assert options["backpressure_config"] == {"status_code": 503, "retry_after_s": 1.0}
     assert options["ray_actor_options"]["num_cpus"] == 1.0
-
-
-def test_deployment_options_are_accepted_by_serve() -> None:
-    from ray import serve
-
-    @serve.deployment
-    class Probe:
-        pass
-
-    deployment: Any = Probe
-    deployment.options(**deployment_options(args().spec))
 
 
 @pytest.mark.parametrize(
@@ -245,22 +232,8 @@ def test_vllm_with_api_key_fails_closed() -> None:
         build_vllm_app(a)
 
 
-@pytest.mark.skipif(vllm_available(), reason="vLLM is installed")
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
 def test_vllm_without_vllm_says_what_is_missing() -> None:
+    assert not vllm_available()
     with pytest.raises(RuntimeError, match="vLLM"):
         build_vllm_app(args({"engine": "vllm", "resourcesPerReplica": {"gpu": 1}}))
-
-
-def test_example_serve_config_is_valid_and_builds() -> None:
-    """examples/serve-config-tiny.yaml is a valid Serve config whose args build the application."""
-    import yaml
-    from ray.serve.schema import ServeDeploySchema
-
-    from llmray_workloads.serve.app import build_app
-
-    path = Path(__file__).resolve().parents[2] / "examples" / "serve-config-tiny.yaml"
-    config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
-    (app,) = config.applications
-    assert app.import_path == "llmray_workloads.serve.app:build_app"
-    assert app.args is not None
-    assert build_app(app.args) is not None

@@ -7,6 +7,7 @@ the spec. The config is built as a plain dict (pure, testable without vLLM) and 
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from llmray.api.runtime import ServeAppArgs
@@ -44,12 +45,8 @@ def vllm_llm_config(args: ServeAppArgs) -> dict[str, Any]:
 
 
 def vllm_available() -> bool:
-    """Whether ``ray.serve.llm`` can be imported (it requires vLLM)."""
-    try:
-        import ray.serve.llm  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether vLLM is installed (``ray.serve.llm`` needs it); checked without importing either."""
+    return importlib.util.find_spec("vllm") is not None
 
 
 def build_vllm_app(args: ServeAppArgs) -> Any:
@@ -63,11 +60,9 @@ def build_vllm_app(args: ServeAppArgs) -> Any:
             "engine vllm does not support spec.apiKeySecretRef yet; use engine transformers or "
             "remove the API key"
         )
-    try:
-        from ray.serve.llm import LLMConfig, build_openai_app
-    except ImportError as exc:
-        raise RuntimeError(
-            "engine vllm needs vLLM in the runtime image (ray.serve.llm does not import)"
-        ) from exc
+    if not vllm_available():
+        raise RuntimeError("engine vllm needs vLLM in the runtime image (ray.serve.llm requires it)")
+    from ray.serve.llm import LLMConfig, build_openai_app
+
     config = LLMConfig(**vllm_llm_config(args))
     return build_openai_app({"llm_configs": [config]})
