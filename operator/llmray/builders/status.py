@@ -67,36 +67,19 @@ def set_condition(
     at: datetime,
 ) -> list[ConditionStatus]:
     """``conditions`` with ``type`` set; its transition time changes only when ``status`` does."""
-    out: list[ConditionStatus] = []
-    found = False
-    for cond in conditions:
-        if cond.type != type:
-            out.append(cond)
-            continue
-        found = True
-        since = cond.last_transition_time if cond.status == status and cond.last_transition_time else at
-        out.append(
-            ConditionStatus(
-                type=type,
-                status=status,  # type: ignore[arg-type]
-                reason=reason,
-                message=message,
-                last_transition_time=since,
-                observed_generation=generation,
-            )
-        )
-    if not found:
-        out.append(
-            ConditionStatus(
-                type=type,
-                status=status,  # type: ignore[arg-type]
-                reason=reason,
-                message=message,
-                last_transition_time=at,
-                observed_generation=generation,
-            )
-        )
-    return out
+    previous = next((cond for cond in conditions if cond.type == type), None)
+    unchanged = previous is not None and previous.status == status and previous.last_transition_time
+    updated = ConditionStatus(
+        type=type,
+        status=status,  # type: ignore[arg-type]
+        reason=reason,
+        message=message,
+        last_transition_time=previous.last_transition_time if unchanged and previous else at,
+        observed_generation=generation,
+    )
+    if previous is None:
+        return [*conditions, updated]
+    return [updated if cond.type == type else cond for cond in conditions]
 
 
 def get_condition(conditions: Sequence[ConditionStatus], type: str) -> ConditionStatus | None:
