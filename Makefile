@@ -5,7 +5,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv bins cluster-up cluster-down test test-unit test-cluster test-ray test-e2e lint crds demo sandbox-up sandbox-down clean
+.PHONY: help venv bins cluster-up cluster-down test test-unit test-cluster test-ray test-e2e test-kind lint crds demo sandbox-up sandbox-down kind-up kind-down images kind-demo clean
 
 help:
 	@echo "make demo         - sandbox up, train the tiny model, serve it, query it"
@@ -15,6 +15,10 @@ help:
 	@echo "make cluster-down - stop it and remove its files"
 	@echo "make sandbox-up   - control plane + local Ray head + operator"
 	@echo "make sandbox-down - stop the sandbox"
+	@echo "make kind-up      - a real kind cluster built offline (tests/kind/kind.sh)"
+	@echo "make images       - build the operator and runtime images (and load them into kind)"
+	@echo "make kind-demo    - the demo on kind: Helm-installed operator, Ray in real pods"
+	@echo "make kind-down    - delete the kind cluster, stop the dockerd it started"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -41,12 +45,13 @@ lint: venv
 	$(VENV)/bin/mypy
 	$(VENV)/bin/llmray crds --check
 
-# Two pytest sessions: the Kubernetes tiers (unit, cluster, e2e: one control plane) and the Ray
-# tier (one local Ray cluster). Ray's driver keeps one GCS connection and auth token per process,
-# so the ray tier's in-process driver gets a process of its own.
+# Three pytest sessions: the Kubernetes tiers (unit, cluster, e2e: one kwok control plane), the Ray
+# tier (one local Ray cluster; Ray's driver keeps one GCS connection and auth token per process, so
+# its in-process driver gets a process of its own) and the kind tier (a real cluster, real pods).
 test: venv bins lint
-	$(VENV)/bin/pytest -m "not ray" tests
+	$(VENV)/bin/pytest -m "not ray and not kind" tests
 	$(VENV)/bin/pytest -m ray tests/ray
+	$(VENV)/bin/pytest -m kind tests/kind
 
 test-unit: venv
 	$(VENV)/bin/pytest -m unit tests/unit
@@ -60,14 +65,30 @@ test-ray: venv
 test-e2e: venv bins
 	$(VENV)/bin/pytest -m e2e tests/e2e
 
+test-kind: venv bins
+	$(VENV)/bin/pytest -m kind tests/kind
+
 sandbox-up: venv bins
 	$(VENV)/bin/llmray sandbox up
 
 sandbox-down:
-	@if [ -x $(VENV)/bin/llmray ]; then $(VENV)/bin/llmray sandbox down; else bash tests/cluster/cluster.sh down; fi
+	@if [ -x $(VENV)/bin/llmray ]; then $(VENV)/bin/llmray sandbox down; \
+	else LLMRAY_CLUSTER_DIR=.cache/sandbox/cluster bash tests/cluster/cluster.sh down; fi
+
+kind-up: bins
+	bash tests/kind/kind.sh up
+
+kind-down:
+	bash tests/kind/kind.sh down
+
+images:
+	bash tests/kind/kind.sh images
+
+kind-demo: venv bins kind-up images
+	$(VPY) -m llmray.demo --kind
 
 demo: venv bins
 	$(VPY) -m llmray.demo
 
-clean: cluster-down
+clean: cluster-down kind-down
 	rm -rf .cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -119,17 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     op.set_defaults(func=_operator)
 
-    from llmray import sandbox
+    # Development tooling: present in a checkout, left out of the operator image.
+    if importlib.util.find_spec("llmray.sandbox") is not None:
+        from llmray import sandbox
 
-    box = sub.add_parser(
-        "sandbox", help="a local control plane + Ray head + operator on 127.0.0.1 (docs/sandbox.md)"
-    )
-    sandbox.add_arguments(box)
-    box.set_defaults(func=_sandbox)
+        box = sub.add_parser(
+            "sandbox", help="a local control plane + Ray head + operator on 127.0.0.1 (docs/sandbox.md)"
+        )
+        sandbox.add_arguments(box)
+        box.set_defaults(func=_sandbox)
 
-    demo = sub.add_parser("demo", help="train the tiny model, serve it and chat with it, in the sandbox")
-    demo.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for each stage")
-    demo.set_defaults(func=_demo)
+    if importlib.util.find_spec("llmray.demo") is not None:
+        demo = sub.add_parser("demo", help="train the tiny model, serve it and chat with it, in the sandbox")
+        demo.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for each stage")
+        demo.set_defaults(func=_demo)
     return parser
 
 

@@ -3,7 +3,8 @@
 ``llmray sandbox up|down|status`` (or ``python -m llmray.sandbox up``) from a repository checkout:
 
 1. the control plane: ``tests/cluster/cluster.sh up`` (etcd, kube-apiserver, controller-manager,
-   scheduler; kwok simulates nodes and marks pods Running), kubeconfig in ``.cache/cluster``;
+   scheduler; kwok simulates nodes and marks pods Running), kubeconfig in
+   ``.cache/sandbox/cluster`` (apart from the test tiers' ``.cache/cluster``);
 2. one Ray head on 127.0.0.1 with token auth (token in ``.cache/sandbox/ray-token``, mode 600),
    dashboard on :8265 and Serve HTTP on 127.0.0.1:8000, run as ``ray start --block`` in its own
    process group so ``down`` stops exactly this head (never ``ray stop``, which kills every Ray
@@ -376,9 +377,20 @@ def cluster_up(cfg: SandboxConfig) -> tuple[Path, Path | None]:
     if not script.is_file():
         raise SandboxError(f"{script} not found")
     _log("control plane: tests/cluster/cluster.sh up (the first run builds the binaries)")
-    _run(["bash", str(script), "up"], cfg.repo, timeout=3600)
-    kubeconfig = Path(_run(["bash", str(script), "kubeconfig"], cfg.repo, timeout=60).strip())
+    _run(["bash", str(script), "up"], cfg.repo, timeout=3600, env=cluster_env(cfg))
+    kubeconfig = Path(_run(["bash", str(script), "kubeconfig"], cfg.repo, timeout=60, env=cluster_env(cfg)).strip())
     return kubeconfig, bin_dir(cfg)
+
+
+def cluster_env(cfg: SandboxConfig, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for ``cluster.sh``: the sandbox's control plane lives in its own folder.
+
+    The test tiers start theirs in ``.cache/cluster``; keeping the two apart means a sandbox left
+    running by ``make demo`` (its operator watches every namespace) never sees the tests' objects.
+    """
+    env = dict(os.environ if base is None else base)
+    env["LLMRAY_CLUSTER_DIR"] = str(cfg.state / "cluster")
+    return env
 
 
 def bin_dir(cfg: SandboxConfig) -> Path | None:
@@ -522,7 +534,7 @@ def down(cfg: SandboxConfig) -> int:
     script = cfg.repo / "tests" / "cluster" / "cluster.sh"
     if script.is_file():
         try:
-            _run(["bash", str(script), "down"], cfg.repo, timeout=300)
+            _run(["bash", str(script), "down"], cfg.repo, timeout=300, env=cluster_env(cfg))
         except (SandboxError, subprocess.TimeoutExpired) as exc:
             _log(f"control plane: {exc}")
     shutil.rmtree(cfg.state, ignore_errors=True)
@@ -546,7 +558,12 @@ def status(cfg: SandboxConfig) -> int:
     ok = True
     script = cfg.repo / "tests" / "cluster" / "cluster.sh"
     cluster = subprocess.run(
-        ["bash", str(script), "status"], cwd=cfg.repo, capture_output=True, text=True, check=False
+        ["bash", str(script), "status"],
+        cwd=cfg.repo,
+        capture_output=True,
+        text=True,
+        check=False,
+        env=cluster_env(cfg),
     )
     print(f"control plane  {'running' if cluster.returncode == 0 else 'not running'}")
     ok &= cluster.returncode == 0
