@@ -378,7 +378,9 @@ def cluster_up(cfg: SandboxConfig) -> tuple[Path, Path | None]:
         raise SandboxError(f"{script} not found")
     _log("control plane: tests/cluster/cluster.sh up (the first run builds the binaries)")
     _run(["bash", str(script), "up"], cfg.repo, timeout=3600, env=cluster_env(cfg))
-    kubeconfig = Path(_run(["bash", str(script), "kubeconfig"], cfg.repo, timeout=60, env=cluster_env(cfg)).strip())
+    kubeconfig = Path(
+        _run(["bash", str(script), "kubeconfig"], cfg.repo, timeout=60, env=cluster_env(cfg)).strip()
+    )
     return kubeconfig, bin_dir(cfg)
 
 

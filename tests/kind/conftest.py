@@ -45,7 +45,9 @@ SERVE_NODE_PORT = 30800
 def _run(cmd: list[str], *, timeout: float, check: bool = True, input: str | None = None) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc.stdout
 
 
@@ -101,7 +103,11 @@ class Kind:
         ]  # fmt: skip
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            wait_for(lambda: _port_open(local) or proc.poll() is not None, timeout=30, what=f"port-forward {target}")
+            wait_for(
+                lambda: _port_open(local) or proc.poll() is not None,
+                timeout=30,
+                what=f"port-forward {target}",
+            )
             if proc.poll() is not None:
                 raise AssertionError(f"port-forward exited: {proc.stderr.read() if proc.stderr else ''}")
             yield local

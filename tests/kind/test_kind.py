@@ -76,7 +76,9 @@ def _ray_nodes(kind: Kind, ns: str, cluster: str) -> list[dict[str, Any]]:
 
 
 def test_operator_runs_in_a_pod_with_in_cluster_config(kind: Kind) -> None:
-    dep = kind.json("get", "deploy", "-n", OPERATOR_NS, "-l", f"app.kubernetes.io/instance={RELEASE}")["items"]
+    dep = kind.json("get", "deploy", "-n", OPERATOR_NS, "-l", f"app.kubernetes.io/instance={RELEASE}")[
+        "items"
+    ]
     assert len(dep) == 1 and dep[0]["status"].get("readyReplicas", 0) >= 1
     container = dep[0]["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"] for e in container.get("env") or []}
@@ -121,7 +123,9 @@ def test_training_on_real_pods_survives_a_worker_loss(kind: Kind, tenant: str) -
     assert st.get("restarts", 0) == 0
 
     # Lose a worker pod mid-training: the job is retried and resumes from its checkpoint.
-    victim = next(p for p in kind.pods(ns, sel) if p["metadata"]["labels"].get("ray.io/node-type") == "worker")
+    victim = next(
+        p for p in kind.pods(ns, sel) if p["metadata"]["labels"].get("ray.io/node-type") == "worker"
+    )
     kind.kubectl("delete", "pod", "-n", ns, victim["metadata"]["name"], "--wait=false")
 
     def restarted() -> dict[str, Any] | None:
@@ -178,7 +182,11 @@ def test_deployment_from_training_serves_through_the_serve_service(kind: Kind, t
     sel = f"ray.io/cluster={DEPLOY}"
     # Demand-driven scale-up on real pods: a worker pod appears and joins Ray.
     wait_for(
-        lambda: [p for p in kind.pods(ns, f"{sel},ray.io/node-type=worker") if p["status"].get("phase") == "Running"],
+        lambda: [
+            p
+            for p in kind.pods(ns, f"{sel},ray.io/node-type=worker")
+            if p["status"].get("phase") == "Running"
+        ],
         timeout=600,
         interval=3,
         what="a worker pod added for the pending replica",
@@ -198,7 +206,10 @@ def test_deployment_from_training_serves_through_the_serve_service(kind: Kind, t
     models = wait_for(lambda: client.models.list(), timeout=120, interval=2, what="the serve NodePort")
     assert [m.id for m in models.data] == ["tiny-tuned"]
     chat = client.chat.completions.create(
-        model="tiny-tuned", messages=[{"role": "user", "content": "What is Ray?"}], max_tokens=16, temperature=0
+        model="tiny-tuned",
+        messages=[{"role": "user", "content": "What is Ray?"}],
+        max_tokens=16,
+        temperature=0,
     )
     assert chat.choices[0].message.content and chat.usage and chat.usage.completion_tokens > 0
 
@@ -232,9 +243,8 @@ def test_deleting_resources_removes_every_child(kind: Kind, tenant: str) -> None
     for cluster in (DEPLOY, JOB):
 
         def gone(cluster: str = cluster) -> bool:
-            out = kind.kubectl(
-                "get", "pods,services,secrets,networkpolicies", "-n", ns, "-l", f"ray.io/cluster={cluster}", "-o", "name"
-            )  # fmt: skip
+            kinds = "pods,services,secrets,networkpolicies"
+            out = kind.kubectl("get", kinds, "-n", ns, "-l", f"ray.io/cluster={cluster}", "-o", "name")
             return not out.strip()
 
         wait_for(gone, timeout=300, interval=2, what=f"children of {cluster} to be deleted")
