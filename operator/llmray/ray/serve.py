@@ -23,6 +23,7 @@ _INSTANCE_KEYS = ("proxy_location", "http_options", "grpc_options", "target_capa
 # Applications in these states are on their way out; writing them back would resurrect them.
 _GONE_STATES = {"DELETING"}
 SERVE_PUT_TIMEOUT_S = 60.0
+"""Deadline of a Serve PUT: Serve answers once the controller accepted the new config."""
 
 
 @dataclass(frozen=True)
@@ -195,16 +196,20 @@ class ServeAPI:
         self._http = http
 
     async def _put(self, body: dict[str, Any]) -> None:
-        await self._http.request("PUT", "/api/serve/applications/", json=body, timeout=SERVE_PUT_TIMEOUT_S)
+        await self._http.request(
+            "PUT", "/api/serve/applications/", json=body, timeout=SERVE_PUT_TIMEOUT_S,
+            deadline_s=SERVE_PUT_TIMEOUT_S,
+        )  # fmt: skip
 
     async def details(self) -> dict[str, Any]:
         """The raw ``GET /api/serve/applications/`` answer (instance + apps + deployments)."""
-        data: dict[str, Any] = await self._http.get_json("/api/serve/applications/")
-        return data
+        return await self._http.get_object("/api/serve/applications/")
 
     async def get_applications(self) -> ServeInstance:
         """Serve's state: whether it runs, and every application's status and replica counts."""
-        return parse_serve_details(await self.details())
+        path = "/api/serve/applications/"
+        instance: ServeInstance = self._http.parsed(parse_serve_details, await self.details(), "GET", path)
+        return instance
 
     async def get_application(self, name: str) -> ServeApplication | None:
         """One application's status, or None when it is not deployed."""
@@ -237,12 +242,16 @@ class ServeAPI:
         config = {**app_config, "name": name}
         async with _lock_for(self._http.base_url):
             current = await self.details()
-            if app_config_unchanged(current, config):
+            path = "/api/serve/applications/"
+            if self._http.parsed(lambda c: app_config_unchanged(c, config), current, "GET", path):
                 return False
-            body = upsert_app_config(current, config, instance_defaults=instance_defaults)
-            await self._http.request(
-                "PUT", "/api/serve/applications/", json=body, timeout=SERVE_PUT_TIMEOUT_S
+            body = self._http.parsed(
+                lambda c: upsert_app_config(c, config, instance_defaults=instance_defaults),
+                current,
+                "GET",
+                path,
             )
+            await self._put(body)
             return True
 
     async def delete_application(self, name: str) -> bool:
@@ -251,8 +260,8 @@ class ServeAPI:
             current = await self.details()
             if name not in (current.get("applications") or {}):
                 return False
-            body = remove_app_config(current, name)
-            await self._http.request(
-                "PUT", "/api/serve/applications/", json=body, timeout=SERVE_PUT_TIMEOUT_S
+            body = self._http.parsed(
+                lambda c: remove_app_config(c, name), current, "GET", "/api/serve/applications/"
             )
+            await self._put(body)
             return True
