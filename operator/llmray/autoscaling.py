@@ -39,8 +39,9 @@ UNITS = 10_000  # Ray's resource granularity: amounts are multiples of 1/10000
 MAX_UNITS = 10**22
 """Largest amount in units (1e18 of anything): bigger, infinite or nan amounts clamp to it, which
 no worker offers, so that demand is infeasible instead of an exception."""
-WORK_BUDGET = 20_000
-"""Bin checks one :func:`decide` may spend (~20 ms); real pools use a few hundred."""
+WORK_BUDGET = 10_000
+"""Bin checks one :func:`decide` may spend (~10 ms of CPU); a real pool needs a few hundred."""
+MAX_LISTED = 5  # infeasible shapes named in a reason (it ends up in status and Events)
 GANG_COST = 10
 """Budget charged per placement-group copy tried, on top of its bin checks (its fixed overhead)."""
 
@@ -213,18 +214,31 @@ class _Packer:
     def place(self, need: _Res, count: int) -> int:
         """Place up to ``count`` copies of ``need`` (which fits one worker); return how many.
 
-        O(bins): each bin takes as many copies as fit at once, so ``count`` may be huge.
+        O(bins): each bin takes as many copies as fit at once, so ``count`` may be huge. (The hot
+        loop of :func:`decide`, hence written out rather than with :func:`_times`.)
         """
+        if not need:
+            return 0
+        items = list(need.items())
         left = count
         for free in self.bins:
-            if not self._spend():
+            if self.budget <= 0:
                 return count - left
-            k = min(left, _times(need, free))
-            self._take(need, free, k)
-            left -= k
-            if not left:
-                return count
-        while left and self._spend() and (fresh := self._open()) is not None:
+            self.budget -= 1
+            k = left
+            for key, v in items:
+                fit = free.get(key, 0) // v
+                if fit < k:
+                    k = fit
+                    if not k:
+                        break
+            if k:
+                self._take(need, free, k)
+                left -= k
+                if not left:
+                    return count
+        while left and self.budget > 0 and (fresh := self._open()) is not None:
+            self.budget -= 1
             k = min(left, _times(need, fresh))
             self._take(need, fresh, k)
             left -= k
@@ -328,7 +342,9 @@ def decide(
 
     infeasible: list[dict[str, float]] = []
     placed = unmet = skipped = 0
-    # Gangs first: they are all-or-nothing and usually the big training placement groups.
+    # Gangs first: they are all-or-nothing and usually the big training placement groups. They may
+    # spend half the work budget, so a flood of them cannot starve plain demand.
+    packer.budget = WORK_BUDGET // 2
     for gang in gangs:
         count = max(0, gang.count)
         needs = _gang_needs(gang)
@@ -340,6 +356,12 @@ def decide(
         if not needs or too_big:
             infeasible.extend({k: v / UNITS for k, v in n.items()} for n in too_big)
             continue
+        if len(needs) == 1:  # one bundle: all-or-nothing per copy is plain first-fit, in bulk
+            done = packer.place(needs[0], count)
+            placed += done
+            skipped += count - done if packer.exhausted else 0
+            unmet += count - done if not packer.exhausted else 0
+            continue
         for done in range(count):
             if packer.exhausted:
                 skipped += count - done
@@ -349,6 +371,7 @@ def decide(
                 unmet += count - done
                 break
             placed += 1
+    packer.budget = max(0, packer.budget) + WORK_BUDGET // 2
     for item in sorted(demand, key=lambda d: _size(_units(d.shape)), reverse=True):
         need = _units(item.shape)
         if not need or item.count <= 0:
@@ -384,12 +407,9 @@ def decide(
     if infeasible:
         unique = list({_fmt(s): s for s in infeasible}.values())
         infeasible = unique
-        reasons.append(
-            "demand no worker can hold (worker offers "
-            + _fmt(offer)
-            + "): "
-            + ", ".join(_fmt(s) for s in unique)
-        )
+        listed = ", ".join(_fmt(s) for s in unique[:MAX_LISTED])
+        more = f" and {len(unique) - MAX_LISTED} more" if len(unique) > MAX_LISTED else ""
+        reasons.append(f"demand no worker can hold (worker offers {_fmt(offer)}): {listed}{more}")
     if not placed and not unmet:
         idle = sorted(
             (w for w in kept if w.in_ray and w.idle_seconds is not None and w.idle_seconds >= idle_timeout_s),

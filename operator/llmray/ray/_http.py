@@ -44,6 +44,10 @@ DEFAULT_DEADLINE_S = 20.0
 DEFAULT_MAX_BODY = 4 * 2**20
 """Size cap of one answer: the largest real answers (nodes of a big cluster, Serve details) are a
 few hundred KiB; 8 concurrent reconciles x 4 MiB stays far below the operator's memory limit."""
+MAX_JSON_VALUES = 250_000
+"""Most JSON values (``[``, ``{`` and ``,`` counted in the raw body) decoded from one answer. The
+size cap alone does not bound memory: 4 MiB of ``[],[],...`` decodes to ~1.4 M Python objects
+(~90 MB); this keeps one decoded answer to ~20 MB. A /nodes summary of 1,000 nodes is ~100 k."""
 MAX_ERROR_BODY = 64 * 1024
 _CHUNK = 64 * 1024
 
@@ -87,7 +91,8 @@ class RayResponse:
     """A complete, size-capped answer of a Ray head (the body is read; the connection released)."""
 
     status_code: int
-    content: bytes
+    content: bytes | bytearray
+    """The body as read (a bytearray is not copied: a copy would double the peak memory)."""
     headers: Mapping[str, str] = field(default_factory=dict)
     truncated: bool = False
     """A tail read dropped the start of a longer body."""
@@ -100,8 +105,14 @@ class RayResponse:
     def text(self) -> str:
         return self.content.decode("utf-8", errors="replace")
 
-    def json(self) -> Any:
-        """The decoded JSON body; ``ValueError`` when it is not JSON (or absurdly nested)."""
+    def json(self, max_values: int | None = MAX_JSON_VALUES) -> Any:
+        """The decoded JSON body; ``ValueError`` when it is not JSON, absurdly nested, or has more
+        than ``max_values`` values (an over-estimate from the raw bytes, checked before decoding)."""
+        if max_values is not None:
+            body = self.content
+            values = body.count(b",") + body.count(b"[") + body.count(b"{")
+            if values > max_values:
+                raise ValueError(f"more than {max_values} JSON values")
         try:
             return jsonlib.loads(self.content)
         except RecursionError as exc:
@@ -122,11 +133,12 @@ class _Decoder:
             raise ValueError(f"unsupported Content-Encoding {encoding!r}")
 
     def decode(self, data: bytes, room: int) -> tuple[bytes, bytes]:
-        """Decode ``data`` into at most ``room + 1`` bytes; also return the input not yet used."""
+        """Decode ``data`` into at most ``room + 1`` bytes (and at most one chunk at a time); also
+        return the input not yet used."""
         if self._z is None:
             return data, b""
         try:
-            out: bytes = self._z.decompress(data, max(room, 0) + 1)
+            out: bytes = self._z.decompress(data, min(max(room, 0) + 1, _CHUNK))
         except zlib.error as exc:
             raise ValueError(f"bad compressed body: {exc}") from exc
         return out, self._z.unconsumed_tail
@@ -145,7 +157,7 @@ def _source(response: httpx.Response) -> tuple[_Decoder, AsyncIterator[bytes]]:
     return _Decoder(response.headers.get("content-encoding", "")), response.aiter_raw(_CHUNK)
 
 
-async def _read_capped(response: httpx.Response, limit: int, *, tail: bool) -> tuple[bytes, bool]:
+async def _read_capped(response: httpx.Response, limit: int, *, tail: bool) -> tuple[bytearray, bool]:
     """The body of ``response``, at most ``limit`` bytes after decoding.
 
     ``tail=False``: more than ``limit`` raises ``OverflowError`` (checked against Content-Length
@@ -167,7 +179,7 @@ async def _read_capped(response: httpx.Response, limit: int, *, tail: bool) -> t
                     raise OverflowError
                 del buf[: len(buf) - limit]
                 truncated = True
-    return bytes(buf), truncated
+    return buf, truncated
 
 
 class RayHTTP:
@@ -291,6 +303,7 @@ class RayHTTP:
             timeout=self.timeout if timeout is None else timeout,
         )  # fmt: skip
         response = await self._client.send(request, stream=True, follow_redirects=False)
+        body: bytes | bytearray
         try:
             try:
                 if response.is_success:
@@ -306,10 +319,10 @@ class RayHTTP:
         headers = {k.lower(): v for k, v in response.headers.items() if k.lower() == "content-type"}
         return RayResponse(response.status_code, body, headers, truncated)
 
-    async def get_json(self, path: str, **kwargs: Any) -> Any:
+    async def get_json(self, path: str, *, max_values: int | None = MAX_JSON_VALUES, **kwargs: Any) -> Any:
         """GET ``path`` and decode its JSON body (a non-JSON 2xx body is a :class:`RayBadResponse`)."""
         response = await self.request("GET", path, **kwargs)
-        return self.decode(response, "GET", path)
+        return self.decode(response, "GET", path, max_values)
 
     async def get_object(self, path: str, **kwargs: Any) -> dict[str, Any]:
         """Like :meth:`get_json`, but the answer must be a JSON object."""
@@ -320,15 +333,16 @@ class RayHTTP:
             )
         return data
 
-    def decode(self, response: RayResponse, method: str, path: str) -> Any:
+    def decode(
+        self, response: RayResponse, method: str, path: str, max_values: int | None = MAX_JSON_VALUES
+    ) -> Any:
         """The JSON body of ``response``, or :class:`RayBadResponse`."""
         try:
-            return response.json()
+            return response.json(max_values)
         except ValueError as exc:
             url = f"{self.base_url}{path}"
-            raise RayBadResponse(
-                method, url, response.status_code, "not JSON: " + response.text[:200]
-            ) from exc
+            what = f"not JSON ({exc}): " + response.content[:200].decode("utf-8", errors="replace")
+            raise RayBadResponse(method, url, response.status_code, what) from exc
 
     def parsed(self, parse: Callable[[Any], Any], data: Any, method: str, path: str) -> Any:
         """``parse(data)``, with any error of a malformed answer turned into :class:`RayBadResponse`."""

@@ -198,7 +198,7 @@ class JobsAPI:
         log grows.
         """
         path = f"/api/jobs/{quote(submission_id, safe='')}/logs"
-        data = await self._http.get_object(path, max_bytes=max_bytes)
+        data = await self._http.get_object(path, max_bytes=max_bytes, max_values=None)  # one string
         return str(data.get("logs") or "")
 
     async def tail(
