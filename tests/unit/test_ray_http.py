@@ -331,3 +331,21 @@ async def test_concurrent_puts_on_one_head_keep_both_apps() -> None:
             r2.serve.put_application("y", {"import_path": "m:y", "route_prefix": "/y"}),
         )
     assert set(fake.apps) == {"x", "y"}
+
+
+async def test_tail_does_not_swallow_auth_errors() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(403, text="Invalid token")
+
+    async with client(handler) as ray:
+        with pytest.raises(RayAuthError):
+            await ray.jobs.tail("s", driver_node_id="n1")
+
+
+def test_every_error_has_a_status_reason() -> None:
+    from llmray.ray import errors
+
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.RayError)]
+    reasons = [c.status_reason for c in classes]
+    assert len(classes) >= 8 and len(set(reasons)) == len(reasons)
+    assert all(r.isidentifier() and r[0].isupper() for r in reasons)

@@ -91,21 +91,23 @@ def _number(value: Any) -> float | None:
 
 
 def _amount(value: Any) -> float | None:
-    """A resource amount: finite, > 0, at most :data:`MAX_AMOUNT`; infinite ones clamp to the max.
+    """A resource amount: > 0 and at most :data:`MAX_AMOUNT`; infinite or larger ones clamp to it.
 
     An infinite or absurd demand must stay a demand (reported infeasible), not vanish: dropping its
-    key would make the shape look smaller than asked, hence placeable.
+    key would make the shape look smaller than asked, hence placeable. nan is no amount at all.
     """
-    if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "infinity", "+infinity"):
-        return MAX_AMOUNT
-    if isinstance(value, float) and value == math.inf:
-        return MAX_AMOUNT
-    if isinstance(value, int) and not isinstance(value, bool) and value > MAX_AMOUNT:
-        return MAX_AMOUNT
-    n = _number(value)
-    if n is None or n <= 0:
+    if isinstance(value, bool):
         return None
-    return min(n, MAX_AMOUNT)
+    if isinstance(value, int):
+        return float(min(value, int(MAX_AMOUNT))) if value > 0 else None
+    if isinstance(value, str) and len(value) <= 64:
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if not isinstance(value, float) or math.isnan(value) or value <= 0:
+        return None
+    return min(value, MAX_AMOUNT)
 
 
 def _shape(value: Any) -> dict[str, float] | None:
