@@ -37,8 +37,9 @@ from .errors import RayBadResponse, RayDeadlineExceeded, RayHeadUnavailable, Ray
 
 log = logging.getLogger(__name__)
 
-# Per network operation (connect short, so "head down" is fast); the deadline bounds the whole call.
-DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=3.0)
+# Per network operation (connect short, so "head down" is fast; reads patient, a loaded 2-core head
+# answers slowly); the deadline bounds the whole call.
+DEFAULT_TIMEOUT = httpx.Timeout(15.0, connect=3.0)
 DEFAULT_DEADLINE_S = 20.0
 """Overall deadline of one call (all attempts): a poll that takes longer is reported, not awaited."""
 DEFAULT_MAX_BODY = 4 * 2**20
