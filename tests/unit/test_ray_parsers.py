@@ -603,3 +603,31 @@ def test_hostile_node_fields_are_ignored_not_raised() -> None:
     assert nodes[0].resources_total == {} and nodes[0].labels == {}
     assert nodes[1].idle_seconds is None and nodes[2].start_time_s is None
     assert parse_nodes({"data": {"summary": 5}}) == []
+
+
+def test_hostile_serve_details_are_clamped_not_raised() -> None:
+    payload = {
+        "controller_info": {"node_id": "n"},
+        "http_options": ["junk"],
+        "applications": {
+            "a": {
+                "status": "RUNNING",
+                "message": "m" * 10_000,
+                "deployed_app_config": "junk",
+                "deployments": {
+                    "d1": {"target_num_replicas": float("inf"), "replicas": [{"state": "RUNNING"}, "junk"]},
+                    "d2": {"target_num_replicas": 1e18, "replicas": {"not": "a list"}},
+                    "d3": {"target_num_replicas": float("nan")},
+                    "d4": "junk",
+                },
+            },
+            "b": "junk",
+        },
+    }
+    instance = parse_serve_details(payload)
+    a = instance.applications["a"]
+    assert a.deployments["d1"].target_replicas == 100_000 and a.deployments["d1"].running_replicas == 1
+    assert a.deployments["d2"].target_replicas == 100_000 and a.deployments["d3"].target_replicas is None
+    assert a.deployments["d4"].status == "UNKNOWN"
+    assert len(a.message) == 2_000 and a.deployed_config is None
+    assert instance.applications["b"].status == "UNKNOWN" and instance.http_options == {}
