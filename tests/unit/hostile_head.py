@@ -131,6 +131,14 @@ def trickle(*, in_headers: bool = False, interval: float = 1.0) -> Route:
     return route
 
 
+def endless_headers(head: HostileHead, sock: socket.socket) -> None:
+    """A status line, then header lines for ever (as fast as the client reads them)."""
+    sock.sendall(b"HTTP/1.1 200 OK\r\n")
+    line = b"X-Junk: " + b"j" * 1000 + b"\r\n"
+    while not head.stop.is_set():
+        sock.sendall(line * 64)
+
+
 def silent(head: HostileHead, sock: socket.socket) -> None:
     """Accept the request and never answer (a hung server)."""
     head.stop.wait()

@@ -35,7 +35,7 @@ from llmray.ray import (
 )
 from llmray.ray.cluster import MAX_COUNT
 
-from .hostile_head import MB, HostileHead, big_body, gzip_bomb, json_body, send, trickle
+from .hostile_head import MB, HostileHead, big_body, endless_headers, gzip_bomb, json_body, send, trickle
 
 pytestmark = pytest.mark.unit
 
@@ -204,6 +204,15 @@ async def test_error_body_of_200_mb_is_read_only_to_its_first_64_kib(head: Hosti
     assert type(outcome) is RayAPIError and "HTTP 400" in str(outcome)
     assert len(getattr(outcome, "body", "")) == 64 * 1024
     assert peak < MEMORY_LIMIT and elapsed < DEADLINE
+
+
+async def test_endless_headers_are_refused_by_the_http_parser(head: HostileHead) -> None:
+    head.routes["/api/cluster_status"] = endless_headers
+    async with ray(head) as client:
+        outcome, elapsed, peak, _ = await measured(client.cluster.status)
+    report("endless header lines", elapsed, peak, 0)
+    assert isinstance(outcome, RayHeadUnavailable)  # h11 refuses a header block over its limit
+    assert peak < MEMORY_LIMIT and elapsed < DEADLINE + SLACK
 
 
 async def test_log_tail_of_a_200_mb_log_keeps_only_its_end(head: HostileHead) -> None:
