@@ -28,7 +28,7 @@ import logging
 import random
 import zlib
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -94,7 +94,6 @@ class RayResponse:
     status_code: int
     content: bytes | bytearray
     """The body as read (a bytearray is not copied: a copy would double the peak memory)."""
-    headers: Mapping[str, str] = field(default_factory=dict)
     truncated: bool = False
     """A tail read dropped the start of a longer body."""
 
@@ -317,8 +316,7 @@ class RayHTTP:
                 raise RayBadResponse(method, url, response.status_code, str(exc)) from None
         finally:
             await response.aclose()
-        headers = {k.lower(): v for k, v in response.headers.items() if k.lower() == "content-type"}
-        return RayResponse(response.status_code, body, headers, truncated)
+        return RayResponse(response.status_code, body, truncated)
 
     async def get_json(self, path: str, *, max_values: int | None = MAX_JSON_VALUES, **kwargs: Any) -> Any:
         """GET ``path`` and decode its JSON body (a non-JSON 2xx body is a :class:`RayBadResponse`)."""
