@@ -18,51 +18,32 @@ a pure function on plain data so every rule is unit-tested:
 
 Resource amounts use Ray's fixed-point granularity (1/10000), so fractional CPU demand such as
 ``0.1`` packs exactly.
+
+The demand comes from the head, so it is untrusted: the cost of :func:`decide` depends on the
+number of shapes and worker bins, never on the counts (a count of 1e18 is one arithmetic step), and
+a work budget (:data:`WORK_BUDGET` bin checks) bounds even an absurd number of shapes or gangs;
+demand left unexamined is reported as unmet. Non-finite or huge amounts are infeasible, not errors.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from typing import Protocol
 
+from llmray.builders.common import cpu_count, memory_bytes
 from llmray.ray.cluster import GangDemand, ResourceDemand
 
 UNITS = 10_000  # Ray's resource granularity: amounts are multiples of 1/10000
-POD_LABEL = "llmray.io/pod"  # Ray node label naming its pod (set by the worker's `ray start --labels`)
-
-_SUFFIXES = {
-    "": Decimal(1),
-    "m": Decimal("0.001"),
-    "k": Decimal(10**3),
-    "M": Decimal(10**6),
-    "G": Decimal(10**9),
-    "T": Decimal(10**12),
-    "P": Decimal(10**15),
-    "E": Decimal(10**18),
-    "Ki": Decimal(2**10),
-    "Mi": Decimal(2**20),
-    "Gi": Decimal(2**30),
-    "Ti": Decimal(2**40),
-    "Pi": Decimal(2**50),
-    "Ei": Decimal(2**60),
-}
-_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)([a-zA-Z]*)$")
-
-
-def parse_quantity(value: str | int | float) -> Decimal:
-    """A Kubernetes quantity (``8``, ``500m``, ``64Gi``, ``1e3``) as a Decimal."""
-    match = _QUANTITY.match(str(value).strip())
-    if not match or match.group(2) not in _SUFFIXES:
-        raise ValueError(f"not a Kubernetes quantity: {value!r}")
-    try:
-        return Decimal(match.group(1)) * _SUFFIXES[match.group(2)]
-    except InvalidOperation as exc:  # pragma: no cover - the regex admits only valid decimals
-        raise ValueError(f"not a Kubernetes quantity: {value!r}") from exc
+MAX_UNITS = 10**22
+"""Largest amount in units (1e18 of anything): bigger, infinite or nan amounts clamp to it, which
+no worker offers, so that demand is infeasible instead of an exception."""
+WORK_BUDGET = 10_000
+"""Bin checks one :func:`decide` may spend (~10 ms of CPU); a real pool needs a few hundred."""
+MAX_LISTED = 5  # infeasible shapes named in a reason (it ends up in status and Events)
+GANG_COST = 10
+"""Budget charged per placement-group copy tried, on top of its bin checks (its fixed overhead)."""
 
 
 def worker_offer(
@@ -73,14 +54,15 @@ def worker_offer(
 ) -> dict[str, float]:
     """Ray resources one worker pod declares, from its Kubernetes resources.
 
-    CPU and memory round up like KubeRay does (``ceil``); the pod builder must start Ray with the
-    same numbers (``--num-cpus``, ``--num-gpus``, ``--memory`` in bytes) for the packing to match.
+    CPU and memory round up like Kubernetes' ``Quantity.Value()`` and KubeRay do; the numbers come
+    from the same functions the pod builder passes to ``ray start`` (``--num-cpus``,
+    ``--memory``), so the packing matches what Ray will have.
     """
-    offer: dict[str, float] = {"CPU": float(math.ceil(parse_quantity(cpu)))}
+    offer: dict[str, float] = {"CPU": float(cpu_count(cpu))}
     if gpu:
         offer["GPU"] = float(gpu)
     if memory is not None:
-        offer["memory"] = float(math.ceil(parse_quantity(memory)))
+        offer["memory"] = float(memory_bytes(memory))
     offer.update({k: float(v) for k, v in (custom or {}).items() if v > 0})
     return offer
 
@@ -112,8 +94,6 @@ class NodeView(Protocol):
     @property
     def idle_seconds(self) -> float | None: ...
     @property
-    def labels(self) -> Mapping[str, str]: ...
-    @property
     def start_time_s(self) -> float | None: ...
 
 
@@ -124,18 +104,16 @@ def worker_states(
     now: float,
     settle_s: float = 15.0,
 ) -> list[WorkerState]:
-    """Join worker pods ``(name, pod_ip)`` with Ray nodes: by the ``llmray.io/pod`` label, else by IP.
+    """Join worker pods ``(name, pod_ip)`` with Ray nodes by IP (a Ray node reports its pod's IP).
 
     A node that joined less than ``settle_s`` ago counts as not in Ray yet: Ray's demand report lags
     a few seconds, and treating the fresh node as pending capacity avoids adding a second worker
     for demand the first one is about to take.
     """
-    alive = [n for n in nodes if n.alive and not n.is_head]
-    by_label = {n.labels[POD_LABEL]: n for n in alive if n.labels.get(POD_LABEL)}
-    by_ip = {n.ip: n for n in alive if n.ip}
+    by_ip = {n.ip: n for n in nodes if n.alive and not n.is_head and n.ip}
     states: list[WorkerState] = []
     for name, ip in pods:
-        node = by_label.get(name) or (by_ip.get(ip) if ip else None)
+        node = by_ip.get(ip) if ip else None
         settled = node is not None and (node.start_time_s is None or now - node.start_time_s >= settle_s)
         states.append(WorkerState(name, in_ray=settled, idle_seconds=node.idle_seconds if node else None))
     return states
@@ -164,8 +142,23 @@ class ScaleDecision:
 _Res = dict[str, int]
 
 
+def _unit(value: float) -> int:
+    """An amount in units, clamped: nan, inf and absurd amounts become :data:`MAX_UNITS`."""
+    if not math.isfinite(value) or value * UNITS >= MAX_UNITS:
+        return 0 if value < 0 else MAX_UNITS  # -inf is "nothing", +inf and nan are "too much"
+    return round(value * UNITS)
+
+
 def _units(shape: Mapping[str, float]) -> _Res:
-    return {k: round(v * UNITS) for k, v in shape.items() if round(v * UNITS) > 0}
+    out: _Res = {}
+    for k, v in shape.items():
+        try:
+            u = _unit(float(v))
+        except (TypeError, ValueError):  # not a number at all: no worker offers it
+            u = MAX_UNITS
+        if u > 0:
+            out[k] = u
+    return out
 
 
 def _times(need: _Res, free: _Res) -> int:
@@ -175,11 +168,6 @@ def _times(need: _Res, free: _Res) -> int:
     return min(free.get(k, 0) // v for k, v in need.items())
 
 
-def _take(need: _Res, free: _Res, times: int) -> None:
-    for k, v in need.items():
-        free[k] -= v * times
-
-
 def _size(need: _Res) -> tuple[int, int, int, int]:
     """Sort key: biggest first (GPU, then CPU, memory, the rest) for first-fit decreasing."""
     rest = sum(v for k, v in need.items() if k not in ("GPU", "CPU", "memory"))
@@ -187,13 +175,34 @@ def _size(need: _Res) -> tuple[int, int, int, int]:
 
 
 class _Packer:
-    """First-fit bins: pending workers' capacity first, then new workers up to ``room``."""
+    """First-fit bins: pending workers' capacity first, then new workers up to ``room``.
 
-    def __init__(self, offer: _Res, pending: int, room: int) -> None:
+    Every bin examined costs one unit of ``budget``; once it is spent nothing more is placed
+    (``exhausted``), so the work is bounded whatever the demand. Changes are journaled while a
+    gang is being placed, so a failed gang is undone in the time it took, not by copying every bin.
+    """
+
+    def __init__(self, offer: _Res, pending: int, room: int, budget: int = WORK_BUDGET) -> None:
         self.offer = offer
         self.bins: list[_Res] = [dict(offer) for _ in range(pending)]
         self.room = room
         self.new = 0
+        self.budget = budget
+        self._journal: list[tuple[_Res, _Res, int]] | None = None
+
+    @property
+    def exhausted(self) -> bool:
+        return self.budget <= 0
+
+    def _spend(self) -> bool:
+        self.budget -= 1
+        return self.budget >= 0
+
+    def _take(self, need: _Res, free: _Res, times: int) -> None:
+        for k, v in need.items():
+            free[k] -= v * times
+        if self._journal is not None and times:
+            self._journal.append((need, free, times))
 
     def _open(self) -> _Res | None:
         if self.new >= self.room:
@@ -203,17 +212,35 @@ class _Packer:
         return self.bins[-1]
 
     def place(self, need: _Res, count: int) -> int:
-        """Place up to ``count`` copies of ``need`` (which fits one worker); return how many."""
+        """Place up to ``count`` copies of ``need`` (which fits one worker); return how many.
+
+        O(bins): each bin takes as many copies as fit at once, so ``count`` may be huge. (The hot
+        loop of :func:`decide`, hence written out rather than with :func:`_times`.)
+        """
+        if not need:
+            return 0
+        items = list(need.items())
         left = count
         for free in self.bins:
-            k = min(left, _times(need, free))
-            _take(need, free, k)
-            left -= k
-            if not left:
-                return count
-        while left and (fresh := self._open()) is not None:
+            if self.budget <= 0:
+                return count - left
+            self.budget -= 1
+            k = left
+            for key, v in items:
+                fit = free.get(key, 0) // v
+                if fit < k:
+                    k = fit
+                    if not k:
+                        break
+            if k:
+                self._take(need, free, k)
+                left -= k
+                if not left:
+                    return count
+        while left and self.budget > 0 and (fresh := self._open()) is not None:
+            self.budget -= 1
             k = min(left, _times(need, fresh))
-            _take(need, fresh, k)
+            self._take(need, fresh, k)
             left -= k
         return count - left
 
@@ -221,38 +248,59 @@ class _Packer:
         """Each bundle on a different worker (STRICT_SPREAD)."""
         used: set[int] = set()
         for need in needs:
-            index = next(
-                (i for i, free in enumerate(self.bins) if i not in used and _times(need, free) >= 1), None
-            )
+            index = None
+            for i, free in enumerate(self.bins):
+                if not self._spend():
+                    return False
+                if i not in used and _times(need, free) >= 1:
+                    index = i
+                    break
             if index is None:
-                if self._open() is None:
+                if not self._spend() or self._open() is None:
                     return False
                 index = len(self.bins) - 1
-            _take(need, self.bins[index], 1)
+            self._take(need, self.bins[index], 1)
             used.add(index)
         return True
 
     def place_gang(self, needs: list[_Res], strategy: str) -> bool:
-        """Place a whole placement group or nothing (state is restored on failure)."""
-        saved = (copy.deepcopy(self.bins), self.new)
-        if strategy == "STRICT_SPREAD":
-            ok = self.place_spread(needs)
-        else:
-            ok = all(self.place(need, 1) == 1 for need in sorted(needs, key=_size, reverse=True))
-        if not ok:
-            self.bins, self.new = saved
-        return ok
+        """Place a whole placement group or nothing (undone from the journal on failure)."""
+        self.budget -= GANG_COST
+        self._journal, opened = [], (len(self.bins), self.new)
+        try:
+            if strategy == "STRICT_SPREAD":
+                ok = self.place_spread(needs)
+            else:
+                ok = all(self.place(need, 1) == 1 for need in sorted(needs, key=_size, reverse=True))
+            if not ok:
+                for need, free, times in reversed(self._journal):
+                    for k, v in need.items():
+                        free[k] += v * times
+                del self.bins[opened[0] :]
+                self.new = opened[1]
+            return ok
+        finally:
+            self._journal = None
 
 
-def _gang_needs(gang: GangDemand) -> list[_Res]:
-    needs = [_units(b.shape) for b in gang.bundles for _ in range(b.count)]
-    if gang.strategy == "STRICT_PACK":  # every bundle on one node: one combined shape
+def _gang_needs(gang: GangDemand) -> list[_Res] | None:
+    """The bundles of one gang in units, or None when it has more bundles than a pool holds.
+
+    STRICT_PACK (every bundle on one node) is one combined shape, computed without expanding the
+    bundle counts.
+    """
+    if gang.strategy == "STRICT_PACK":
         combined: _Res = {}
-        for need in needs:
-            for k, v in need.items():
-                combined[k] = combined.get(k, 0) + v
+        for b in gang.bundles:
+            for k, v in _units(b.shape).items():
+                combined[k] = min(MAX_UNITS, combined.get(k, 0) + v * max(0, b.count))
         return [combined]
-    return [n for n in needs if n]
+    if sum(max(0, b.count) for b in gang.bundles) > MAX_GANG_BUNDLES:
+        return None
+    return [n for b in gang.bundles if (n := _units(b.shape)) for _ in range(b.count)]
+
+
+MAX_GANG_BUNDLES = 1024 + 1  # one more bundle than the largest pool (1024 workers) can spread
 
 
 def _fmt(shape: Mapping[str, float]) -> str:
@@ -293,19 +341,37 @@ def decide(
     packer = _Packer(offer_u, pending, room=max_replicas - len(kept))
 
     infeasible: list[dict[str, float]] = []
-    placed = unmet = 0
-    # Gangs first: they are all-or-nothing and usually the big training placement groups.
+    placed = unmet = skipped = 0
+    # Gangs first: they are all-or-nothing and usually the big training placement groups. They may
+    # spend half the work budget, so a flood of them cannot starve plain demand.
+    packer.budget = WORK_BUDGET // 2
     for gang in gangs:
+        count = max(0, gang.count)
         needs = _gang_needs(gang)
-        too_big = [n for n in needs if _times(n, offer_u) < 1]
+        if needs is None:  # more bundles than any pool: never placeable
+            unmet += count
+            continue
+        distinct = list({tuple(sorted(n.items())): n for n in needs}.values())
+        too_big = [n for n in distinct if _times(n, offer_u) < 1]
         if not needs or too_big:
             infeasible.extend({k: v / UNITS for k, v in n.items()} for n in too_big)
             continue
-        for _ in range(gang.count):
-            if packer.place_gang(needs, gang.strategy):
-                placed += 1
-            else:
-                unmet += 1
+        if len(needs) == 1:  # one bundle: all-or-nothing per copy is plain first-fit, in bulk
+            done = packer.place(needs[0], count)
+            placed += done
+            skipped += count - done if packer.exhausted else 0
+            unmet += count - done if not packer.exhausted else 0
+            continue
+        for done in range(count):
+            if packer.exhausted:
+                skipped += count - done
+                break
+            if not packer.place_gang(needs, gang.strategy):
+                # the bins are as before this copy, so every later copy fails the same way
+                unmet += count - done
+                break
+            placed += 1
+    packer.budget = max(0, packer.budget) + WORK_BUDGET // 2
     for item in sorted(demand, key=lambda d: _size(_units(d.shape)), reverse=True):
         need = _units(item.shape)
         if not need or item.count <= 0:
@@ -313,9 +379,15 @@ def decide(
         if _times(need, offer_u) < 1:
             infeasible.append(dict(item.shape))
             continue
+        if packer.exhausted:
+            skipped += item.count
+            continue
         done = packer.place(need, item.count)
         placed += done
-        unmet += item.count - done
+        if packer.exhausted:
+            skipped += item.count - done
+        else:
+            unmet += item.count - done
 
     add = packer.new
     reasons: list[str] = []
@@ -329,15 +401,15 @@ def decide(
         add += min_replicas - base
     if unmet:
         reasons.append(f"{unmet} pending request(s) cannot be placed within maxReplicas={max_replicas}")
+    if skipped:
+        reasons.append(f"{skipped} pending request(s) not examined (too much demand for one pass)")
+        unmet += skipped
     if infeasible:
         unique = list({_fmt(s): s for s in infeasible}.values())
         infeasible = unique
-        reasons.append(
-            "demand no worker can hold (worker offers "
-            + _fmt(offer)
-            + "): "
-            + ", ".join(_fmt(s) for s in unique)
-        )
+        listed = ", ".join(_fmt(s) for s in unique[:MAX_LISTED])
+        more = f" and {len(unique) - MAX_LISTED} more" if len(unique) > MAX_LISTED else ""
+        reasons.append(f"demand no worker can hold (worker offers {_fmt(offer)}): {listed}{more}")
     if not placed and not unmet:
         idle = sorted(
             (w for w in kept if w.in_ray and w.idle_seconds is not None and w.idle_seconds >= idle_timeout_s),

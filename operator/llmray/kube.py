@@ -4,6 +4,12 @@ The official client is synchronous; its calls run in a bounded thread pool so on
 never blocks the event loop that Kopf's watches share. Responses are read as raw JSON (no model
 deserialisation: cheaper, and the controllers work on plain dicts anyway). Every request is
 counted by verb and resource (``llmray_kube_requests_total``), which the scale benchmark reads.
+
+Every request carries ``_request_timeout`` (connect, read): a pool thread blocked on a silent API
+server is given back after that long (a thread cannot be cancelled, so without it one hung
+connection holds a worker of the pool for ever). urllib3's read timeout is per socket read, so the
+awaiting coroutine also has an overall deadline (connect + read + 1 s): the reconcile moves on even
+if the connection trickles, and the thread ends at its next socket timeout.
 """
 
 from __future__ import annotations
@@ -82,12 +88,26 @@ def load_api_client(kubeconfig: str | None = None) -> client.ApiClient:
 
 _CORE_PLURALS = {"Pod": "pods", "Service": "services", "Secret": "secrets"}
 
+RequestTimeout = float | tuple[float, float]
+DEFAULT_REQUEST_TIMEOUT: RequestTimeout = (5.0, 30.0)
+"""(connect, read) seconds per API request: connecting to a healthy API server takes
+milliseconds, and 30 s is twice the API server's own default for a mutating request to time out."""
+
 
 class Kube:
     """Async Kubernetes API access for the reconcilers (pods, services, secrets, custom resources)."""
 
-    def __init__(self, api_client: client.ApiClient, *, max_workers: int = 8) -> None:
+    def __init__(
+        self,
+        api_client: client.ApiClient,
+        *,
+        max_workers: int = 8,
+        request_timeout: RequestTimeout = DEFAULT_REQUEST_TIMEOUT,
+    ) -> None:
         api_client.configuration.connection_pool_maxsize = max(max_workers, 4)
+        self.request_timeout = request_timeout
+        parts = request_timeout if isinstance(request_timeout, tuple) else (request_timeout,)
+        self.deadline_s = sum(parts) + 1.0
         self.api_client = api_client
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
@@ -102,9 +122,15 @@ class Kube:
         self, verb: str, resource: str, what: str, fn: Callable[..., Any], *args: Any, **kw: Any
     ) -> Any:
         self.requests[(verb, resource)] += 1
+        kw.setdefault("_request_timeout", self.request_timeout)
         loop = asyncio.get_running_loop()
         try:
-            result = await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kw))
+            result = await asyncio.wait_for(
+                loop.run_in_executor(self._pool, functools.partial(fn, *args, **kw)), self.deadline_s
+            )
+        except TimeoutError:
+            KUBE_REQUESTS.labels(verb, resource, "0").inc()
+            raise KubeError(0, "Timeout", f"no answer within {self.deadline_s:g}s", verb, what) from None
         except ApiException as exc:
             KUBE_REQUESTS.labels(verb, resource, str(exc.status or 0)).inc()
             raise _raise(exc, verb, what) from None
@@ -181,17 +207,6 @@ class Kube:
             "patch", _CORE_PLURALS[kind], f"{kind} {namespace}/{name}", method, name, namespace, patch,
             _content_type="application/merge-patch+json", _preload_content=False,
         )  # fmt: skip
-        return self._json(resp)
-
-    async def get_custom(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
-        """Read an llmray.io custom resource; None when it does not exist."""
-        try:
-            resp = await self._call(
-                "get", plural, f"{plural} {namespace}/{name}", self.custom.get_namespaced_custom_object,
-                GROUP, VERSION, namespace, plural, name, _preload_content=False,
-            )  # fmt: skip
-        except NotFound:
-            return None
         return self._json(resp)
 
     async def patch_status(

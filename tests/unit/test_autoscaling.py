@@ -8,14 +8,13 @@ from decimal import Decimal
 import pytest
 
 from llmray.autoscaling import (
-    POD_LABEL,
     ScaleDecision,
     WorkerState,
     decide,
-    parse_quantity,
     worker_offer,
     worker_states,
 )
+from llmray.builders.common import quantity
 from llmray.ray.cluster import GangDemand, ResourceDemand
 
 pytestmark = pytest.mark.unit
@@ -76,13 +75,13 @@ def run(
     ],
 )
 def test_parse_quantity(text: str | int, value: Decimal) -> None:
-    assert parse_quantity(text) == value
+    assert quantity(text) == value  # the one quantity parser (builders.common)
 
 
-@pytest.mark.parametrize("bad", ["", "abc", "1x", "-1", "1 Gi"])
+@pytest.mark.parametrize("bad", ["", "abc", "1x", "-1", "1 Gi", "inf", "nan", "1e400", True])
 def test_parse_quantity_rejects_garbage(bad: str) -> None:
     with pytest.raises(ValueError, match="quantity"):
-        parse_quantity(bad)
+        quantity(bad)
 
 
 def test_worker_offer_rounds_up_like_kuberay() -> None:
@@ -337,16 +336,16 @@ class Node:
     start_time_s: float | None = 0.0
 
 
-def test_worker_states_match_by_label_then_ip() -> None:
+def test_worker_states_match_by_ip() -> None:
     nodes = [
-        Node("10.0.0.1", idle_seconds=5, labels={POD_LABEL: "w-a"}),
+        Node("10.0.0.1", idle_seconds=5, labels={"llmray.io/pod": "w-a"}),  # labels play no part
         Node("10.0.0.2", idle_seconds=None),
         Node("10.0.0.9", is_head=True, idle_seconds=100),
     ]
     pods: list[tuple[str, str | None]] = [("w-a", "10.9.9.9"), ("w-b", "10.0.0.2"), ("w-c", None)]
     states = worker_states(pods, nodes, now=1000)
     assert states == [
-        WorkerState("w-a", in_ray=True, idle_seconds=5),
+        WorkerState("w-a", in_ray=False, idle_seconds=None),
         WorkerState("w-b", in_ray=True, idle_seconds=None),
         WorkerState("w-c", in_ray=False, idle_seconds=None),
     ]

@@ -154,6 +154,7 @@ class FakeJobs:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.posts = 0
         self.log_file_calls = 0
+        self.full_log_calls = 0
         self.logs = "".join(f"line {i}\n" for i in range(500))
         self.state_api_ok = True
 
@@ -178,6 +179,7 @@ class FakeJobs:
         if sid not in self.jobs:
             return httpx.Response(404, text=f"Job {sid} does not exist")
         if path.endswith("/logs"):
+            self.full_log_calls += 1
             return httpx.Response(200, json={"logs": self.logs})
         if path.endswith("/stop"):
             was_running = self.jobs[sid]["status"] in ("PENDING", "RUNNING")
@@ -224,22 +226,24 @@ async def test_stop_and_tail() -> None:
         await ray.jobs.submit("e", submission_id="s")
         assert await ray.jobs.tail("s", lines=2) == "line 498\nline 499\n"
         assert fake.log_file_calls == 1
-        fake.state_api_ok = False  # the state API fails: fall back to the whole log, trimmed here
-        assert await ray.jobs.tail("s", lines=1, driver_node_id="n1") == "line 499\n"
+        fake.state_api_ok = False  # no log file (yet): nothing, and never the whole log instead
+        assert await ray.jobs.tail("s", lines=1, driver_node_id="n1") == ""
         assert fake.log_file_calls == 2  # not retried
+        assert fake.full_log_calls == 0
         assert await ray.jobs.stop("s") is True
         assert await ray.jobs.stop("s") is False
         with pytest.raises(RayNotFound):
             await ray.jobs.stop("other")
 
 
-async def test_tail_of_a_job_without_driver_node_uses_logs() -> None:
+async def test_tail_of_a_job_without_driver_node_is_empty_and_never_reads_the_whole_log() -> None:
     fake = FakeJobs()
     async with client(fake) as ray:
         await ray.jobs.submit("e", submission_id="s")
         fake.jobs["s"]["driver_node_id"] = None
-        assert await ray.jobs.tail("s", lines=1) == "line 499\n"
-    assert fake.log_file_calls == 0
+        assert await ray.jobs.tail("s", lines=1) == ""
+        assert await ray.jobs.logs("s") == fake.logs  # the whole log only when asked for
+    assert fake.log_file_calls == 0 and fake.full_log_calls == 1
 
 
 async def test_list_skips_non_submission_drivers() -> None:
@@ -327,3 +331,21 @@ async def test_concurrent_puts_on_one_head_keep_both_apps() -> None:
             r2.serve.put_application("y", {"import_path": "m:y", "route_prefix": "/y"}),
         )
     assert set(fake.apps) == {"x", "y"}
+
+
+async def test_tail_does_not_swallow_auth_errors() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(403, text="Invalid token")
+
+    async with client(handler) as ray:
+        with pytest.raises(RayAuthError):
+            await ray.jobs.tail("s", driver_node_id="n1")
+
+
+def test_every_error_has_a_status_reason() -> None:
+    from llmray.ray import errors
+
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.RayError)]
+    reasons = [c.status_reason for c in classes]
+    assert len(classes) >= 8 and len(set(reasons)) == len(reasons)
+    assert all(r.isidentifier() and r[0].isupper() for r in reasons)

@@ -531,3 +531,103 @@ def test_submission_id_long_names_are_truncated() -> None:
     assert DNS_SAFE.match(odd)
     with pytest.raises(ValueError):
         submission_id("ns", "job", "u", -1)
+
+
+# --- untrusted numbers -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("count", "expected"),
+    [
+        (3, 3),
+        ("3", 3),
+        (1e18, 1_000_000),
+        (10**30, 1_000_000),
+        (float("inf"), 1_000_000),
+        ("inf", 1_000_000),
+        (float("nan"), 0),
+        ("nan", 0),
+        (-5, 0),
+        (None, 1),
+        ("junk", 1),
+    ],
+)
+def test_demand_counts_are_bounded(count: Any, expected: int) -> None:
+    payload = {"clusterStatus": {"loadMetricsReport": {"resourceDemand": [[{"CPU": 1}, count]]}}}
+    demand = parse_cluster_status(payload).demand
+    assert [d.count for d in demand] == ([expected] if expected else [])
+
+
+@pytest.mark.parametrize(
+    ("amount", "expected"),
+    [
+        (1, 1.0),
+        ("0.5", 0.5),
+        (float("inf"), 1e18),
+        ("inf", 1e18),
+        ("1e400", 1e18),
+        (10**400, 1e18),
+        (float("nan"), None),
+        (-1, None),
+        (0, None),
+        (True, None),
+    ],
+)
+def test_demand_amounts_are_finite_and_clamped(amount: Any, expected: float | None) -> None:
+    payload = {"clusterStatus": {"loadMetricsReport": {"resourceDemand": [[{"GPU": amount, "CPU": 1}, 1]]}}}
+    (demand,) = parse_cluster_status(payload).demand
+    assert demand.shape.get("GPU") == expected and demand.shape["CPU"] == 1.0
+
+
+def test_equal_shapes_are_merged_and_entries_capped() -> None:
+    entries = [[{"CPU": 1}, 600_000], [{"CPU": 1}, 600_000]] + [[{f"r{i}": 1}, 1] for i in range(1000)]
+    payload = {"clusterStatus": {"loadMetricsReport": {"resourceDemand": entries}}}
+    demand = parse_cluster_status(payload).demand
+    assert demand[0] == ResourceDemand({"CPU": 1.0}, 1_000_000)  # summed, capped
+    assert len(demand) <= 256
+
+
+def test_hostile_node_fields_are_ignored_not_raised() -> None:
+    payload = {
+        "data": {
+            "summary": [
+                {"raylet": {"nodeId": "a", "state": "ALIVE", "resourcesTotal": [1, 2], "labels": "x"}},
+                {"raylet": {"nodeId": "b", "stateSnapshot": {"state": "IDLE", "idleDurationMs": -5}}},
+                {"raylet": {"nodeId": "c", "startTimeMs": float("nan"), "stateSnapshot": "junk"}},
+                "junk",
+            ]
+        }
+    }
+    nodes = parse_nodes(payload)
+    assert [n.node_id for n in nodes] == ["a", "b", "c"]
+    assert nodes[0].resources_total == {} and nodes[0].labels == {}
+    assert nodes[1].idle_seconds is None and nodes[2].start_time_s is None
+    assert parse_nodes({"data": {"summary": 5}}) == []
+
+
+def test_hostile_serve_details_are_clamped_not_raised() -> None:
+    payload = {
+        "controller_info": {"node_id": "n"},
+        "http_options": ["junk"],
+        "applications": {
+            "a": {
+                "status": "RUNNING",
+                "message": "m" * 10_000,
+                "deployed_app_config": "junk",
+                "deployments": {
+                    "d1": {"target_num_replicas": float("inf"), "replicas": [{"state": "RUNNING"}, "junk"]},
+                    "d2": {"target_num_replicas": 1e18, "replicas": {"not": "a list"}},
+                    "d3": {"target_num_replicas": float("nan")},
+                    "d4": "junk",
+                },
+            },
+            "b": "junk",
+        },
+    }
+    instance = parse_serve_details(payload)
+    a = instance.applications["a"]
+    assert a.deployments["d1"].target_replicas == 100_000 and a.deployments["d1"].running_replicas == 1
+    assert a.deployments["d2"].target_replicas == 100_000 and a.deployments["d3"].target_replicas is None
+    assert a.deployments["d4"].status == "UNKNOWN"
+    assert len(a.message) == 2_000 and a.deployed_config is None
+    assert instance.applications["b"].status == "UNKNOWN" and instance.http_options == {}

@@ -142,19 +142,40 @@ def metadata(owner: Owner, name: str, component: str, **extra_labels: str) -> di
     }
 
 
+_QUANTITY_MAX = Decimal(2**63 - 1)  # what a Kubernetes int64 quantity value can hold
+
+
 def quantity(value: str | int | float) -> Decimal:
-    """A Kubernetes quantity ('500m', '64Gi', 8) as a Decimal."""
-    return Decimal(parse_quantity(value))
+    """A Kubernetes quantity ('500m', '64Gi', 8, '1e3') as an exact Decimal; the one parser.
+
+    Parsed by the kubernetes client's ``parse_quantity``; refused (``ValueError`` naming the
+    value) when negative, not finite, beyond int64, or containing spaces.
+    """
+    text = str(value)
+    if isinstance(value, bool) or not text or any(c.isspace() for c in text):
+        raise ValueError(f"not a Kubernetes quantity: {value!r}")
+    try:
+        number = Decimal(parse_quantity(text))
+    except (ValueError, ArithmeticError) as exc:
+        raise ValueError(f"not a Kubernetes quantity: {value!r}") from exc
+    if not number.is_finite() or number < 0 or number > _QUANTITY_MAX:
+        raise ValueError(f"not a Kubernetes quantity: {value!r} (must be finite, >= 0, < 2**63)")
+    return number
 
 
 def cpu_count(value: str | int | float) -> int:
     """Whole CPUs Ray may schedule on a pod: the quantity rounded up (Ray counts CPUs in integers)."""
-    return max(0, math.ceil(quantity(value)))
+    return math.ceil(quantity(value))
 
 
 def memory_bytes(value: str | int | float) -> int:
-    """Memory quantity in bytes (what ``ray start --memory`` takes)."""
-    return int(quantity(value))
+    """Memory quantity in whole bytes (what ``ray start --memory`` takes), rounded up.
+
+    Kubernetes' ``Quantity.Value()`` rounds a fractional value up (``100m`` bytes is 1 byte), and
+    KubeRay passes that to Ray; rounding down here would let the autoscaler pack one byte more
+    than the pod gives Ray.
+    """
+    return math.ceil(quantity(value))
 
 
 def stable_hash(obj: Any) -> str:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from llmray.api.common import local_path
 from llmray.api.deployment import KIND, PLURAL, LLMDeploymentSpec, LLMDeploymentStatus
 from llmray.api.training import KIND as TRAINING_KIND
-from llmray.autoscaling import POD_LABEL, WorkerState, decide, worker_offer, worker_states
+from llmray.autoscaling import WorkerState, decide, worker_offer, worker_states
 from llmray.builders.cluster import deployment_cluster, serve_endpoint, serve_service
 from llmray.builders.model import resolve_model
 from llmray.builders.status import (
@@ -88,7 +88,7 @@ def _worker_states(
         return states
     out: list[WorkerState] = []
     for pod, state in zip(live, states, strict=True):
-        matched = any(n.labels.get(POD_LABEL) == pod.name for n in nodes)
+        matched = bool(pod.pod_ip) and any(n.ip == pod.pod_ip and n.alive and not n.is_head for n in nodes)
         if matched or not pod.ready:
             out.append(state)
             continue

@@ -4,7 +4,7 @@ The operator never imports ``ray``: it talks to each cluster's dashboard over HT
 cluster's token. Entry point: :class:`RayClient`; addresses: :func:`resolve_head`.
 """
 
-from ._http import NO_RETRY, RetryPolicy
+from ._http import DEFAULT_DEADLINE_S, DEFAULT_MAX_BODY, NO_RETRY, RayResponse, RetryPolicy, pooled_client
 from .client import RayClient
 from .cluster import ClusterStatus, GangDemand, RayNode, ResourceDemand, parse_cluster_status, parse_nodes
 from .endpoints import (
@@ -18,7 +18,16 @@ from .endpoints import (
     serve_route,
     submission_id,
 )
-from .errors import RayAPIError, RayAuthError, RayError, RayHeadUnavailable, RayNotFound
+from .errors import (
+    RayAPIError,
+    RayAuthError,
+    RayBadResponse,
+    RayDeadlineExceeded,
+    RayError,
+    RayHeadUnavailable,
+    RayNotFound,
+    RayResponseTooLarge,
+)
 from .jobs import JobInfo, JobStatus, Submission, parse_job, tail_text
 from .serve import (
     DeploymentStatus,
@@ -31,6 +40,8 @@ from .serve import (
 
 __all__ = [
     "DASHBOARD_URL_ENV",
+    "DEFAULT_DEADLINE_S",
+    "DEFAULT_MAX_BODY",
     "NO_RETRY",
     "SANDBOX_TOKEN_ENV",
     "SERVE_URL_ENV",
@@ -42,11 +53,15 @@ __all__ = [
     "JobStatus",
     "RayAPIError",
     "RayAuthError",
+    "RayBadResponse",
     "RayClient",
+    "RayDeadlineExceeded",
     "RayError",
     "RayHeadUnavailable",
     "RayNode",
     "RayNotFound",
+    "RayResponse",
+    "RayResponseTooLarge",
     "ResourceDemand",
     "RetryPolicy",
     "ServeApplication",
@@ -57,6 +72,7 @@ __all__ = [
     "parse_job",
     "parse_nodes",
     "parse_serve_details",
+    "pooled_client",
     "remove_app_config",
     "resolve_head",
     "sandbox_token",

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from types import TracebackType
 
 import httpx
 
-from ._http import DEFAULT_RETRY, DEFAULT_TIMEOUT, RayHTTP, RetryPolicy
+from ._http import DEFAULT_DEADLINE_S, DEFAULT_MAX_BODY, DEFAULT_RETRY, DEFAULT_TIMEOUT, RayHTTP, RetryPolicy
 from .cluster import ClusterAPI
-from .endpoints import resolve_head
 from .jobs import JobsAPI
 from .serve import ServeAPI
 
@@ -17,9 +15,12 @@ from .serve import ServeAPI
 class RayClient:
     """Async client of a Ray head's dashboard REST API.
 
-    Use as ``async with RayClient(url, token) as ray: await ray.jobs.get(...)``. Every call has a
-    timeout and bounded retries; failures raise :class:`~llmray.ray.errors.RayHeadUnavailable`
-    (no answer) or :class:`~llmray.ray.errors.RayAPIError` (an error answer).
+    Use as ``async with RayClient(url, token) as ray: await ray.jobs.get(...)``. Every call has an
+    overall deadline (``deadline_s``), a size cap on its answer (``max_body_bytes``) and bounded
+    retries; failures raise :class:`~llmray.ray.errors.RayHeadUnavailable` (no complete answer in
+    time) or :class:`~llmray.ray.errors.RayAPIError` (an error or unusable answer). Pass a shared
+    ``client`` (:func:`llmray.ray.pooled_client`) to reuse connections across passes and heads;
+    closing this object then leaves the shared pool open.
     """
 
     def __init__(
@@ -30,18 +31,17 @@ class RayClient:
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
         retry: RetryPolicy = DEFAULT_RETRY,
         transport: httpx.AsyncBaseTransport | None = None,
+        client: httpx.AsyncClient | None = None,
+        deadline_s: float = DEFAULT_DEADLINE_S,
+        max_body_bytes: int = DEFAULT_MAX_BODY,
     ) -> None:
-        self.http = RayHTTP(dashboard_url, token, timeout=timeout, retry=retry, transport=transport)
+        self.http = RayHTTP(
+            dashboard_url, token, timeout=timeout, retry=retry, transport=transport, client=client,
+            deadline_s=deadline_s, max_body_bytes=max_body_bytes,
+        )  # fmt: skip
         self.jobs = JobsAPI(self.http)
         self.serve = ServeAPI(self.http)
         self.cluster = ClusterAPI(self.http)
-
-    @classmethod
-    def for_cluster(
-        cls, name: str, namespace: str, token: str | None, *, env: Mapping[str, str] | None = None
-    ) -> RayClient:
-        """A client for the head of Ray cluster ``name`` (address from :func:`resolve_head`)."""
-        return cls(resolve_head(name, namespace, env).dashboard_url, token)
 
     @property
     def dashboard_url(self) -> str:
@@ -49,7 +49,7 @@ class RayClient:
 
     async def version(self) -> str:
         """The head's Ray version; a cheap liveness and auth check."""
-        data = await self.http.get_json("/api/version")
+        data = await self.http.get_object("/api/version")
         return str(data.get("ray_version", ""))
 
     async def aclose(self) -> None:

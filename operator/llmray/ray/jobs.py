@@ -16,14 +16,18 @@ from urllib.parse import quote
 
 import httpx
 
-from ._http import RayHTTP
-from .errors import RayAPIError, RayNotFound
+from ._http import RayHTTP, RayResponse
+from .errors import RayAPIError, RayAuthError, RayBadResponse, RayNotFound
 
 DEFAULT_TAIL_LINES = 200
 DEFAULT_TAIL_BYTES = 64 * 1024
+MAX_TAIL_LINES = 10_000
+LOGS_MAX_BYTES = 4 * 2**20
+"""Cap of :meth:`JobsAPI.logs` (the whole driver log, for people and tests, never for polling)."""
 # Ray answers a submission only after it started the job's supervisor actor (and, on a fresh head,
 # after a job agent registered): tens of seconds on a loaded machine.
 SUBMIT_TIMEOUT = httpx.Timeout(120.0, connect=3.0)
+SUBMIT_DEADLINE_S = 120.0
 
 
 class JobStatus(StrEnum):
@@ -45,7 +49,7 @@ def _ms_to_datetime(value: Any) -> datetime | None:
         return None
     try:
         return datetime.fromtimestamp(int(value) / 1000, tz=UTC)
-    except (TypeError, ValueError, OverflowError):
+    except (TypeError, ValueError, OverflowError, OSError):  # inf, nan, year 30000...
         return None
 
 
@@ -84,10 +88,16 @@ def parse_job(data: Mapping[str, Any]) -> JobInfo:
         start_time=_ms_to_datetime(data.get("start_time")),
         end_time=_ms_to_datetime(data.get("end_time")),
         metadata={str(k): str(v) for k, v in (data.get("metadata") or {}).items()},
-        error_type=data.get("error_type") or None,
+        error_type=str(data["error_type"]) if data.get("error_type") else None,
         driver_exit_code=int(exit_code) if isinstance(exit_code, int) else None,
-        driver_node_id=data.get("driver_node_id") or None,
+        driver_node_id=str(data["driver_node_id"]) if data.get("driver_node_id") else None,
     )
+
+
+def _parse_jobs(data: Any) -> list[JobInfo]:
+    if not isinstance(data, list):
+        raise TypeError(f"expected a JSON list of jobs, got {type(data).__name__}")
+    return [parse_job(item) for item in data if isinstance(item, Mapping) and item.get("submission_id")]
 
 
 def tail_text(text: str, *, max_lines: int = DEFAULT_TAIL_LINES, max_bytes: int = DEFAULT_TAIL_BYTES) -> str:
@@ -108,7 +118,7 @@ def tail_text(text: str, *, max_lines: int = DEFAULT_TAIL_LINES, max_bytes: int 
     return "".join(lines[-max_lines:])
 
 
-def _already_exists(response: httpx.Response) -> bool:
+def _already_exists(response: RayResponse) -> bool:
     # Ray 2.60 answers a duplicate submission id with HTTP 500 and a ValueError traceback.
     return response.status_code in (400, 409, 500) and "already exists" in response.text
 
@@ -153,8 +163,9 @@ class JobsAPI:
         created = True
         try:
             await self._http.request(
-                "POST", "/api/jobs/", json=body, final=_already_exists, timeout=SUBMIT_TIMEOUT
-            )
+                "POST", "/api/jobs/", json=body, final=_already_exists, timeout=SUBMIT_TIMEOUT,
+                deadline_s=SUBMIT_DEADLINE_S,
+            )  # fmt: skip
         except RayAPIError as exc:
             if "already exists" not in exc.body:
                 raise
@@ -163,7 +174,9 @@ class JobsAPI:
 
     async def get(self, submission_id: str) -> JobInfo:
         """The job's status; raises :class:`RayNotFound` when the head does not know it."""
-        return parse_job(await self._http.get_json(f"/api/jobs/{quote(submission_id, safe='')}"))
+        path = f"/api/jobs/{quote(submission_id, safe='')}"
+        job: JobInfo = self._http.parsed(parse_job, await self._http.get_object(path), "GET", path)
+        return job
 
     async def find(self, submission_id: str) -> JobInfo | None:
         """Like :meth:`get`, but None for an unknown job (e.g. after the head restarted)."""
@@ -175,11 +188,17 @@ class JobsAPI:
     async def list(self) -> list[JobInfo]:
         """Every submitted job on the head (drivers started outside the Jobs API are skipped)."""
         data = await self._http.get_json("/api/jobs/")
-        return [parse_job(item) for item in data or [] if item.get("submission_id")]
+        jobs: list[JobInfo] = self._http.parsed(_parse_jobs, data, "GET", "/api/jobs/")
+        return jobs
 
-    async def logs(self, submission_id: str) -> str:
-        """The job driver's whole log (can be large: prefer :meth:`tail` when polling)."""
-        data = await self._http.get_json(f"/api/jobs/{quote(submission_id, safe='')}/logs")
+    async def logs(self, submission_id: str, *, max_bytes: int = LOGS_MAX_BYTES) -> str:
+        """The job driver's whole log, refused (:class:`RayResponseTooLarge`) past ``max_bytes``.
+
+        For people and tests; a controller polls :meth:`tail`, which is bounded however long the
+        log grows.
+        """
+        path = f"/api/jobs/{quote(submission_id, safe='')}/logs"
+        data = await self._http.get_object(path, max_bytes=max_bytes, max_values=None)  # one string
         return str(data.get("logs") or "")
 
     async def tail(
@@ -190,36 +209,45 @@ class JobsAPI:
         max_bytes: int = DEFAULT_TAIL_BYTES,
         driver_node_id: str | None = None,
     ) -> str:
-        """The last ``lines`` lines (at most ``max_bytes``) of the job driver's log.
+        """The last ``lines`` lines (at most ``max_bytes``) of the job driver's log; "" if none yet.
 
-        Ray 2.60's ``/api/jobs/{id}/logs/tail`` is a websocket stream, so the cheap path is the
-        State API's ``/api/v0/logs/file?submission_id=..&node_id=..&lines=N``, which reads only the
-        end of the driver log file on the head. When it is unavailable (job not started, state API
-        busy), this falls back to the full log trimmed here. ``driver_node_id`` (from
+        Ray 2.60's ``/api/jobs/{id}/logs/tail`` is a websocket stream, so this reads the State API's
+        ``/api/v0/logs/file?submission_id=..&node_id=..&lines=N``, which reads only the end of the
+        driver log file. Bounded whatever the head does: the answer is streamed keeping only its
+        last ``max_bytes`` (so a head that ignores ``lines``, or one enormous line, costs at most
+        that much memory), within the call's deadline. It never falls back to the whole log: no
+        driver node yet (job pending) or no log file yet gives "". ``driver_node_id`` (from
         :class:`JobInfo`) saves one request when the caller already has it.
         """
+        lines = max(0, min(lines, MAX_TAIL_LINES))
         node_id = driver_node_id
         if node_id is None:
             node_id = (await self.get(submission_id)).driver_node_id
-        if node_id:
-            try:
-                response = await self._http.request(
-                    "GET",
-                    "/api/v0/logs/file",
-                    params={"submission_id": submission_id, "node_id": node_id, "lines": lines},
-                    final=lambda _r: True,  # a 500 here means "no such file": fall back at once
-                )
-                return tail_text(response.text, max_lines=lines, max_bytes=max_bytes)
-            except RayAPIError:
-                pass
-        return tail_text(await self.logs(submission_id), max_lines=lines, max_bytes=max_bytes)
+        if not node_id or not lines or max_bytes <= 0:
+            return ""
+        try:
+            response = await self._http.request(
+                "GET",
+                "/api/v0/logs/file",
+                params={"submission_id": submission_id, "node_id": node_id, "lines": lines},
+                final=lambda _r: True,  # a 500 here means "no such file (yet)": not worth a retry
+                max_bytes=max_bytes,
+                tail=True,
+            )
+        except (RayAuthError, RayBadResponse):
+            raise
+        except RayAPIError:  # no log file (yet), or no State API on this head: nothing to show
+            return ""
+        return tail_text(response.text, max_lines=lines, max_bytes=max_bytes)
 
     async def stop(self, submission_id: str) -> bool:
         """Ask Ray to stop the job; True if it was running, False if it had already ended."""
-        data = (await self._http.request("POST", f"/api/jobs/{quote(submission_id, safe='')}/stop")).json()
-        return bool(data.get("stopped"))
+        path = f"/api/jobs/{quote(submission_id, safe='')}/stop"
+        data = self._http.decode(await self._http.request("POST", path), "POST", path)
+        return bool(data.get("stopped")) if isinstance(data, Mapping) else False
 
     async def delete(self, submission_id: str) -> bool:
         """Forget a finished job on the head (Ray refuses to delete a running one)."""
-        data = (await self._http.request("DELETE", f"/api/jobs/{quote(submission_id, safe='')}")).json()
-        return bool(data.get("deleted"))
+        path = f"/api/jobs/{quote(submission_id, safe='')}"
+        data = self._http.decode(await self._http.request("DELETE", path), "DELETE", path)
+        return bool(data.get("deleted")) if isinstance(data, Mapping) else False

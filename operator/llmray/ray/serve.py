@@ -23,6 +23,7 @@ _INSTANCE_KEYS = ("proxy_location", "http_options", "grpc_options", "target_capa
 # Applications in these states are on their way out; writing them back would resurrect them.
 _GONE_STATES = {"DELETING"}
 SERVE_PUT_TIMEOUT_S = 60.0
+"""Deadline of a Serve PUT: Serve answers once the controller accepted the new config."""
 
 
 @dataclass(frozen=True)
@@ -72,43 +73,64 @@ class ServeInstance:
     proxy_location: str | None = None
 
 
+MAX_REPLICAS_REPORTED = 100_000
+"""Replica counts a head reports are clamped to this (it ends up in status)."""
+MAX_MESSAGE = 2_000
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _replica_count(value: Any) -> int | None:
+    """A replica count from the head, clamped to ``[0, MAX_REPLICAS_REPORTED]``; None if not a number."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:  # nan
+        return None
+    return int(max(0, min(value, MAX_REPLICAS_REPORTED)))
+
+
 def _parse_deployment(name: str, data: Mapping[str, Any]) -> DeploymentStatus:
     states: dict[str, int] = {}
-    for replica in data.get("replicas") or []:
-        state = str(replica.get("state", "UNKNOWN"))
+    replicas = data.get("replicas")
+    for replica in replicas if isinstance(replicas, list) else []:
+        state = str(_mapping(replica).get("state", "UNKNOWN"))[:64]
         states[state] = states.get(state, 0) + 1
-    target = data.get("target_num_replicas")
     return DeploymentStatus(
         name=str(data.get("name") or name),
-        status=str(data.get("status") or "UNKNOWN"),
-        message=str(data.get("message") or ""),
-        target_replicas=int(target) if isinstance(target, int | float) else None,
+        status=str(data.get("status") or "UNKNOWN")[:64],
+        message=str(data.get("message") or "")[:MAX_MESSAGE],
+        target_replicas=_replica_count(data.get("target_num_replicas")),
         running_replicas=states.get("RUNNING", 0),
         replica_states=states,
     )
 
 
 def parse_serve_details(payload: Mapping[str, Any]) -> ServeInstance:
-    """A :class:`ServeInstance` from ``GET /api/serve/applications/`` (defensive: all optional)."""
+    """A :class:`ServeInstance` from ``GET /api/serve/applications/`` (defensive: all optional;
+    parts of the wrong type are ignored, numbers clamped, strings shortened)."""
     apps: dict[str, ServeApplication] = {}
-    for name, app in (payload.get("applications") or {}).items():
+    for name, raw in _mapping(payload.get("applications")).items():
+        app = _mapping(raw)
         deployments = {
-            dname: _parse_deployment(dname, d) for dname, d in (app.get("deployments") or {}).items()
+            str(dname): _parse_deployment(str(dname), _mapping(d))
+            for dname, d in _mapping(app.get("deployments")).items()
         }
-        apps[name] = ServeApplication(
+        route, source, config = app.get("route_prefix"), app.get("source"), app.get("deployed_app_config")
+        apps[str(name)] = ServeApplication(
             name=str(app.get("name") or name),
-            status=str(app.get("status") or "UNKNOWN"),
-            message=str(app.get("message") or ""),
-            route_prefix=app.get("route_prefix"),
-            source=app.get("source"),
-            deployed_config=app.get("deployed_app_config"),
+            status=str(app.get("status") or "UNKNOWN")[:64],
+            message=str(app.get("message") or "")[:MAX_MESSAGE],
+            route_prefix=route if isinstance(route, str) else None,
+            source=source if isinstance(source, str) else None,
+            deployed_config=dict(config) if isinstance(config, Mapping) else None,
             deployments=deployments,
         )
+    proxy = payload.get("proxy_location")
     return ServeInstance(
         running=bool(payload.get("controller_info")),
         applications=apps,
-        http_options=dict(payload.get("http_options") or {}),
-        proxy_location=payload.get("proxy_location"),
+        http_options=dict(_mapping(payload.get("http_options"))),
+        proxy_location=proxy if isinstance(proxy, str) else None,
     )
 
 
@@ -195,16 +217,20 @@ class ServeAPI:
         self._http = http
 
     async def _put(self, body: dict[str, Any]) -> None:
-        await self._http.request("PUT", "/api/serve/applications/", json=body, timeout=SERVE_PUT_TIMEOUT_S)
+        await self._http.request(
+            "PUT", "/api/serve/applications/", json=body, timeout=SERVE_PUT_TIMEOUT_S,
+            deadline_s=SERVE_PUT_TIMEOUT_S,
+        )  # fmt: skip
 
     async def details(self) -> dict[str, Any]:
         """The raw ``GET /api/serve/applications/`` answer (instance + apps + deployments)."""
-        data: dict[str, Any] = await self._http.get_json("/api/serve/applications/")
-        return data
+        return await self._http.get_object("/api/serve/applications/")
 
     async def get_applications(self) -> ServeInstance:
         """Serve's state: whether it runs, and every application's status and replica counts."""
-        return parse_serve_details(await self.details())
+        path = "/api/serve/applications/"
+        instance: ServeInstance = self._http.parsed(parse_serve_details, await self.details(), "GET", path)
+        return instance
 
     async def get_application(self, name: str) -> ServeApplication | None:
         """One application's status, or None when it is not deployed."""
@@ -237,22 +263,26 @@ class ServeAPI:
         config = {**app_config, "name": name}
         async with _lock_for(self._http.base_url):
             current = await self.details()
-            if app_config_unchanged(current, config):
+            path = "/api/serve/applications/"
+            if self._http.parsed(lambda c: app_config_unchanged(c, config), current, "GET", path):
                 return False
-            body = upsert_app_config(current, config, instance_defaults=instance_defaults)
-            await self._http.request(
-                "PUT", "/api/serve/applications/", json=body, timeout=SERVE_PUT_TIMEOUT_S
+            body = self._http.parsed(
+                lambda c: upsert_app_config(c, config, instance_defaults=instance_defaults),
+                current,
+                "GET",
+                path,
             )
+            await self._put(body)
             return True
 
     async def delete_application(self, name: str) -> bool:
         """Remove application ``name`` only; False when it was not deployed (no PUT sent)."""
         async with _lock_for(self._http.base_url):
             current = await self.details()
-            if name not in (current.get("applications") or {}):
+            if name not in _mapping(current.get("applications")):
                 return False
-            body = remove_app_config(current, name)
-            await self._http.request(
-                "PUT", "/api/serve/applications/", json=body, timeout=SERVE_PUT_TIMEOUT_S
+            body = self._http.parsed(
+                lambda c: remove_app_config(c, name), current, "GET", "/api/serve/applications/"
             )
+            await self._put(body)
             return True
