@@ -27,7 +27,7 @@ API_KEY = "kind-test-key-0123456789"
 # Small CPU requests: the node has 2 CPUs and the control plane already asks for ~0.75 of them.
 HEAD = {"resources": {"cpu": "300m", "memory": "3Gi"}}
 WORKER_RES = {"cpu": "250m", "memory": "2Gi"}
-MAX_STEPS = 60
+MAX_STEPS = 200
 
 
 def training_job() -> dict[str, Any]:
@@ -50,7 +50,7 @@ def training_job() -> dict[str, Any]:
             },
             "workers": {"replicas": 2, "resources": WORKER_RES},
             "head": HEAD,
-            "checkpoint": {"everySteps": 5, "keep": 2},
+            "checkpoint": {"everySteps": 10, "keep": 2},
             "output": {"uri": f"pvc://shared/{JOB}"},
             "failurePolicy": {"maxRestarts": 2},
         },
@@ -114,7 +114,7 @@ def test_training_on_real_pods_survives_a_worker_loss(kind: Kind, tenant: str) -
     def checkpointed() -> dict[str, Any] | None:
         st = _status(kind, ns, "ltj", JOB)
         ck = st.get("checkpoint") or {}
-        return st if st.get("phase") == "Running" and (ck.get("step") or 0) >= 5 else None
+        return st if st.get("phase") == "Running" and (ck.get("step") or 0) >= 10 else None
 
     st = wait_for(checkpointed, timeout=900, interval=3, what="a checkpoint while Running")
     table = kind.kubectl("get", "ltj", JOB, "-n", ns)

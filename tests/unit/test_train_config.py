@@ -77,9 +77,10 @@ def test_plan_paths_run_name_and_resources() -> None:
     assert plan.storage_path == "/mnt/pvc/models/out/run/checkpoints"  # default: output + /checkpoints
     assert plan.run_dir == "/mnt/pvc/models/out/run/checkpoints/team.job"
     assert plan.checkpoint_path("checkpoint-000010").endswith("team.job/checkpoint-000010")
-    assert plan.resources_per_worker == {"CPU": 0.5, "GPU": 2.0} and plan.use_gpu
+    # One Train worker per pod: the pod's CPUs as Ray counts them (500m -> 1).
+    assert plan.resources_per_worker == {"CPU": 1.0, "GPU": 2.0} and plan.use_gpu
     assert plan.num_workers == 3
-    assert plan.max_failures == 2  # the restart budget left after this attempt
+    assert plan.max_failures == 0  # retries are the operator's (status.restarts)
 
 
 def test_plan_hub_and_object_store_uris() -> None:

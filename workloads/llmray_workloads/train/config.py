@@ -8,6 +8,7 @@ as it is on the wire (``spec.hyperparameters.maxSeqLength``) so users can find i
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,7 +140,10 @@ def resolve_plan(run: TrainingRun) -> Plan:
     storage = local_path(storage_uri)
     storage_path = str(Path(storage).absolute()) if storage is not None else storage_uri
     resources = spec.workers.resources
-    per_worker = {"CPU": cpu_quantity(resources.cpu)}
+    # One Train worker per worker pod: ask for every CPU the pod advertises to Ray (`ray start
+    # --num-cpus` is the pod's CPU rounded up), so two workers never share a pod and the loss of a
+    # pod is the loss of one worker.
+    per_worker = {"CPU": float(max(1, math.ceil(cpu_quantity(resources.cpu))))}
     if resources.gpu > 0:
         per_worker["GPU"] = float(resources.gpu)
     return Plan(
@@ -154,7 +158,10 @@ def resolve_plan(run: TrainingRun) -> Plan:
         num_workers=spec.workers.replicas,
         use_gpu=resources.gpu > 0,
         resources_per_worker=per_worker,
-        max_failures=max(0, spec.failure_policy.max_restarts - run.attempt),
+        # Retries are the operator's: each failed attempt is resubmitted as the next one, counted
+        # in status.restarts and bounded by failurePolicy.maxRestarts. Ray Train restarting the
+        # worker group inside an attempt would hide failures from both.
+        max_failures=0,
     )
 
 
