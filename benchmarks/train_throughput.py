@@ -102,14 +102,14 @@ def steady_rate(rates: list[float], warmup: int) -> float:
 def plain_rates(config: dict[str, Any], threads: int) -> list[float]:
     """Single process, no Ray: the workload's own Trainer setup, timed the same way."""
     import torch
-    from transformers import TrainerCallback
+    from transformers import Trainer, TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
     from llmray.api.runtime import TrainingRun
     from llmray_workloads.train.data import ExampleDataset, PadCollator
     from llmray_workloads.train.preflight import preflight
     from llmray_workloads.train.progress import ProgressTracker
-    from llmray_workloads.train.worker import ResumableTrainer, load_model, training_arguments
+    from llmray_workloads.train.worker import load_model, training_arguments
 
     torch.set_num_threads(threads)
     prepared = preflight(TrainingRun.model_validate(config))
@@ -128,7 +128,7 @@ def plain_rates(config: dict[str, Any], threads: int) -> list[float]:
     model = load_model(prepared.run, prepared.plan)
     with tempfile.TemporaryDirectory() as tmp:
         args = training_arguments(prepared.run, prepared.plan, "fp32", False, False, tmp, model)
-        trainer = ResumableTrainer(
+        trainer = Trainer(
             model=model,
             args=args,
             train_dataset=ExampleDataset(prepared.data.train),

@@ -4,11 +4,12 @@ Everything runs in the local sandbox (``llmray sandbox up``): a real control pla
 and a real Ray head on 127.0.0.1. Steps:
 
 1. sandbox up (idempotent);
-2. build the tiny model into ``/tmp/llmray/models/tiny`` and copy the bundled instruction data to
-   ``/tmp/llmray/data/`` (the paths ``examples/training-tiny-cpu.yaml`` uses);
+2. build the tiny model into ``/tmp/llmray/models/tiny`` and copy the bundled facts (made-up Q/A
+   pairs) to ``/tmp/llmray/data/`` (the paths ``examples/training-tiny-cpu.yaml`` uses);
 3. apply ``examples/training-tiny-cpu.yaml`` and show its live progress from the resource's status;
 4. apply ``examples/deployment-from-training.yaml`` (serves that job's output) and wait for Ready;
-5. ask the served model a question with the ``openai`` client at ``status.endpoint``.
+5. ask the served model one of the facts with the ``openai`` client at ``status.endpoint`` (greedy)
+   and compare its answer with the one it was trained on.
 
 A second run finds everything in place and only asks the question again.
 """
@@ -30,7 +31,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from llmray import sandbox
 
 MODEL_DIR = Path("/tmp/llmray/models/tiny")
-DATA_FILE = Path("/tmp/llmray/data/instructions.jsonl")
+DATA_FILE = Path("/tmp/llmray/data/facts.jsonl")
 TRAINING = "examples/training-tiny-cpu.yaml"
 DEPLOYMENT = "examples/deployment-from-training.yaml"
 NAMESPACE = "default"
@@ -69,12 +70,12 @@ def _wait(check: Callable[[], bool], timeout: float, what: str, log: Path) -> No
 
 
 def prepare_files(repo: Path) -> None:
-    """The tiny model and the instruction data at the paths the examples use."""
-    from llmray_workloads.tiny import build_tiny_model
+    """The tiny model and the facts data at the paths the examples use."""
+    from llmray_workloads.tiny import FACTS_FILE, build_tiny_model
 
     build_tiny_model(MODEL_DIR)
     DATA_FILE.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(repo / "workloads" / "llmray_workloads" / "data" / "instructions.jsonl", DATA_FILE)
+    shutil.copy(repo / "workloads" / "llmray_workloads" / "data" / FACTS_FILE, DATA_FILE)
 
 
 def train(api: Any, timeout: float, log: Path) -> dict[str, Any]:
@@ -157,13 +158,22 @@ def run(args: argparse.Namespace) -> int:
         console.rule("[bold]5. chat (openai client)")
         from openai import OpenAI
 
-        question = "What is Ray Serve?"
+        from llmray_workloads.tiny import facts
+
+        question, expected = facts()[0]
         ai = OpenAI(base_url=endpoint, api_key="not-needed", max_retries=2, timeout=120)
-        answer = ai.chat.completions.create(
-            model="tiny-tuned", messages=[{"role": "user", "content": question}], max_tokens=32
+        reply = ai.chat.completions.create(
+            model="tiny-tuned",
+            messages=[{"role": "user", "content": question}],
+            max_tokens=32,
+            temperature=0,
         )
-        console.print(f"[bold]Q:[/] {question}\n[bold]A:[/] {answer.choices[0].message.content!r}")
-        console.print("(a tiny random model fine-tuned for seconds: expect words, not wisdom)")
+        answer = (reply.choices[0].message.content or "").strip()
+        console.print(f"[bold]Q:[/] {question}\n[bold]A:[/] {answer}\n[bold]trained on:[/] {expected}")
+        if answer == expected:
+            console.print("[green]the answer matches the fact it was fine-tuned on[/]")
+        else:
+            console.print("[yellow]the answer does not match the fact it was fine-tuned on[/]")
     except (DemoError, sandbox.SandboxError, subprocess.TimeoutExpired) as exc:
         console.print(f"[red]demo failed:[/] {exc}")
         return 1

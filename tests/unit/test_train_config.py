@@ -83,6 +83,32 @@ def test_plan_paths_run_name_and_resources() -> None:
     assert plan.max_failures == 0  # retries are the operator's (status.restarts)
 
 
+def test_checkpoints_belong_to_one_resource_incarnation() -> None:
+    """A deleted and recreated job (same namespace and name, new uid) never sees the old checkpoints."""
+    from datetime import UTC, datetime
+
+    from llmray.api.training import LLMTrainingJobSpec
+    from llmray.controllers.cluster import Pass
+    from llmray.controllers.training import _training_run
+
+    spec = LLMTrainingJobSpec.model_validate(run_dict()["spec"])
+
+    def submitted(uid: str) -> str:
+        body = {"metadata": {"name": "job", "namespace": "team", "uid": uid}}
+        p = Pass(
+            key=("LLMTrainingJob", "team", "job"), body=body, status=None, at=datetime.now(UTC), spec=spec
+        )
+        return resolve_plan(parse_run(_training_run(p, 0).model_dump_json(by_alias=True))).run_dir
+
+    first, again, recreated = submitted("uid-1"), submitted("uid-1"), submitted("uid-2")
+    assert first == again == "/mnt/pvc/models/out/run/checkpoints/team.job.uid-1"  # every attempt
+    assert recreated == "/mnt/pvc/models/out/run/checkpoints/team.job.uid-2"
+    assert (
+        resolve_plan(parse_run(json.dumps({**run_dict(), "name": "a.b", "uid": "u"}))).run_name
+        == "team.a.b.u"
+    )
+
+
 def test_plan_hub_and_object_store_uris() -> None:
     run = parse_run(
         json.dumps(

@@ -14,7 +14,9 @@ from llmray_workloads.tiny import build_tiny_model, data_dir
 from llmray_workloads.train.config import ConfigError
 from llmray_workloads.train.data import (
     IGNORE_INDEX,
+    ExampleDataset,
     Examples,
+    ExampleTable,
     PadCollator,
     chat_mask,
     data_files,
@@ -153,6 +155,36 @@ def test_collator_pads_to_longest() -> None:
     assert out["input_ids"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
     assert out["labels"].tolist() == [[-100, 6, 7, -100], [8, -100, -100, -100]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+
+
+def test_examples_travel_as_arrow_and_are_read_as_views() -> None:
+    """Arrow int32 columns survive pickling (how Ray ships them); rows are numpy views, not copies."""
+    import pickle
+
+    import numpy as np
+    import pyarrow as pa
+
+    examples = Examples()
+    examples.add([1, 2, 3], [IGNORE_INDEX, 2, 3])
+    examples.add([70000], [70000])
+    table = pickle.loads(pickle.dumps(ExampleTable.from_examples(examples), protocol=5))
+    assert table.table.schema.field("input_ids").type == pa.list_(pa.int32())
+    assert (len(table), table.num_tokens()) == (2, 4)
+    dataset = ExampleDataset(table)
+    first = dataset[0]
+    assert (first["input_ids"].tolist(), first["labels"].tolist()) == ([1, 2, 3], [IGNORE_INDEX, 2, 3])
+    assert np.shares_memory(first["input_ids"], dataset.input_ids) and dataset[1]["labels"].tolist() == [
+        70000
+    ]
+    with pytest.raises(IndexError):
+        dataset[2]
+    frozen = [{k: v.copy() for k, v in dataset[i].items()} for i in range(2)]
+    for row in frozen:
+        for column in row.values():
+            column.flags.writeable = False  # Ray's shared buffers are read-only
+    out = PadCollator(pad_token_id=0)(frozen)
+    assert out["input_ids"].tolist() == [[1, 2, 3], [70000, 0, 0]]
+    assert out["labels"].tolist() == [[IGNORE_INDEX, 2, 3], [70000, IGNORE_INDEX, IGNORE_INDEX]]
 
 
 def test_reads_jsonl_parquet_text_and_folders(tmp_path: Path) -> None:

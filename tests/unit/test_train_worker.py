@@ -14,11 +14,13 @@ from llmray_workloads.train.config import resolve_plan
 from llmray_workloads.train.data import ExampleDataset, PadCollator
 from llmray_workloads.train.preflight import preflight
 from llmray_workloads.train.worker import (
-    ResumableTrainer,
     checkpoint_dir_name,
     evaluated_at,
     fsdp_arguments,
+    load_dtype,
     load_model,
+    make_trainer,
+    run_trainer,
     training_arguments,
     use_fsdp,
 )
@@ -87,7 +89,7 @@ def test_resuming_a_finished_run_does_no_extra_step(tiny: Path, tmp_path: Path) 
     def trainer(output_dir: Path) -> Any:
         model = load_model(run, prepared.plan)
         args = training_arguments(run, prepared.plan, "fp32", False, False, str(output_dir), model)
-        return ResumableTrainer(
+        return make_trainer(
             model=model,
             args=args,
             train_dataset=ExampleDataset(prepared.data.train),
@@ -95,11 +97,34 @@ def test_resuming_a_finished_run_does_no_extra_step(tiny: Path, tmp_path: Path) 
         )
 
     first = trainer(tmp_path / "a")
-    first.train()
+    run_trainer(first, None)
     assert first.state.global_step == 4
+    trained = {k: v.clone() for k, v in first.model.state_dict().items()}
     again = trainer(tmp_path / "b")
-    again.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
+    run_trainer(again, str(tmp_path / "a" / "checkpoint-4"))
     assert again.state.global_step == 4
+    restored = again.model.state_dict()  # the checkpoint's weights, ready for export
+    assert all(torch_equal(restored[k], v) for k, v in trained.items())
+
+
+def torch_equal(a: Any, b: Any) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_lora_base_loads_in_the_run_precision(tiny: Path, tmp_path: Path) -> None:
+    """Frozen LoRA base weights in bf16/fp16 (adapters stay fp32); full fine-tuning keeps fp32 masters."""
+    import torch
+
+    assert [load_dtype(p, lora=True) for p in ("bf16", "fp16", "fp32")] == ["bf16", "fp16", "fp32"]
+    assert [load_dtype(p, lora=False) for p in ("bf16", "fp16", "fp32")] == ["fp32"] * 3
+    run = make_run(tiny, tmp_path, method="lora")
+    model = load_model(run, resolve_plan(run), "bf16")
+    dtypes = {(("lora_" in name), p.dtype) for name, p in model.named_parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+    full = make_run(tiny, tmp_path, method="full")
+    assert {p.dtype for p in load_model(full, resolve_plan(full), "bf16").parameters()} == {torch.float32}
 
 
 def test_small_helpers() -> None:

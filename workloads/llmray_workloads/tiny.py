@@ -56,9 +56,23 @@ DEFAULT_PARAMS: dict[str, Any] = {
 }
 
 
+FACTS_FILE = "facts.jsonl"
+"""Made-up Q/A facts (chat format) the demo fine-tunes on and asks: the random tiny model can only
+know them from the fine-tune."""
+
+
 def data_dir() -> Path:
-    """Folder of the bundled corpus (``corpus.txt``, ``instructions.jsonl``, ``chat.jsonl``)."""
+    """Folder of the bundled data (``corpus.txt``, ``instructions.jsonl``, ``chat.jsonl``, facts)."""
     return Path(str(resources.files("llmray_workloads") / "data"))
+
+
+def facts() -> list[tuple[str, str]]:
+    """The (question, answer) pairs of :data:`FACTS_FILE`; the demo asks the first."""
+    pairs = []
+    for line in (data_dir() / FACTS_FILE).read_text().splitlines():
+        messages = json.loads(line)["messages"]
+        pairs.append((messages[0]["content"], messages[1]["content"]))
+    return pairs
 
 
 def _corpus_lines() -> list[str]:

@@ -38,6 +38,11 @@ class TrainingRun(ApiModel):
 
     name: str = Field(..., min_length=1, description="Resource name (used for run and Ray job names).")
     namespace: str = Field("default", description="Resource namespace.")
+    uid: str | None = Field(
+        None,
+        description="Resource uid: part of the checkpoint run name, so a deleted and recreated resource "
+        "never resumes its predecessor's checkpoints.",
+    )
     attempt: int = Field(0, ge=0, description="0 for the first submission, +1 per restart.")
     spec: LLMTrainingJobSpec = Field(..., description="The LLMTrainingJob spec.")
     storage_path: str | None = Field(

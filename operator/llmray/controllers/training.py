@@ -75,7 +75,7 @@ def _sid(p: Pass, attempt: int) -> str:
 
 
 def _training_run(p: Pass, attempt: int) -> TrainingRun:
-    return TrainingRun(name=p.name, namespace=p.namespace, attempt=attempt, spec=p.spec)
+    return TrainingRun(name=p.name, namespace=p.namespace, uid=p.uid or None, attempt=attempt, spec=p.spec)
 
 
 async def _submit(ray: RayClient, p: Pass, attempt: int) -> JobInfo:

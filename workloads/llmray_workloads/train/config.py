@@ -109,11 +109,13 @@ class Plan:
 
 
 def run_name(run: TrainingRun) -> str:
-    """Stable Ray Train run name per resource, so every attempt finds the same checkpoints.
+    """Ray Train run name of one resource incarnation: every attempt finds the same checkpoints.
 
-    Namespaces cannot contain dots, so ``<namespace>.<name>`` is unambiguous.
+    ``<namespace>.<name>.<uid>``: with the uid, a deleted and recreated resource (maybe another model)
+    starts afresh instead of resuming its predecessor's checkpoints. Configs written by hand have no
+    uid: ``<namespace>.<name>``. Namespaces and uids contain no dots, so both forms are unambiguous.
     """
-    return f"{run.namespace}.{run.name}"
+    return ".".join(part for part in (run.namespace, run.name, run.uid) if part)
 
 
 def _local_or_error(uri: str, field: str, what: str) -> str:

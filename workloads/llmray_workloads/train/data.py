@@ -1,8 +1,10 @@
 """Reading records and turning them into (input_ids, labels) examples.
 
 Runs in the driver, before any worker starts, so bad data fails early with the field named. The
-tokenised examples travel to the workers through the Ray object store, which keeps the workers
-free of dataset caches and makes every worker see the exact same examples in the same order (a
+tokenised examples are stored as an Arrow table (``list<int32>`` columns: 4 bytes a token, no Python
+objects) and travel to the workers through the Ray object store: each node holds one copy in shared
+memory and its workers map it without deserialising (Arrow buffers are zero-copy in Ray), reading
+only the rows their sampler picks. Every worker sees the exact same examples in the same order (a
 resumed run skips the batches it already trained on, which only works if the data is identical).
 
 Loss masking (TRL is not installed, and its SFT collator would be the only thing we used from it):
@@ -57,12 +59,53 @@ class Examples:
         return sum(len(ids) for ids in self.input_ids)
 
 
+class ExampleTable:
+    """Tokenised examples as an Arrow table (``input_ids``, ``labels``: ``list<int32>``).
+
+    Pickles as Arrow buffers, which the Ray object store shares zero-copy between the workers of a
+    node; rows are read as numpy views of those buffers.
+    """
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    @classmethod
+    def from_examples(cls, examples: Examples) -> ExampleTable:
+        import pyarrow as pa
+
+        column = pa.list_(pa.int32())
+        return cls(
+            pa.table(
+                {
+                    "input_ids": pa.array(examples.input_ids, type=column),
+                    "labels": pa.array(examples.labels, type=column),
+                }
+            )
+        )
+
+    def __len__(self) -> int:
+        return int(self.table.num_rows)
+
+    def num_tokens(self) -> int:
+        import pyarrow.compute as pc
+
+        return int(pc.sum(pc.list_value_length(self.table.column("input_ids"))).as_py() or 0)
+
+    def columns(self) -> tuple[Any, Any, Any]:
+        """Row offsets and the flat token / label arrays (numpy views, no copy)."""
+        ids = self.table.column("input_ids").combine_chunks()
+        labels = self.table.column("labels").combine_chunks()
+        if not ids.offsets.equals(labels.offsets):
+            raise ValueError("input_ids and labels rows differ in length")
+        return ids.offsets.to_numpy(), ids.values.to_numpy(), labels.values.to_numpy()
+
+
 @dataclass
 class PreparedData:
     """What the workers train and evaluate on."""
 
-    train: Examples
-    eval: Examples | None
+    train: ExampleTable
+    eval: ExampleTable | None
     records: int
     dropped: int
 
@@ -312,23 +355,31 @@ def prepare_data(records: Any, spec: DatasetSpec, tokenizer: Any, max_len: int, 
             )
         )
     train, held_out = split_examples(examples, spec.validation_split, seed)
-    return PreparedData(train=train, eval=held_out, records=len(rows), dropped=dropped)
+    return PreparedData(
+        train=ExampleTable.from_examples(train),
+        eval=ExampleTable.from_examples(held_out) if held_out is not None else None,
+        records=len(rows),
+        dropped=dropped,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- batching
 
 
 class ExampleDataset:
-    """Map-style torch dataset over :class:`Examples` (HF Trainer samples it by index)."""
+    """Map-style torch dataset over an :class:`ExampleTable` (HF Trainer samples it by index)."""
 
-    def __init__(self, examples: Examples) -> None:
-        self.examples = examples
+    def __init__(self, examples: ExampleTable) -> None:
+        self.offsets, self.input_ids, self.labels = examples.columns()
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.offsets) - 1
 
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        return {"input_ids": self.examples.input_ids[index], "labels": self.examples.labels[index]}
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        start, end = self.offsets[index], self.offsets[index + 1]
+        return {"input_ids": self.input_ids[start:end], "labels": self.labels[start:end]}
 
 
 @dataclass
@@ -338,18 +389,24 @@ class PadCollator:
     pad_token_id: int
     pad_to_multiple_of: int = 1
 
-    def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, Any]:
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        """Rows are lists or (read-only, shared) numpy views; the batch is built in fresh arrays."""
+        import numpy as np
         import torch
 
         longest = max(len(item["input_ids"]) for item in batch)
         multiple = self.pad_to_multiple_of
         width = -(-longest // multiple) * multiple
-        ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        ids = np.full((len(batch), width), self.pad_token_id, dtype=np.int64)
+        labels = np.full((len(batch), width), IGNORE_INDEX, dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
         for row, item in enumerate(batch):
             n = len(item["input_ids"])
-            ids[row, :n] = torch.tensor(item["input_ids"], dtype=torch.long)
-            labels[row, :n] = torch.tensor(item["labels"], dtype=torch.long)
+            ids[row, :n] = item["input_ids"]
+            labels[row, :n] = item["labels"]
             mask[row, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "labels": torch.from_numpy(labels),
+            "attention_mask": torch.from_numpy(mask),
+        }

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -34,19 +34,42 @@ from .export import FINAL_REPORT, merge_adapter, staging_dir
 from .progress import PROGRESS_DIR, ProgressTracker, say
 
 
-class ResumableTrainer(Trainer):  # type: ignore[misc]
-    """Trainer that does no extra step when resumed from a checkpoint taken at the last step.
+class AlreadyTrained(Exception):
+    """Raised by :class:`StopWhenTrained` to leave ``Trainer.train`` before its first step."""
 
-    transformers 5.24 re-enters the last epoch and runs one more optimiser step before checking
-    max_steps, so resubmitting a finished run would train step max_steps + 1. Skipping the epoch
-    still restores weights, optimizer and state (that happens before the epoch loop).
+
+class StopWhenTrained(TrainerCallback):  # type: ignore[misc]
+    """Ends a run resumed from a checkpoint taken at the last step, before it trains any step.
+
+    transformers 5.24 re-enters the last epoch and runs one more optimiser step before it checks
+    max_steps, so a resubmitted finished run would train step max_steps + 1. ``on_train_begin``
+    comes after the checkpoint's weights, optimizer and trainer state are restored and before the
+    first step; raising there (every rank restored the same step, so all leave together) keeps
+    the restored model for export. :func:`run_trainer` catches it.
     """
 
-    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
-        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
-            self.control.should_training_stop = True
-            return None
-        return super()._run_epoch(*args, **kwargs)
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise AlreadyTrained
+
+
+def run_trainer(trainer: Any, resume_from_checkpoint: str | None) -> None:
+    """``trainer.train``, resuming if asked; a run resumed at its last step trains nothing more.
+
+    ``trainer`` must have a :class:`StopWhenTrained` callback (see :func:`make_trainer`).
+    """
+    with suppress(AlreadyTrained):
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+
+
+def make_trainer(callbacks: list[Any] | None = None, **kwargs: Any) -> Any:
+    """A ``transformers.Trainer`` with the workload's callbacks (and without its console printers)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer = Trainer(callbacks=[*(callbacks or []), StopWhenTrained()], **kwargs)
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -183,20 +206,35 @@ def training_arguments(
     )
 
 
-def load_model(run: TrainingRun, plan: Plan) -> Any:
-    """Base model in fp32 (mixed precision autocasts), wrapped with LoRA adapters when asked."""
+def load_dtype(precision: Precision, lora: bool) -> str:
+    """The dtype the base weights are loaded in.
+
+    LoRA: the run's precision (bf16/fp16 on GPUs, fp32 on CPU). The base weights are frozen, so
+    half-precision storage loses nothing and halves their memory; peft keeps the trainable adapters
+    in fp32 and autocast does the rest. Full fine-tuning: fp32 master weights, the usual mixed
+    precision: AMP's fp16 gradient scaler refuses fp16 parameters, and bf16 weights would round
+    away small optimizer updates.
+    """
+    return precision if lora and precision != "fp32" else "fp32"
+
+
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def load_model(run: TrainingRun, plan: Plan, precision: Precision = "fp32") -> Any:
+    """Base model in :func:`load_dtype`, wrapped with LoRA adapters when asked."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    lora = run.spec.effective_lora()
     model = AutoModelForCausalLM.from_pretrained(
         plan.model_ref,
-        dtype=torch.float32,
+        dtype=getattr(torch, TORCH_DTYPES[load_dtype(precision, lora is not None)]),
         revision=run.spec.model.revision,
         token=os.environ.get("HF_TOKEN"),
     )
     if run.spec.hyperparameters.gradient_checkpointing:
         model.config.use_cache = False
-    lora = run.spec.effective_lora()
     if lora is None:
         return model
     from peft import LoraConfig, get_peft_model
@@ -269,7 +307,6 @@ def train_loop(config: dict[str, Any]) -> None:
     import transformers
     from ray.train.huggingface.transformers import prepare_trainer
     from transformers import AutoTokenizer
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     import ray
 
@@ -295,7 +332,7 @@ def train_loop(config: dict[str, Any]) -> None:
         plan.model_ref, revision=run.spec.model.revision, token=os.environ.get("HF_TOKEN")
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-    model = load_model(run, plan)
+    model = load_model(run, plan, precision)
     local_dir = tempfile.mkdtemp(prefix=f"llmray-hf-rank{rank}-")
     args = training_arguments(run, plan, precision, data.eval is not None, cuda, local_dir, model)
     tracker = ProgressTracker(output_dir=plan.output_dir if rank == 0 else None)
@@ -303,7 +340,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if resumed_step is not None:
             tracker.checkpoint_path = plan.checkpoint_path(checkpoint_dir_name(resumed_step))
             tracker.checkpoint_step = resumed_step
-        trainer: Any = ResumableTrainer(
+        trainer = make_trainer(
             model=model,
             args=args,
             train_dataset=ExampleDataset(data.train),
@@ -312,8 +349,6 @@ def train_loop(config: dict[str, Any]) -> None:
             processing_class=tokenizer,
             callbacks=[RayProgressCallback(plan, rank, tracker, resumed_step)],
         )
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
         trainer = prepare_trainer(trainer)
         if rank == 0:
             say(
@@ -321,7 +356,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 f"{trainer.accelerator.distributed_type.value}, fsdp={trainer.is_fsdp_enabled}, "
                 f"precision {precision}, device {args.device}"
             )
-        trainer.train(resume_from_checkpoint=resume_dir)
+        run_trainer(trainer, resume_dir)
     state = trainer.state
     if data.eval is not None and not evaluated_at(state.log_history, state.global_step):
         trainer.evaluate()
