@@ -146,6 +146,9 @@ def kind() -> Iterator[Kind]:
     handle = Kind(kube=kube, serve_port=int(os.environ.get("LLMRAY_KIND_SERVE_PORT", "18000")))
     # One CoreDNS replica: the node has 2 CPUs and every request counts.
     handle.kubectl("-n", "kube-system", "scale", "deploy/coredns", "--replicas=1")
+    # Leftovers of an interrupted run on a kept cluster (LLMRAY_KEEP_KIND=1).
+    handle.kubectl("delete", "namespace", "-l", "llmray.io/test=kind", "--wait=true", timeout=300)
+    handle.kubectl("delete", "pv", "-l", "llmray.io/test=kind", "--wait=false")
     handle.helm("uninstall", RELEASE, "-n", OPERATOR_NS, "--wait", check=False)
     handle.helm(
         "install", RELEASE, str(CHART), "-n", OPERATOR_NS, "--create-namespace", "--wait", "--timeout", "5m",
@@ -164,6 +167,7 @@ def tenant(kind: Kind) -> Iterator[str]:
     """A namespace with a ReadWriteMany claim ``shared`` on a hostPath volume of the node."""
     ns = f"kind-{uuid.uuid4().hex[:6]}"
     kind.kubectl("create", "namespace", ns)
+    kind.kubectl("label", "namespace", ns, "llmray.io/test=kind")
     sub = f"{SHARED_HOST_DIR}/{ns}"
     kind.node_exec("bash", "-c", f"mkdir -p {sub} && chmod 1777 {sub}")
     pv = {

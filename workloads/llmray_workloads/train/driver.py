@@ -106,7 +106,10 @@ def build_trainer(prepared: Prepared, data_ref: Any, export_token: str) -> Any:
             name=plan.run_name,
             storage_path=plan.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
-            failure_config=FailureConfig(max_failures=plan.max_failures),
+            # A deleted or drained worker pod is a node preemption to Ray Train, which by default
+            # retries it forever inside the attempt; it fails the attempt instead, so the operator
+            # counts it in status.restarts and bounds it by failurePolicy.maxRestarts.
+            failure_config=FailureConfig(max_failures=plan.max_failures, max_preemption_failures=0),
         ),
     )
 
