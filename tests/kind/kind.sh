@@ -278,9 +278,14 @@ cluster_up() {
   log "kind create cluster (Kubernetes $KUBE_VERSION)"
   "$tools/kind" create cluster --name "$name" --image "$node_image" --config "$state/kind-cluster.yaml" \
     --kubeconfig "$kubeconfig" --wait 3m >&2
-  # A world-writable folder on the node for hostPath-backed ReadWriteMany volumes (tests, demo).
-  d exec "$name-control-plane" bash -c 'mkdir -p /var/lib/llmray/shared && chmod 1777 /var/lib/llmray/shared'
   k -n kube-system rollout status deploy/coredns --timeout=180s >/dev/null
+}
+
+# World-writable folders on the node for hostPath-backed ReadWriteMany volumes (tests, kind demo):
+# the Ray pods run as uid 1000 and a hostPath volume keeps the node folder's owner and mode.
+shared_dirs() {
+  d exec "$name-control-plane" bash -c \
+    'mkdir -p /var/lib/llmray/shared/demo && chmod 1777 /var/lib/llmray/shared /var/lib/llmray/shared/demo'
 }
 
 cmd_up() {
@@ -293,6 +298,7 @@ cmd_up() {
   kind_base_image
   node_image_build
   cluster_up
+  shared_dirs
   log "cluster $name ready"
   echo "export KUBECONFIG=$kubeconfig"
 }
