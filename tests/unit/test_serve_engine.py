@@ -16,7 +16,7 @@ from llmray_workloads.serve.engine import (
     SamplingParams,
     TransformersEngine,
     left_pad,
-    prefill_chunks,
+    plan_prefill,
 )
 
 pytestmark = pytest.mark.unit
@@ -29,16 +29,17 @@ def test_left_pad() -> None:
 
 
 @pytest.mark.parametrize(
-    ("lengths", "budget", "groups"),
+    ("remaining", "budget", "counts"),
     [
-        ([10, 10, 10], 100, [[0, 1, 2]]),
-        ([10, 10, 10], 20, [[0, 1], [2]]),
-        ([5, 50, 5], 60, [[0], [1], [2]]),
-        ([200], 100, [[0]]),  # a single prompt always gets its own group
+        ([10, 10, 10], 100, [10, 10, 10]),
+        ([10, 10, 10], 20, [10, 10]),
+        ([5, 50, 5], 60, [5, 5, 5]),  # width follows the oldest prompt; longer ones take a chunk
+        ([200, 3], 100, [100]),  # a long prompt is chunked; nothing else fits beside it
+        ([], 100, []),
     ],
 )
-def test_prefill_chunks(lengths: list[int], budget: int, groups: list[list[int]]) -> None:
-    assert prefill_chunks(lengths, budget) == groups
+def test_plan_prefill(remaining: list[int], budget: int, counts: list[int]) -> None:
+    assert plan_prefill(remaining, budget) == counts
 
 
 @pytest.fixture(scope="module")
