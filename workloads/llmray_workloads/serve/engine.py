@@ -290,9 +290,9 @@ def _slot_cache_classes() -> tuple[type, type]:
             slots, length = self.owner.slots, self.owner.length
             _, heads, _, key_dim = key_states.shape
             value_dim = value_states.shape[-1]
-            opts = {"dtype": key_states.dtype, "device": key_states.device}
-            self.keys = torch.zeros(slots, heads, length + 1, key_dim, **opts)
-            self.values = torch.zeros(slots, heads, length + 1, value_dim, **opts)
+            dtype, device = key_states.dtype, key_states.device
+            self.keys = torch.zeros(slots, heads, length + 1, key_dim, dtype=dtype, device=device)
+            self.values = torch.zeros(slots, heads, length + 1, value_dim, dtype=dtype, device=device)
             self.is_initialized = True
 
         def grow(self, slots: int, length: int) -> None:
@@ -342,7 +342,7 @@ def _slot_cache_classes() -> tuple[type, type]:
             if slots > self.slots or length > self.length:
                 self.slots, self.length = max(slots, self.slots), max(length, self.length)
                 for layer in self.layers:
-                    layer.grow(self.slots, self.length)
+                    layer.grow(self.slots, self.length)  # type: ignore[union-attr]
 
     return SlotLayer, SlotCache
 
@@ -742,7 +742,7 @@ class TransformersEngine:
             ids, writes, positions = [self.pad_id] * top, [trash] * top, [0] * top
             for seq in seqs:
                 ids[seq.slot], writes[seq.slot], positions[seq.slot] = seq.last_token, seq.cached, seq.cached
-            read: slice | torch.Tensor = slice(0, top)
+            read: Any = slice(0, top)
             rows = torch.arange(top, device=device).unsqueeze(1)
             picks: list[int] | None = [s.slot for s in seqs]
         else:
@@ -794,8 +794,7 @@ class TransformersEngine:
             )
         finally:
             self._cache.plan = None
-        logits: torch.Tensor = out.logits
-        return logits
+        return out.logits  # type: ignore[no-any-return]
 
     def _forward_kwargs(self, seqs: list[_Sequence]) -> dict[str, Any]:
         """Extra model kwargs for a pass over ``seqs`` (in row order).
