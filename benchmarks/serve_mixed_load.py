@@ -89,7 +89,7 @@ class Phase:
     itl_max_ms: float
     long_prompts: int
     long_chunk_pass_p50_ms: float
-    long_chunk_pass_max_ms: float
+    long_chunk_pass_p99_ms: float
     decode_pass_p50_ms: float
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -181,7 +181,7 @@ def measure(model_dir: Path, chunk: int, ns: argparse.Namespace) -> list[Phase]:
                     itl_max_ms=1000 * max(gaps),
                     long_prompts=long_done,
                     long_chunk_pass_p50_ms=1000 * statistics.median(prefill) if prefill else 0.0,
-                    long_chunk_pass_max_ms=1000 * max(prefill, default=0.0),
+                    long_chunk_pass_p99_ms=1000 * percentile(prefill, 99) if prefill else 0.0,
                     decode_pass_p50_ms=1000 * statistics.median(decode) if decode else 0.0,
                 )
             )
@@ -221,20 +221,20 @@ def main(argv: list[str] | None = None) -> int:
         f"long prompts of {ns.long_tokens} tokens every {ns.long_every:g} s, {ns.seconds:g} s per phase"
     )
     header = f"{'chunk':>6} {'phase':<13}{'gaps':>7}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
-    print(header + f"{'longs':>7}{'chunk pass p50/max ms':>23}{'decode pass p50 ms':>20}")
+    print(header + f"{'longs':>7}{'chunk pass p50/p99 ms':>23}{'decode pass p50 ms':>20}")
     for p in phases:
         print(
             f"{p.chunk_tokens:>6} {p.phase:<13}{p.gaps:>7}{p.itl_p50_ms:>9.1f}{p.itl_p99_ms:>9.1f}"
             f"{p.itl_max_ms:>9.1f}{p.long_prompts:>7}"
-            f"{p.long_chunk_pass_p50_ms:>14.1f}/{p.long_chunk_pass_max_ms:<8.1f}"
+            f"{p.long_chunk_pass_p50_ms:>14.1f}/{p.long_chunk_pass_p99_ms:<8.1f}"
             f"{p.decode_pass_p50_ms:>20.1f}"
         )
     for floor, mixed in zip(phases[::2], phases[1::2], strict=True):
-        bound = floor.itl_p99_ms + mixed.long_chunk_pass_max_ms
+        bound = floor.itl_p99_ms + mixed.long_chunk_pass_p99_ms
         verdict = "within" if mixed.itl_p99_ms <= bound else "ABOVE"
         print(
             f"chunk {mixed.chunk_tokens}: mixed p99 ITL {mixed.itl_p99_ms:.1f} ms {verdict} "
-            f"streams-only p99 + longest chunk pass = {bound:.1f} ms; max ITL {mixed.itl_max_ms:.1f} ms"
+            f"streams-only p99 + p99 chunk pass = {bound:.1f} ms; max ITL {mixed.itl_max_ms:.1f} ms"
         )
     before, after = (" ".join(f"{x:.2f}" for x in load) for load in (load_before, load_after))
     print(f"load average (1/5/15 min): before {before}, after {after}; cpu cores: {os.cpu_count()}")

@@ -399,3 +399,26 @@ def test_max_model_len_above_the_model_limit_is_refused(loaded: tuple[Any, Any, 
         TransformersEngine(model, tokenizer, max_model_len=limit + 1)
     assert resolve_max_model_len(None, model.config) == limit
     assert resolve_max_model_len(limit // 2, model.config) == limit // 2
+
+
+async def test_short_prompts_are_not_queued_behind_a_long_prompts_chunks(
+    loaded: tuple[Any, Any, Path],
+) -> None:
+    model, tokenizer, _ = loaded
+    eng = TransformersEngine(model, tokenizer, max_num_seqs=8, batch_wait_s=0.0, prefill_chunk_tokens=16)
+    finished: list[str] = []
+
+    async def run(name: str, ids: list[int]) -> str:
+        text, _ = await collect(eng.submit(ids, greedy(2)))
+        finished.append(name)
+        return text
+
+    try:
+        long_ids, short_ids = eng.encode(LONG_PROMPT), eng.encode("hello world")
+        texts = await asyncio.wait_for(
+            asyncio.gather(run("long", long_ids), run("short", short_ids)), TIMEOUT
+        )
+    finally:
+        eng.shutdown()
+    assert finished == ["short", "long"]
+    assert texts == [reference(loaded, LONG_PROMPT, 2), reference(loaded, "hello world", 2)]

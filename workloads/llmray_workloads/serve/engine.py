@@ -406,6 +406,7 @@ class TransformersEngine:
         self._cache: Any = None
         self._outbox = _Outbox()
         self._failed_steps = 0
+        self._fresh_first = False
         self._last_arrival = 0.0
         self._stopping = False
         self._cancelled_total = 0
@@ -640,10 +641,18 @@ class TransformersEngine:
     # ---- passes --------------------------------------------------------------------------------
 
     def _prefill_step(self) -> None:
-        """Prefill one chunk (at most ``prefill_chunk_tokens`` padded tokens) of the oldest prompts."""
-        remaining = [len(s.prompt_ids) - s.cached for s in self._prefilling]
+        """Prefill one chunk (at most ``prefill_chunk_tokens`` padded tokens) of the oldest prompts.
+
+        Every other pass puts prompts not started yet first, so short arrivals are not queued
+        behind all the chunks of a long prompt, and a long prompt still advances every other pass.
+        """
+        order = self._prefilling
+        self._fresh_first = not self._fresh_first
+        if self._fresh_first:
+            order = sorted(order, key=lambda s: s.cached > 0)  # stable: FIFO within each group
+        remaining = [len(s.prompt_ids) - s.cached for s in order]
         counts = plan_prefill(remaining, self.prefill_chunk_tokens)
-        seqs = self._prefilling[: len(counts)]
+        seqs = order[: len(counts)]
         done = self._isolated(seqs, self._prefill_pass)
         finished: list[_Sequence] = []
         tokens: list[int] = []
