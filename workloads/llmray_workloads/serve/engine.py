@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 FinishReason = Literal["stop", "length"]
 PREFILL_CHUNK_TOKENS = 512
 """Default most prompt tokens (padded) per prefill pass: bounds the stall of running streams."""
-MAX_FAILED_STEPS = 3
+MAX_FAILED_STEPS = 5
 """Default consecutive steps without any successful forward pass before the engine reports unhealthy."""
 
 
@@ -568,9 +568,11 @@ class TransformersEngine:
         self._admit()
         if self._prefilling:
             self._prefill_step()
+            self._outbox.send()  # first tokens go out now, not after the decode step
             self._evict()
         if self._running:
             self._decode_step()
+            self._outbox.send()
             self._evict()
         if not self._busy():
             self._slots, self._cache = [], None  # idle: give the cache's memory back
