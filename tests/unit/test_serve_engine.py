@@ -20,6 +20,7 @@ from llmray_workloads.serve.engine import (
     plan_prefill,
     resolve_max_model_len,
 )
+from tests.waiting import async_wait_for
 
 pytestmark = pytest.mark.unit
 
@@ -269,7 +270,11 @@ async def test_admitting_and_finishing_do_not_copy_the_cache(engine: Transformer
     before = keys.data_ptr()
     for prompt in ("short one", "short two", "three"):
         await asyncio.wait_for(collect(engine.submit(engine.encode(prompt), greedy(5))), TIMEOUT)
-    assert engine.stats()["running"] == 1
+
+    async def only_the_long_one() -> bool:
+        return engine.stats()["running"] == 1
+
+    await async_wait_for(only_the_long_one, timeout=TIMEOUT, what="the short ones evicted", interval=0.005)
     assert engine._cache.layers[0].keys.data_ptr() == before
     long.cancel()
 
