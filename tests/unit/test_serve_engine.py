@@ -16,19 +16,12 @@ from llmray_workloads.serve.engine import (
     GenerationChunk,
     SamplingParams,
     TransformersEngine,
-    left_pad,
     plan_prefill,
     resolve_max_model_len,
 )
 from tests.waiting import async_wait_for
 
 pytestmark = pytest.mark.unit
-
-
-def test_left_pad() -> None:
-    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
-    assert ids == [[5, 6, 7], [0, 0, 8]]
-    assert mask == [[1, 1, 1], [0, 0, 1]]
 
 
 @pytest.mark.parametrize(

@@ -221,14 +221,6 @@ class _Outbox:
                     seq.cancelled = True
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
-    """Left-pad token rows to one length; return (ids, attention mask)."""
-    width = max(len(r) for r in rows)
-    ids = [[pad_id] * (width - len(r)) + list(r) for r in rows]
-    mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
-    return ids, mask
-
-
 def plan_prefill(remaining: Sequence[int], budget: int) -> list[int]:
     """Prompt tokens to prefill per waiting sequence (FIFO) in one pass of at most ``budget`` padded tokens.
 
