@@ -124,6 +124,24 @@ class Baseline:
         self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         return time.perf_counter() - started
 
+    def batched(self, count: int) -> Sample:
+        """One left-padded ``generate`` call over ``count`` prompts: the static-batching ceiling."""
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(count)]
+        started = time.perf_counter()
+        self.tokenizer.padding_side = "left"
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        with self.torch.inference_mode():
+            out = self.model.generate(
+                **batch,
+                max_new_tokens=self.max_tokens,
+                min_new_tokens=self.max_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        seconds = time.perf_counter() - started
+        return Sample([seconds] * count, seconds)
+
     def block(self, requests: int) -> Sample:
         started = time.perf_counter()
         latencies = [self.one(PROMPTS[i % len(PROMPTS)]) for i in range(requests)]
@@ -319,6 +337,7 @@ def run_engine(baseline: Baseline, model_dir: Path, ns: argparse.Namespace) -> T
     """Engine tier: every round measures every level against a baseline block right before it."""
     eng = EngineUnderTest(model_dir, ns.max_num_seqs)
     totals = {c: (Sample(), Sample()) for c in LEVELS}
+    ceiling = Sample()
     try:
         for _ in range(ns.rounds):
             local_s, remote_s = asyncio.run(engine_paired_conc1(baseline, eng, ns.requests))
@@ -328,8 +347,14 @@ def run_engine(baseline: Baseline, model_dir: Path, ns: argparse.Namespace) -> T
                 count = ns.requests * (4 if concurrency == 32 else 2)
                 totals[concurrency][0].add(baseline.block(ns.requests))
                 totals[concurrency][1].add(asyncio.run(engine_level(eng, concurrency, count, ns.max_tokens)))
+            for _ in range(4):
+                ceiling.add(baseline.batched(32))
     finally:
         eng.engine.shutdown()
+    ratio = (len(ceiling.latencies) / ceiling.seconds) / (
+        len(totals[32][0].latencies) / totals[32][0].seconds
+    )
+    print(f"\nceiling: one batched generate of 32 prompts = {ratio:.2f}x the sequential req/s")
     return totals
 
 
