@@ -420,3 +420,32 @@ async def test_short_prompts_are_not_queued_behind_a_long_prompts_chunks(
         eng.shutdown()
     assert finished == ["short", "long"]
     assert texts == [reference(loaded, LONG_PROMPT, 2), reference(loaded, "hello world", 2)]
+
+
+async def test_sliding_window_model_matches_generate(loaded: tuple[Any, Any, Path]) -> None:
+    """All-sliding-window attention (Mistral-style): the engine's masks apply the window like HF's."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    _, tokenizer, _ = loaded
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        sliding_window=8,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = MistralForCausalLM(config).eval()
+    eng = TransformersEngine(model, tokenizer, max_num_seqs=4, batch_wait_s=0.0, prefill_chunk_tokens=8)
+    prompts = ["once upon a time there was a river", "hello world"]
+    try:
+        streams = [eng.submit(eng.encode(p), greedy(12)) for p in prompts]
+        texts = await asyncio.wait_for(asyncio.gather(*(collect(s) for s in streams)), TIMEOUT)
+    finally:
+        eng.shutdown()
+    assert [t for t, _ in texts] == [reference((model, tokenizer, Path()), p, 12) for p in prompts]
