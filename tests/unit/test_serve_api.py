@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -57,8 +58,10 @@ class FakeEngine:
         self.fail_after: int | None = None
         self.overloaded = False
         self.crash_encode = False
+        self.encode_threads: set[int] = set()
 
     def encode(self, text: str) -> list[int]:
+        self.encode_threads.add(threading.get_ident())
         if self.crash_encode:
             raise KeyError("bug")
         return [ord(c) % 100 for c in text]
@@ -300,3 +303,11 @@ async def test_merge_streams_interleaves_and_propagates_errors() -> None:
     with pytest.raises(EngineError):
         async for _ in merge_streams(failing):
             pass
+
+
+async def test_tokenization_runs_off_the_event_loop(http: httpx.AsyncClient, engine: FakeEngine) -> None:
+    """A long prompt or chat template must not stall other requests' streams on the replica's loop."""
+    assert (await http.post("/v1/completions", json={"model": "m", "prompt": "hi"})).status_code == 200
+    body = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+    assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
+    assert engine.encode_threads and threading.get_ident() not in engine.encode_threads

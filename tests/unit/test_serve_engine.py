@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,30 +16,26 @@ from llmray_workloads.serve.engine import (
     GenerationChunk,
     SamplingParams,
     TransformersEngine,
-    left_pad,
-    prefill_chunks,
+    plan_prefill,
+    resolve_max_model_len,
 )
+from tests.waiting import async_wait_for
 
 pytestmark = pytest.mark.unit
 
 
-def test_left_pad() -> None:
-    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
-    assert ids == [[5, 6, 7], [0, 0, 8]]
-    assert mask == [[1, 1, 1], [0, 0, 1]]
-
-
 @pytest.mark.parametrize(
-    ("lengths", "budget", "groups"),
+    ("remaining", "budget", "counts"),
     [
-        ([10, 10, 10], 100, [[0, 1, 2]]),
-        ([10, 10, 10], 20, [[0, 1], [2]]),
-        ([5, 50, 5], 60, [[0], [1], [2]]),
-        ([200], 100, [[0]]),  # a single prompt always gets its own group
+        ([10, 10, 10], 100, [10, 10, 10]),
+        ([10, 10, 10], 20, [10, 10]),
+        ([5, 50, 5], 60, [5, 5, 5]),  # width follows the oldest prompt; longer ones take a chunk
+        ([200, 3], 100, [100]),  # a long prompt is chunked; nothing else fits beside it
+        ([], 100, []),
     ],
 )
-def test_prefill_chunks(lengths: list[int], budget: int, groups: list[list[int]]) -> None:
-    assert prefill_chunks(lengths, budget) == groups
+def test_plan_prefill(remaining: list[int], budget: int, counts: list[int]) -> None:
+    assert plan_prefill(remaining, budget) == counts
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +203,249 @@ async def test_chunks_that_piled_up_are_merged(engine: TransformersEngine) -> No
     chunks = [chunk async for chunk in stream]
     assert len(chunks) == 1
     assert (chunks[0].text, chunks[0].finish_reason, chunks[0].completion_tokens) == (expected, "length", 20)
+
+
+# ---- cache layout and chunked prefill ------------------------------------------------------------
+
+
+class _Recorder:
+    """Model proxy that records each forward's input shape and can raise on demand."""
+
+    def __init__(self, model: Any, fail: Any = None) -> None:
+        self._model, self.fail, self.shapes = model, fail, []
+        self.calls = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        self.shapes.append(tuple(kwargs["input_ids"].shape))
+        if self.fail is not None and self.fail(kwargs, self.calls):
+            raise RuntimeError("simulated device failure")
+        return self._model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+LONG_PROMPT = " ".join(["the river does not hurry yet everything is accomplished"] * 8)
+TIMEOUT = 60
+
+
+async def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(
+    loaded: tuple[Any, Any, Path],
+) -> None:
+    """A long prompt never takes more than one chunk per pass; running streams decode in between."""
+    model, tokenizer, _ = loaded
+    eng = TransformersEngine(model, tokenizer, max_num_seqs=8, batch_wait_s=0.0, prefill_chunk_tokens=16)
+    recorder = _Recorder(model)
+    eng.model = recorder
+    try:
+        short = eng.submit(eng.encode("hello world"), greedy(40))
+        first = await asyncio.wait_for(short.__anext__(), TIMEOUT)
+        ids = eng.encode(LONG_PROMPT)
+        assert len(ids) > 48
+        long_text, _ = await asyncio.wait_for(collect(eng.submit(ids, greedy(8))), TIMEOUT)
+        short_text, _ = await asyncio.wait_for(collect(short), TIMEOUT)
+    finally:
+        eng.shutdown()
+    assert long_text == reference(loaded, LONG_PROMPT, 8)
+    assert first.text + short_text == reference(loaded, "hello world", 40)
+    assert max(b * t for b, t in recorder.shapes) <= 16
+    chunks = [i for i, (_, t) in enumerate(recorder.shapes) if t > 1]
+    assert len(chunks) >= len(ids) // 16
+    between = [recorder.shapes[a + 1 : b] for a, b in itertools.pairwise(chunks[1:])]
+    assert all(any(t == 1 for _, t in gap) for gap in between), "decode steps run between chunks"
+
+
+async def test_admitting_and_finishing_do_not_copy_the_cache(engine: TransformersEngine) -> None:
+    long = engine.submit(engine.encode("a long one"), greedy(150))
+    await asyncio.wait_for(long.__anext__(), TIMEOUT)
+    keys = engine._cache.layers[0].keys
+    before = keys.data_ptr()
+    for prompt in ("short one", "short two", "three"):
+        await asyncio.wait_for(collect(engine.submit(engine.encode(prompt), greedy(5))), TIMEOUT)
+
+    async def only_the_long_one() -> bool:
+        return engine.stats()["running"] == 1
+
+    await async_wait_for(only_the_long_one, timeout=TIMEOUT, what="the short ones evicted", interval=0.005)
+    assert engine._cache.layers[0].keys.data_ptr() == before
+    long.cancel()
+
+
+# ---- failure isolation ---------------------------------------------------------------------------
+
+POISON = 1000  # a token id the test prompts never contain
+
+
+def _poisoned_prefill(kwargs: dict[str, Any], _: int) -> bool:
+    ids = kwargs["input_ids"]
+    return bool(ids.shape[1] > 1 and (ids == POISON).any())
+
+
+async def test_a_failing_join_fails_only_the_joining_sequence(
+    engine: TransformersEngine, loaded: tuple[Any, Any, Path]
+) -> None:
+    """A prompt whose prefill fails, prefilled together with another while a batch runs."""
+    engine.model = _Recorder(engine.model, _poisoned_prefill)
+    running = engine.submit(engine.encode("once upon a time there"), greedy(30))
+    first = await asyncio.wait_for(running.__anext__(), TIMEOUT)
+    poison = engine.submit([*engine.encode("bad"), POISON], greedy(5))
+    joiner = engine.submit(engine.encode("hello world"), greedy(12))
+    with pytest.raises(EngineError, match="simulated device failure"):
+        await asyncio.wait_for(collect(poison), TIMEOUT)
+    joined, _ = await asyncio.wait_for(collect(joiner), TIMEOUT)
+    rest, _ = await asyncio.wait_for(collect(running), TIMEOUT)
+    assert joined == reference(loaded, "hello world", 12)
+    assert first.text + rest == reference(loaded, "once upon a time there", 30)
+    engine.check_health()
+
+
+async def test_a_failing_decode_row_fails_only_its_sequence(
+    engine: TransformersEngine, loaded: tuple[Any, Any, Path]
+) -> None:
+    """A decode step that raises whenever one sequence (the only one at position P) is in it."""
+    long_ids = engine.encode(LONG_PROMPT)
+    poison_at = len(long_ids) + 3
+
+    def fail(kwargs: dict[str, Any], _: int) -> bool:
+        return bool(kwargs["input_ids"].shape[1] == 1 and (kwargs["position_ids"] == poison_at).any())
+
+    engine.model = _Recorder(engine.model, fail)
+    prompts = ["hello world", "a", "once upon a time there"]
+    doomed = engine.submit(long_ids, greedy(20))
+    others = [engine.submit(engine.encode(p), greedy(15)) for p in prompts]
+    with pytest.raises(EngineError, match="simulated device failure"):
+        await asyncio.wait_for(collect(doomed), TIMEOUT)
+    results = await asyncio.wait_for(asyncio.gather(*(collect(s) for s in others)), TIMEOUT)
+    assert [text for text, _ in results] == [reference(loaded, p, 15) for p in prompts]
+    engine.check_health()
+
+
+async def test_a_transient_step_failure_is_retried_and_fails_nobody(
+    engine: TransformersEngine, loaded: tuple[Any, Any, Path]
+) -> None:
+    def once(kwargs: dict[str, Any], calls: int) -> bool:
+        return calls == 6
+
+    recorder = _Recorder(engine.model, once)
+    engine.model = recorder
+    prompts = ["hello world", "a", "once upon a time there", "abc"]
+    streams = [engine.submit(engine.encode(p), greedy(10)) for p in prompts]
+    results = await asyncio.wait_for(asyncio.gather(*(collect(s) for s in streams)), TIMEOUT)
+    assert [text for text, _ in results] == [reference(loaded, p, 10) for p in prompts]
+    assert recorder.calls > 6
+
+
+async def test_sticky_failures_fail_every_request_and_then_health(engine: TransformersEngine) -> None:
+    """Every forward raises (a lost device): no request hangs, and the replica reports unhealthy."""
+    recorder = _Recorder(engine.model, lambda kwargs, calls: True)
+    engine.model = recorder
+    for round_ in range(engine.max_failed_steps):
+        streams = [engine.submit(engine.encode(f"try {round_} {i}"), greedy(5)) for i in range(3)]
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*(collect(s) for s in streams), return_exceptions=True), TIMEOUT
+        )
+        assert all(isinstance(o, EngineError) for o in outcomes)
+    with pytest.raises(EngineError, match="steps all failed"):
+        engine.check_health()
+    recorder.fail = None  # the device came back: a success makes the replica healthy again
+    _, last = await asyncio.wait_for(collect(engine.submit(engine.encode("fine"), greedy(3))), TIMEOUT)
+    assert last.completion_tokens == 3
+    engine.check_health()
+
+
+async def test_an_engine_bug_outside_the_model_fails_requests_not_hangs(engine: TransformersEngine) -> None:
+    original = engine._accept
+    calls = {"n": 0}
+
+    def broken(seqs: Any, tokens: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyError("bug")
+        original(seqs, tokens)
+
+    engine._accept = broken  # type: ignore[method-assign]
+    streams = [engine.submit(engine.encode(f"bug {i}"), greedy(8)) for i in range(3)]
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(*(collect(s) for s in streams), return_exceptions=True), TIMEOUT
+    )
+    assert all(isinstance(o, EngineError | tuple) for o in outcomes)
+    assert any(isinstance(o, EngineError) for o in outcomes)
+    _, last = await asyncio.wait_for(collect(engine.submit(engine.encode("after"), greedy(3))), TIMEOUT)
+    assert last.completion_tokens == 3
+
+
+async def test_shutdown_resolves_every_waiting_request(loaded: tuple[Any, Any, Path]) -> None:
+    model, tokenizer, _ = loaded
+    eng = TransformersEngine(model, tokenizer, max_num_seqs=1, batch_wait_s=0.0)
+    streams = [eng.submit(eng.encode(f"wait {i}"), greedy(300)) for i in range(4)]
+    await asyncio.wait_for(streams[0].__anext__(), TIMEOUT)
+    await asyncio.to_thread(eng.shutdown)
+    for stream in streams:
+        with pytest.raises(EngineError, match="shutting down"):
+            await asyncio.wait_for(collect(stream), TIMEOUT)
+    with pytest.raises(EngineError):
+        eng.submit([1, 2], greedy(1))
+
+
+def test_max_model_len_above_the_model_limit_is_refused(loaded: tuple[Any, Any, Path]) -> None:
+    model, tokenizer, _ = loaded
+    limit = model.config.max_position_embeddings
+    with pytest.raises(
+        EngineError, match=f"maxModelLen {limit + 1} exceeds .*max_position_embeddings \\({limit}\\)"
+    ):
+        TransformersEngine(model, tokenizer, max_model_len=limit + 1)
+    assert resolve_max_model_len(None, model.config) == limit
+    assert resolve_max_model_len(limit // 2, model.config) == limit // 2
+
+
+async def test_short_prompts_are_not_queued_behind_a_long_prompts_chunks(
+    loaded: tuple[Any, Any, Path],
+) -> None:
+    model, tokenizer, _ = loaded
+    eng = TransformersEngine(model, tokenizer, max_num_seqs=8, batch_wait_s=0.0, prefill_chunk_tokens=16)
+    finished: list[str] = []
+
+    async def run(name: str, ids: list[int]) -> str:
+        text, _ = await collect(eng.submit(ids, greedy(2)))
+        finished.append(name)
+        return text
+
+    try:
+        long_ids, short_ids = eng.encode(LONG_PROMPT), eng.encode("hello world")
+        texts = await asyncio.wait_for(
+            asyncio.gather(run("long", long_ids), run("short", short_ids)), TIMEOUT
+        )
+    finally:
+        eng.shutdown()
+    assert finished == ["short", "long"]
+    assert texts == [reference(loaded, LONG_PROMPT, 2), reference(loaded, "hello world", 2)]
+
+
+async def test_sliding_window_model_matches_generate(loaded: tuple[Any, Any, Path]) -> None:
+    """All-sliding-window attention (Mistral-style): the engine's masks apply the window like HF's."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    _, tokenizer, _ = loaded
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        sliding_window=8,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = MistralForCausalLM(config).eval()
+    eng = TransformersEngine(model, tokenizer, max_num_seqs=4, batch_wait_s=0.0, prefill_chunk_tokens=8)
+    prompts = ["once upon a time there was a river", "hello world"]
+    try:
+        streams = [eng.submit(eng.encode(p), greedy(12)) for p in prompts]
+        texts = await asyncio.wait_for(asyncio.gather(*(collect(s) for s in streams)), TIMEOUT)
+    finally:
+        eng.shutdown()
+    assert [t for t, _ in texts] == [reference((model, tokenizer, Path()), p, 12) for p in prompts]

@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -123,6 +124,14 @@ class OpenAIServer:
         self.api_key = api_key
         self.created = int(time.time())
         self.in_flight = 0
+        # One thread does all validation + tokenization, off the event loop: a long prompt or a
+        # chat template no longer stalls other requests' streams. One worker keeps the tokenizer
+        # single-threaded (fast tokenizers may refuse concurrent use).
+        self._prepare = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmray-tokenize")
+
+    async def prepare(self, build: Callable[[bytes], Job], raw: bytes) -> Job:
+        """Run ``build`` (:meth:`completion_job` or :meth:`chat_job`) on the tokenizer thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._prepare, build, raw)
 
     # ---- validation: request -> Job (pure apart from tokenization) -------------------------
 
@@ -353,11 +362,13 @@ def create_app(server: OpenAIServer) -> FastAPI:
         return JSONResponse(p.dump(p.model_card(model_id, server.created)))
 
     async def completions(request: Request) -> Response:
-        job = server.completion_job(await read_body(request, server.settings.max_request_bytes))
+        raw = await read_body(request, server.settings.max_request_bytes)
+        job = await server.prepare(server.completion_job, raw)
         return await server.respond(job)
 
     async def chat(request: Request) -> Response:
-        job = server.chat_job(await read_body(request, server.settings.max_request_bytes))
+        raw = await read_body(request, server.settings.max_request_bytes)
+        job = await server.prepare(server.chat_job, raw)
         return await server.respond(job)
 
     app.add_api_route("/health", guarded(health, auth=False), methods=["GET"])

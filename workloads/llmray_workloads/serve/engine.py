@@ -1,11 +1,20 @@
 """Generation engines behind the OpenAI API: a protocol plus a continuous-batching transformers engine.
 
-The transformers engine runs one background thread that owns the model. Each iteration it admits
-waiting sequences (prefilled together, left-padded), merges their KV cache into the running batch
-and advances every running sequence by one token. Sequences join and leave between any two decode
-steps, so a short request never waits for a long one, and concurrency turns into batch size
-instead of queueing. Requests talk to the thread through a condition-guarded deque (in) and their
-own asyncio queue (out); cancelling a stream frees its batch row at the next step.
+The transformers engine runs one background thread that owns the model and a slot-based KV cache
+(:class:`SlotKVCache`): one preallocated row per running sequence, each sequence at its own
+position. Admitting a sequence takes a free row and finishing one frees it; neither copies the
+rest of the cache. Each iteration runs at most one prefill pass of at most
+``prefill_chunk_tokens`` prompt tokens (long prompts are prefilled chunk by chunk across
+iterations) and then one decode step for every running sequence, so a long prompt arriving delays
+running streams by about one chunk's prefill, never by its whole prompt. Per step, sampling, stop
+checks, detokenization (one batched tokenizer call) and delivery to the event loop (one wakeup per
+loop) are done for the whole batch at once.
+
+Failures are isolated: a forward pass that raises is retried on halves of its batch (bisection),
+so only the sequences whose own pass fails are failed; every request always resolves with chunks
+or an :class:`EngineError`. After ``max_failed_steps`` consecutive steps in which nothing
+succeeded (a sticky device error), :meth:`TransformersEngine.check_health` fails so Serve replaces
+the replica.
 
 Memory per replica is bounded: at most ``max_num_seqs`` sequences run and at most ``max_pending``
 sequences exist at all; beyond that :class:`EngineOverloadedError` is raised (HTTP 503).
@@ -33,8 +42,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
-PREFILL_TOKEN_BUDGET = 16_384
-"""Most prompt tokens (padded) prefilled in one forward pass; bigger admissions are split."""
+PREFILL_CHUNK_TOKENS = 512
+"""Default most prompt tokens (padded) per prefill pass: bounds the stall of running streams."""
+MAX_FAILED_STEPS = 5
+"""Default consecutive steps without any successful forward pass before the engine reports unhealthy."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    adapter: str | None = None
+    """LoRA adapter to generate with (None: the base model). The hook for multi-LoRA batching:
+    every pass's rows are known per sequence (:meth:`TransformersEngine._forward_kwargs`), so a
+    peft model can be given ``adapter_names`` per row and mixed adapters share one batch."""
 
 
 @dataclass(frozen=True)
@@ -97,14 +112,18 @@ class Engine(Protocol):
 
 _ids = itertools.count()
 _Queue = asyncio.Queue[GenerationChunk | BaseException]
+_Out = GenerationChunk | BaseException
+_Item = tuple[_Queue, _Out]
 
 
 @dataclass(eq=False)
 class _Sequence:
     prompt_ids: list[int]
     params: SamplingParams
-    text: IncrementalText
-    push: Callable[[GenerationChunk | BaseException], None]
+    text: IncrementalText | None
+    """Incremental detokenizer; None when nothing is needed before the end (no stream, no stops)."""
+    loop: asyncio.AbstractEventLoop
+    queue: _Queue
     generator: torch.Generator | None
     arrival: float = field(default_factory=time.monotonic)
     id: int = field(default_factory=lambda: next(_ids))
@@ -113,14 +132,26 @@ class _Sequence:
     stream: bool = True
     """False: deliver one chunk with all the text at the end (far fewer event-loop wakeups)."""
     pending: str = ""
-    generated: int = 0
-    last_token: int = -1
+    tokens: list[int] = field(default_factory=list)
+    """Generated token ids."""
+    slot: int = -1
+    """Row of the KV cache while admitted; -1 otherwise."""
+    cached: int = 0
+    """Tokens whose keys/values are in the cache (prompt tokens while prefilling)."""
     finished: bool = False
     cancelled: bool = False
 
     @property
+    def generated(self) -> int:
+        return len(self.tokens)
+
+    @property
     def length(self) -> int:
-        return len(self.prompt_ids) + self.generated
+        return len(self.prompt_ids) + len(self.tokens)
+
+    @property
+    def last_token(self) -> int:
+        return self.tokens[-1]
 
 
 class _Stream:
@@ -165,45 +196,164 @@ class _Stream:
         self._seq.cancelled = True
 
 
-def _threadsafe_push(
-    loop: asyncio.AbstractEventLoop, queue: _Queue, seq_ref: list[_Sequence]
-) -> Callable[[GenerationChunk | BaseException], None]:
-    def push(item: GenerationChunk | BaseException) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the event loop is gone: nobody is listening any more
-            seq_ref[0].cancelled = True
-
-    return push
+def _deliver(items: list[_Item]) -> None:
+    """Runs on the event loop: hand each item to its stream's queue."""
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
-    """Left-pad token rows to one length; return (ids, attention mask)."""
-    width = max(len(r) for r in rows)
-    ids = [[pad_id] * (width - len(r)) + list(r) for r in rows]
-    mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
-    return ids, mask
+class _Outbox:
+    """Items produced by one engine step, sent with one event-loop wakeup per loop."""
+
+    def __init__(self) -> None:
+        self._items: dict[asyncio.AbstractEventLoop, list[tuple[_Sequence, _Out]]] = {}
+
+    def put(self, seq: _Sequence, item: GenerationChunk | BaseException) -> None:
+        self._items.setdefault(seq.loop, []).append((seq, item))
+
+    def send(self) -> None:
+        items, self._items = self._items, {}
+        for loop, batch in items.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, [(seq.queue, item) for seq, item in batch])
+            except RuntimeError:  # the event loop is gone: nobody is listening any more
+                for seq, _ in batch:
+                    seq.cancelled = True
 
 
-def prefill_chunks(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Split admissions (by index) into groups whose padded size ``n * max_len`` fits ``budget``."""
-    groups: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for index, length in enumerate(lengths):
-        wider = max(longest, length)
-        if current and wider * (len(current) + 1) > budget:
-            groups.append(current)
-            current, wider = [], length
-        current.append(index)
-        longest = wider
-    if current:
-        groups.append(current)
-    return groups
+def plan_prefill(remaining: Sequence[int], budget: int) -> list[int]:
+    """Prompt tokens to prefill per waiting sequence (FIFO) in one pass of at most ``budget`` padded tokens.
+
+    The pass is ``rows x width`` tokens, its width set by the first sequence's chunk
+    (``min(remaining, budget)``); later sequences join while another row still fits, each with
+    ``min(remaining, width)`` tokens. Returns one count per sequence that joins (a prefix).
+    """
+    if not remaining:
+        return []
+    width = max(1, min(remaining[0], budget))
+    counts: list[int] = []
+    for left in remaining:
+        if (len(counts) + 1) * width > budget and counts:
+            break
+        counts.append(min(left, width))
+    return counts
+
+
+def next_capacity(needed: int, current: int, limit: int, minimum: int) -> int:
+    """Capacity that holds ``needed``: ``current`` if it does, else doubled up to ``limit``."""
+    if needed <= current:
+        return current
+    capacity = max(current, minimum)
+    while capacity < needed:
+        capacity *= 2
+    return max(needed, min(capacity, limit))
+
+
+@dataclass
+class _Pass:
+    """Where one forward pass reads and writes the cache (set on the cache before the pass).
+
+    ``rows`` ([B, T]) and ``positions`` ([B, T]) index the cache row and position each input token's
+    keys/values are written to (padding tokens go to the spare last position, never read);
+    ``read`` selects the cache rows attention reads (a slice view, or an index for scattered rows);
+    ``kv_len`` is how many positions are read.
+    """
+
+    rows: torch.Tensor
+    positions: torch.Tensor
+    read: slice | torch.Tensor
+    kv_len: int
+
+
+def _slot_cache_classes() -> tuple[type, type]:
+    """Build the cache classes on first use (transformers is imported lazily)."""
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    class SlotLayer(CacheLayerMixin):  # type: ignore[misc]
+        """One layer's keys/values, ``[slots, kv_heads, length + 1, head_dim]``, preallocated."""
+
+        def __init__(self, owner: Any) -> None:
+            super().__init__()
+            self.owner = owner
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            import torch
+
+            slots, length = self.owner.slots, self.owner.length
+            _, heads, _, key_dim = key_states.shape
+            value_dim = value_states.shape[-1]
+            dtype, device = key_states.dtype, key_states.device
+            self.keys = torch.zeros(slots, heads, length + 1, key_dim, dtype=dtype, device=device)
+            self.values = torch.zeros(slots, heads, length + 1, value_dim, dtype=dtype, device=device)
+            self.is_initialized = True
+
+        def grow(self, slots: int, length: int) -> None:
+            """Copy into bigger tensors (amortised: capacities double)."""
+            if self.keys is None or self.values is None:
+                return
+            old_slots, _, old_len, _ = self.keys.shape
+            for name in ("keys", "values"):
+                old = getattr(self, name)
+                new = old.new_zeros((slots, old.shape[1], length + 1, old.shape[3]))
+                new[:old_slots, :, : old_len - 1] = old[:, :, : old_len - 1]
+                setattr(self, name, new)
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            if self.keys is None:
+                self.lazy_initialization(key_states, value_states)
+            assert self.keys is not None and self.values is not None
+            plan: _Pass = self.owner.plan
+            self.keys[plan.rows, :, plan.positions] = key_states.transpose(1, 2)
+            self.values[plan.rows, :, plan.positions] = value_states.transpose(1, 2)
+            if isinstance(plan.read, slice):
+                return self.keys[plan.read, :, : plan.kv_len], self.values[plan.read, :, : plan.kv_len]
+            keys = self.keys.index_select(0, plan.read)[:, :, : plan.kv_len]
+            return keys, self.values.index_select(0, plan.read)[:, :, : plan.kv_len]
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return int(self.owner.plan.kv_len), 0
+
+        def get_seq_length(self) -> int:
+            return int(self.owner.plan.kv_len) if self.owner.plan is not None else 0
+
+        def get_max_length(self) -> int:
+            return int(self.owner.length)
+
+    class SlotCache(Cache):  # type: ignore[misc]
+        """Every layer's slot cache plus the current pass's plan; capacities grow by doubling."""
+
+        def __init__(self, num_layers: int) -> None:
+            self.slots = 0
+            self.length = 0
+            self.plan: _Pass | None = None
+            super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
+
+        def ensure(self, slots: int, length: int) -> None:
+            if slots > self.slots or length > self.length:
+                self.slots, self.length = max(slots, self.slots), max(length, self.length)
+                for layer in self.layers:
+                    layer.grow(self.slots, self.length)  # type: ignore[union-attr]
+
+    return SlotLayer, SlotCache
+
+
+def new_slot_cache(num_layers: int) -> Any:
+    """An empty slot cache (a ``transformers`` ``Cache``; see :func:`_slot_cache_classes`).
+
+    Why slots rather than paged blocks: with one row per sequence, admitting and finishing are
+    O(1) bookkeeping, a decode step reads the rows as a tensor view, and the model's own attention
+    (SDPA with an explicit mask) runs unchanged; paging would need a paged-attention kernel that
+    Hugging Face models on CPU do not have. The cost is reserving ``max_model_len`` positions per
+    running sequence, bounded by ``max_num_seqs`` and grown by doubling as needed.
+    """
+    _, cache_class = _slot_cache_classes()
+    return cache_class(num_layers)
 
 
 class TransformersEngine:
-    """Continuous batching over a Hugging Face causal LM with a left-padded dynamic KV cache."""
+    """Continuous batching over a Hugging Face causal LM with a slot-based KV cache (see module doc)."""
 
     def __init__(
         self,
@@ -215,6 +365,8 @@ class TransformersEngine:
         max_num_seqs: int = 64,
         batch_wait_s: float = 0.01,
         max_pending: int | None = None,
+        prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
+        max_failed_steps: int = MAX_FAILED_STEPS,
     ) -> None:
         import torch
 
@@ -222,22 +374,31 @@ class TransformersEngine:
         self.model = model
         self.tokenizer = tokenizer
         self._decoder = decode_tokenizer or tokenizer
-        self.device = next(model.parameters()).device
+        parameter = next(model.parameters())
+        self.device, self._dtype = parameter.device, parameter.dtype
         config = model.config
-        self.max_model_len = int(max_model_len or getattr(config, "max_position_embeddings", None) or 2048)
+        self.max_model_len = resolve_max_model_len(max_model_len, config)
+        self._window = _check_attention(config)
+        self._additive_mask = getattr(config, "_attn_implementation", "sdpa") == "eager"
+        self._num_layers = int(config.num_hidden_layers)
         self.vocab_size = int(config.vocab_size)
         self.max_num_seqs = max_num_seqs
         self.batch_wait_s = batch_wait_s
         self.max_pending = max_pending or 4 * max_num_seqs
+        self.prefill_chunk_tokens = max(1, prefill_chunk_tokens)
+        self.max_failed_steps = max_failed_steps
         self.eos_ids = _eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0))
         self._cond = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
+        self._prefilling: list[_Sequence] = []
         self._running: list[_Sequence] = []
+        self._slots: list[_Sequence | None] = []
         self._cache: Any = None
-        self._mask: torch.Tensor | None = None
-        self._can_merge = True
+        self._outbox = _Outbox()
+        self._failed_steps = 0
+        self._fresh_first = False
         self._last_arrival = 0.0
         self._stopping = False
         self._cancelled_total = 0
@@ -246,17 +407,23 @@ class TransformersEngine:
 
     @classmethod
     def load(cls, settings: EngineSettings, max_pending: int | None = None) -> TransformersEngine:
-        """Load model and tokenizer from ``settings.model_source`` onto the configured device."""
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        """Load model and tokenizer from ``settings.model_source`` onto the configured device.
 
+        ``maxModelLen`` above the model's ``max_position_embeddings`` is refused before the weights load.
+        """
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        resolve_max_model_len(settings.max_model_len, AutoConfig.from_pretrained(settings.model_source))
         if settings.torch_threads and settings.device == "cpu":
             torch.set_num_threads(settings.torch_threads)
         device = settings.device
         if device == "cuda" and not torch.cuda.is_available():
             raise EngineError("the replica was given a GPU but torch sees no CUDA device")
         dtype = _torch_dtype(settings.dtype, device)
-        model: Any = AutoModelForCausalLM.from_pretrained(settings.model_source, dtype=dtype)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            settings.model_source, dtype=dtype, attn_implementation="sdpa"
+        )
         model = model.to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(settings.model_source)
         decode_tokenizer = AutoTokenizer.from_pretrained(settings.model_source)
@@ -288,23 +455,29 @@ class TransformersEngine:
         """
         if not self._thread.is_alive():
             raise EngineError("the generation loop is not running")
+        if params.adapter is not None:
+            raise EngineError("this engine serves no LoRA adapters")
+        if not prompt_ids:
+            raise EngineError("empty prompt")
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
-        ref: list[_Sequence] = []
+        queue: _Queue = asyncio.Queue()
         generator = None
         if params.seed is not None and params.temperature > 0:
             generator = self._torch.Generator(device=self.device).manual_seed(params.seed)
+        incremental = stream or bool(params.stop)
         seq = _Sequence(
             prompt_ids=list(prompt_ids),
             params=params,
-            text=IncrementalText(self._decode, params.stop),
-            push=_threadsafe_push(loop, queue, ref),
+            text=IncrementalText(self._decode, params.stop) if incremental else None,
+            loop=loop,
+            queue=queue,
             generator=generator,
             stream=stream,
         )
-        ref.append(seq)
         with self._cond:
-            if len(self._waiting) + len(self._running) >= self.max_pending:
+            if self._stopping:
+                raise EngineError("the engine is shutting down")
+            if len(self._waiting) + len(self._prefilling) + len(self._running) >= self.max_pending:
                 raise EngineOverloadedError(f"{self.max_pending} sequences already pending on this replica")
             seq.gap = seq.arrival - self._last_arrival
             self._last_arrival = seq.arrival
@@ -315,10 +488,12 @@ class TransformersEngine:
     def check_health(self) -> None:
         if not self._thread.is_alive():
             raise EngineError("the generation loop died")
+        if self._failed_steps >= self.max_failed_steps:
+            raise EngineError(f"the last {self._failed_steps} generation steps all failed")
 
     def stats(self) -> dict[str, int]:
         return {
-            "running": len(self._running),
+            "running": len(self._running) + len(self._prefilling),
             "waiting": len(self._waiting),
             "cancelled": self._cancelled_total,
         }
@@ -337,45 +512,73 @@ class TransformersEngine:
         text = self._decoder.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
         return str(text)
 
+    def _decode_many(self, rows: list[list[int]]) -> list[str]:
+        """One tokenizer call for many id lists (a fast tokenizer decodes them in Rust)."""
+        if not rows:
+            return []
+        texts = self._decoder.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return [str(t) for t in texts]
+
     # ---- engine thread ----------------------------------------------------------------------
 
     def _loop(self) -> None:
         torch = self._torch
-        while True:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._waiting and not self._busy():
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                try:
+                    with torch.inference_mode():
+                        self._iteration()
+                except Exception as exc:  # not attributable to a sequence: fail what is in flight
+                    logger.exception("engine iteration failed; failing the admitted sequences")
+                    self._failed_steps += 1
+                    self._fail([*self._prefilling, *self._running], exc)
+                    self._reset()
+                finally:
+                    self._outbox.send()
+        finally:  # whatever ends the loop, nobody is left waiting
             with self._cond:
-                while not self._stopping and not self._waiting and not self._running:
-                    self._cond.wait()
-                if self._stopping:
-                    break
-            try:
-                with torch.inference_mode():
-                    self._iteration()
-            except Exception as exc:  # a broken batch must not kill the loop
-                logger.exception("decode step failed; failing the running batch")
-                self._fail(self._running, exc)
-                self._running, self._cache, self._mask = [], None, None
-        self._fail([*self._running, *self._waiting], EngineError("the engine is shutting down"))
+                self._stopping = True
+                orphans = [*self._prefilling, *self._running, *self._waiting]
+                self._waiting.clear()
+            self._fail(orphans, EngineError("the engine is shutting down"))
+            self._outbox.send()
+
+    def _busy(self) -> bool:
+        return bool(self._prefilling or self._running)
+
+    def _reset(self) -> None:
+        self._prefilling, self._running = [], []
+        self._slots, self._cache = [], None
 
     def _iteration(self) -> None:
         self._evict()
-        admitted = self._admit()
-        if admitted:
-            self._prefill(admitted)
+        self._admit()
+        if self._prefilling:
+            self._prefill_step()
+            self._outbox.send()  # first tokens go out now, not after the decode step
             self._evict()
         if self._running:
             self._decode_step()
+            self._outbox.send()
             self._evict()
+        if not self._busy():
+            self._slots, self._cache = [], None  # idle: give the cache's memory back
 
-    def _admit(self) -> list[_Sequence]:
-        free = self.max_num_seqs - len(self._running)
-        if free <= 0 or (self._running and not self._can_merge):
-            return []
+    def _admit(self) -> None:
+        free = self.max_num_seqs - len(self._running) - len(self._prefilling)
+        if free <= 0:
+            return
         with self._cond:
             if not self._waiting:
-                return []
-            if self._running and not self._prefill_due(free):
-                return []  # keep decoding; newcomers are prefilled together a little later
-            if not self._running and self.batch_wait_s > 0:
+                return
+            if self._busy() and not self._prefill_due(free):
+                return  # keep decoding; newcomers are prefilled together a little later
+            if not self._busy() and self.batch_wait_s > 0:
                 self._wait_for_company(free)
             admitted: list[_Sequence] = []
             while self._waiting and len(admitted) < free:
@@ -384,7 +587,26 @@ class TransformersEngine:
                     self._cancelled_total += 1
                 else:
                     admitted.append(seq)
-        return admitted
+        for seq in admitted:
+            self._take_slot(seq)
+        self._prefilling.extend(admitted)
+
+    def _take_slot(self, seq: _Sequence) -> None:
+        """Give ``seq`` the lowest free cache row, growing the cache (rarely: doubling) when needed."""
+        try:
+            slot = self._slots.index(None)
+        except ValueError:
+            slot = len(self._slots)
+            self._slots.append(None)
+        self._slots[slot] = seq
+        seq.slot = slot
+        need = min(len(seq.prompt_ids) + seq.params.max_tokens, self.max_model_len)
+        if self._cache is None:
+            self._cache = new_slot_cache(self._num_layers)
+        cache = self._cache
+        slots = next_capacity(len(self._slots), cache.slots, self.max_num_seqs, 4)
+        length = next_capacity(need, cache.length, self.max_model_len, 64)
+        cache.ensure(slots, length)
 
     def _prefill_due(self, free: int) -> bool:
         """While a batch is decoding, admit newcomers once they fill it or the oldest waited long enough.
@@ -410,142 +632,291 @@ class TransformersEngine:
                 break
             self._cond.wait(remaining)
 
-    def _prefill(self, admitted: list[_Sequence]) -> None:
-        torch = self._torch
-        from transformers import DynamicCache
+    # ---- passes --------------------------------------------------------------------------------
 
-        for group in prefill_chunks([len(s.prompt_ids) for s in admitted], PREFILL_TOKEN_BUDGET):
-            seqs = [admitted[i] for i in group]
-            try:
-                ids, mask = left_pad([s.prompt_ids for s in seqs], self.pad_id)
-                input_ids = torch.tensor(ids, device=self.device)
-                attention = torch.tensor(mask, device=self.device)
-                positions = (attention.cumsum(-1) - 1).clamp(min=0)
-                cache = DynamicCache(config=self.model.config)
-                out = self.model(
-                    input_ids=input_ids,
-                    attention_mask=attention,
-                    position_ids=positions,
-                    cache=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-                tokens = self._sample(out.logits[:, -1, :], seqs)
-            except Exception as exc:  # e.g. out of memory on a huge prompt: fail these, keep the rest
-                logger.exception("prefill failed")
-                self._fail(seqs, exc)
-                continue
-            self._join(seqs, cache, attention)
-            self._accept(seqs, tokens)
+    def _prefill_step(self) -> None:
+        """Prefill one chunk (at most ``prefill_chunk_tokens`` padded tokens) of the oldest prompts.
 
-    def _join(self, seqs: list[_Sequence], cache: Any, mask: torch.Tensor) -> None:
-        """Append prefilled sequences (with their cache) to the running batch."""
-        torch = self._torch
-        if not self._running:
-            self._running, self._cache, self._mask = list(seqs), cache, mask
-            self._can_merge = _mergeable(cache)
-            return
-        width = max(self._mask.shape[1] if self._mask is not None else 0, mask.shape[1])
-        for old, new in zip(self._cache.layers, cache.layers, strict=True):
-            old.keys = torch.cat([_pad_seq(old.keys, width, 2), _pad_seq(new.keys, width, 2)])
-            old.values = torch.cat([_pad_seq(old.values, width, 2), _pad_seq(new.values, width, 2)])
-        assert self._mask is not None
-        self._mask = torch.cat([_pad_seq(self._mask, width, 1), _pad_seq(mask, width, 1)])
-        self._running.extend(seqs)
+        Every other pass puts prompts not started yet first, so short arrivals are not queued
+        behind all the chunks of a long prompt, and a long prompt still advances every other pass.
+        """
+        order = self._prefilling
+        self._fresh_first = not self._fresh_first
+        if self._fresh_first:
+            order = sorted(order, key=lambda s: s.cached > 0)  # stable: FIFO within each group
+        remaining = [len(s.prompt_ids) - s.cached for s in order]
+        counts = plan_prefill(remaining, self.prefill_chunk_tokens)
+        seqs = order[: len(counts)]
+        done = self._isolated(seqs, self._prefill_pass)
+        finished: list[_Sequence] = []
+        tokens: list[int] = []
+        for seq, token in done:
+            if seq.cached >= len(seq.prompt_ids):
+                finished.append(seq)
+                tokens.append(token)
+        if finished:
+            ready = set(finished)
+            self._prefilling = [s for s in self._prefilling if s not in ready]
+            self._running.extend(finished)
+            self._accept(finished, tokens)
 
     def _decode_step(self) -> None:
+        """Advance every running sequence by one token (one pass; bisected only on failure)."""
+        done = self._isolated(self._running, self._decode_pass)
+        self._accept([s for s, _ in done], [t for _, t in done])
+
+    def _isolated(
+        self, seqs: list[_Sequence], run: Callable[[list[_Sequence]], list[int]]
+    ) -> list[tuple[_Sequence, int]]:
+        """Run a pass over ``seqs``; on failure retry each half, so only failing sequences fail.
+
+        A pass only writes cache positions its sequences have not committed yet, so a retry is
+        idempotent. Counts the step as failed when no sequence got through.
+        """
+        results: list[tuple[_Sequence, int]] = []
+        pending = [seqs]
+        while pending:
+            group = pending.pop()
+            try:
+                results.extend(zip(group, run(group), strict=True))
+            except Exception as exc:
+                if len(group) == 1:
+                    logger.warning("forward pass failed for sequence %d: %s", group[0].id, exc)
+                    self._fail(group, exc)
+                else:
+                    mid = len(group) // 2
+                    pending += [group[mid:], group[:mid]]
+        self._failed_steps = 0 if results else self._failed_steps + 1
+        return results
+
+    def _prefill_pass(self, seqs: list[_Sequence]) -> list[int]:
+        """Forward the next prompt chunk of each sequence (right-padded); commit it; sample where done.
+
+        Returns one token per sequence (-1 where the prompt is not finished yet).
+        """
         torch = self._torch
-        assert self._mask is not None
-        seqs = self._running
-        input_ids = torch.tensor([[s.last_token] for s in seqs], device=self.device)
-        positions = torch.tensor([[s.length - 1] for s in seqs], device=self.device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones((len(seqs), 1))], dim=1)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=self._mask,
-            position_ids=positions,
-            cache=self._cache,
-            use_cache=True,
+        remaining = [len(s.prompt_ids) - s.cached for s in seqs]
+        width = max(1, min(remaining[0], self.prefill_chunk_tokens))
+        counts = [min(r, width) for r in remaining]
+        trash = self._cache.length
+        ids, rows, writes, positions, last = [], [], [], [], []
+        for seq, count in zip(seqs, counts, strict=True):
+            start = seq.cached
+            chunk = seq.prompt_ids[start : start + count]
+            ids.append(chunk + [self.pad_id] * (width - count))
+            rows.append([seq.slot] * width)
+            real = list(range(start, start + count))
+            writes.append(real + [trash] * (width - count))
+            positions.append(real + [start + count - 1] * (width - count))
+            last.append(count - 1)
+        device = self.device
+        query = torch.tensor(positions, device=device)
+        plan = _Pass(
+            rows=torch.tensor(rows, device=device),
+            positions=torch.tensor(writes, device=device),
+            read=torch.tensor([s.slot for s in seqs], device=device),
+            kv_len=max(s.cached + c for s, c in zip(seqs, counts, strict=True)),
         )
-        self._accept(seqs, self._sample(out.logits[:, -1, :], seqs))
+        done = [s.cached + c >= len(s.prompt_ids) for s, c in zip(seqs, counts, strict=True)]
+        keep = sorted({last[i] for i, d in enumerate(done) if d}) or [width - 1]
+        logits = self._forward(seqs, torch.tensor(ids, device=device), query, plan, keep)
+        tokens = [-1] * len(seqs)
+        finishing = [i for i, d in enumerate(done) if d]
+        if finishing:
+            picked = logits[finishing, [keep.index(last[i]) for i in finishing]]
+            sampled = self._sample(picked, [seqs[i] for i in finishing])
+            for i, token in zip(finishing, sampled, strict=True):
+                tokens[i] = token
+        for seq, count in zip(seqs, counts, strict=True):
+            seq.cached += count
+        return tokens
+
+    def _decode_pass(self, seqs: list[_Sequence]) -> list[int]:
+        """Forward each sequence's last token at its own position; return the next tokens.
+
+        The pass reads a contiguous range of cache rows as a view (no copy) when the running
+        sequences fill at least half of it, else gathers just their rows.
+        """
+        torch = self._torch
+        device = self.device
+        top = max(s.slot for s in seqs) + 1
+        trash = self._cache.length
+        if 2 * len(seqs) >= top:  # rows 0..top-1 in place; rows without a running sequence idle
+            ids, writes, positions = [self.pad_id] * top, [trash] * top, [0] * top
+            for seq in seqs:
+                ids[seq.slot], writes[seq.slot], positions[seq.slot] = seq.last_token, seq.cached, seq.cached
+            read: Any = slice(0, top)
+            rows = torch.arange(top, device=device).unsqueeze(1)
+            picks: list[int] | None = [s.slot for s in seqs]
+        else:
+            ids = [s.last_token for s in seqs]
+            writes = positions = [s.cached for s in seqs]
+            read = torch.tensor([s.slot for s in seqs], device=device)
+            rows = read.unsqueeze(1)
+            picks = None
+        query = torch.tensor(positions, device=device).unsqueeze(1)
+        plan = _Pass(rows, torch.tensor(writes, device=device).unsqueeze(1), read, max(positions) + 1)
+        logits = self._forward(seqs, torch.tensor(ids, device=device).unsqueeze(1), query, plan, [0])[:, 0]
+        if picks is not None and picks != list(range(top)):
+            logits = logits[picks]
+        tokens = self._sample(logits, seqs)
+        for seq in seqs:
+            seq.cached += 1
+        return tokens
+
+    def _forward(
+        self,
+        seqs: list[_Sequence],
+        input_ids: torch.Tensor,
+        query: torch.Tensor,
+        plan: _Pass,
+        keep: list[int],
+    ) -> torch.Tensor:
+        """One model forward over ``plan``; returns logits ``[B, len(keep), V]`` at positions ``keep``."""
+        torch = self._torch
+        width = input_ids.shape[1]
+        keys = torch.arange(plan.kv_len, device=self.device)
+        visible = keys <= query.unsqueeze(-1)  # [B, T, kv]: causal, each row at its own position
+        if self._window is not None:
+            visible &= keys > query.unsqueeze(-1) - self._window
+        mask = visible.unsqueeze(1)
+        if self._additive_mask:  # eager attention adds the mask to the scores
+            mask = torch.zeros(mask.shape, dtype=self._dtype, device=self.device).masked_fill(
+                ~mask, torch.finfo(self._dtype).min
+            )
+        self._cache.plan = plan
+        try:
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=query,
+                cache=self._cache,
+                use_cache=True,
+                logits_to_keep=1 if keep == [width - 1] else torch.tensor(keep, device=self.device),
+                **self._forward_kwargs(seqs),
+            )
+        finally:
+            self._cache.plan = None
+        return out.logits  # type: ignore[no-any-return]
+
+    def _forward_kwargs(self, seqs: list[_Sequence]) -> dict[str, Any]:
+        """Extra model kwargs for a pass over ``seqs`` (in row order).
+
+        The multi-LoRA hook: with a peft model this returns ``{"adapter_names": [...]}`` built from
+        each sequence's ``params.adapter`` (one per row; idle rows use the base model), which is
+        how peft batches rows of different adapters in one forward.
+        """
+        return {}
 
     def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
         from .sampling import sample_next
 
         torch = self._torch
+        if all(s.params.temperature <= 0 for s in seqs):
+            return [int(t) for t in logits.argmax(dim=-1).tolist()]
         temperature = torch.tensor([s.params.temperature for s in seqs], device=logits.device)
         top_p = torch.tensor([s.params.top_p for s in seqs], device=logits.device)
         tokens = sample_next(logits, temperature, top_p, [s.generator for s in seqs])
         return [int(t) for t in tokens.tolist()]
 
+    # ---- results -------------------------------------------------------------------------------
+
     def _accept(self, seqs: list[_Sequence], tokens: list[int]) -> None:
+        """Record one new token per sequence: stop checks, detokenization and delivery, batched."""
+        incremental: list[tuple[_Sequence, int]] = []
+        windows: list[list[int]] = []
+        ended: list[tuple[_Sequence, FinishReason]] = []
         for seq, token in zip(seqs, tokens, strict=True):
-            if seq.cancelled:
+            if seq.cancelled or seq.finished:
                 continue
-            seq.generated += 1
-            seq.last_token = token
-            reason: FinishReason | None = None
+            seq.tokens.append(token)  # an eos counts as a completion token, as in vLLM and OpenAI
             if token in self.eos_ids and not seq.params.ignore_eos:
-                reason, delta = "stop", seq.text.flush()
-            else:
-                delta = seq.text.push(token)
-                if seq.text.stopped:
-                    reason = "stop"
-                elif seq.generated >= seq.params.max_tokens or seq.length >= self.max_model_len:
-                    reason, delta = "length", delta + seq.text.flush()
-            if reason is not None:
-                seq.finished = True
-            if reason is None and not seq.stream:
-                seq.pending += delta
-            elif delta or reason is not None:
-                seq.push(GenerationChunk(seq.pending + delta, reason, seq.generated))
-                seq.pending = ""
+                ended.append((seq, "stop"))
+                continue
+            if seq.text is not None:
+                pair = seq.text.add(token)
+                if pair is not None:
+                    incremental.append((seq, len(windows)))
+                    windows += pair
+            if seq.generated >= seq.params.max_tokens or seq.length >= self.max_model_len:
+                ended.append((seq, "length"))
+        decoded = self._decode_many(windows)
+        for seq, at in incremental:
+            assert seq.text is not None
+            delta = seq.text.advance(decoded[at], decoded[at + 1])
+            if seq.text.stopped:
+                self._finish(seq, "stop", delta)
+            elif delta:
+                if seq.stream:
+                    self._outbox.put(seq, GenerationChunk(delta, None, seq.generated))
+                else:
+                    seq.pending += delta
+        plain = [(s, r) for s, r in ended if not s.finished and s.text is None]
+        rows = [s.tokens[:-1] if r == "stop" else s.tokens for s, r in plain]  # "stop" here is an eos
+        for (seq, reason), text in zip(plain, self._decode_many(rows), strict=True):
+            self._finish(seq, reason, text)
+        for seq, reason in ended:
+            if not seq.finished:
+                assert seq.text is not None
+                self._finish(seq, reason, seq.text.flush())
+
+    def _finish(self, seq: _Sequence, reason: FinishReason, delta: str) -> None:
+        seq.finished = True
+        self._outbox.put(seq, GenerationChunk(seq.pending + delta, reason, seq.generated))
+        seq.pending = ""
 
     def _evict(self) -> None:
-        """Drop finished and cancelled rows from the batch and trim padding nobody needs."""
-        keep = [i for i, s in enumerate(self._running) if not (s.finished or s.cancelled)]
-        if len(keep) == len(self._running):
-            return
-        self._cancelled_total += sum(1 for s in self._running if s.cancelled and not s.finished)
-        if not keep:
-            self._running, self._cache, self._mask = [], None, None
-            return
-        torch = self._torch
-        assert self._mask is not None
-        index = torch.tensor(keep, device=self.device)
-        self._running = [self._running[i] for i in keep]
-        mask = self._mask.index_select(0, index)
-        start = int(mask.any(dim=0).int().argmax())
-        self._mask = mask[:, start:]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        """Free the cache rows of finished and cancelled sequences (nothing is copied)."""
+        for group in (self._prefilling, self._running):
+            if any(s.finished or s.cancelled for s in group):
+                for seq in group:
+                    if seq.finished or seq.cancelled:
+                        self._cancelled_total += int(seq.cancelled and not seq.finished)
+                        self._free(seq)
+                group[:] = [s for s in group if not (s.finished or s.cancelled)]
+
+    def _free(self, seq: _Sequence) -> None:
+        if 0 <= seq.slot < len(self._slots) and self._slots[seq.slot] is seq:
+            self._slots[seq.slot] = None
+        seq.slot = -1
 
     def _fail(self, seqs: Sequence[_Sequence], exc: BaseException) -> None:
         error = exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc}")
         for seq in seqs:
             if not seq.finished:
                 seq.finished = True
-                seq.push(error)
+                self._outbox.put(seq, error)
 
 
-def _pad_seq(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """Left-pad ``tensor`` with zeros along ``dim`` to ``width``."""
-    import torch
+def resolve_max_model_len(requested: int | None, config: Any) -> int:
+    """The context length to serve: ``requested`` or the model's; refuse more than the model supports."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if requested is not None and limit is not None and requested > int(limit):
+        raise EngineError(
+            f"maxModelLen {requested} exceeds the model's max_position_embeddings ({limit}); "
+            f"set engineArgs.maxModelLen to at most {limit}"
+        )
+    return int(requested or limit or 2048)
 
-    missing = width - tensor.shape[dim]
-    if missing <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
+def _check_attention(config: Any) -> int | None:
+    """The sliding-window size every layer uses (None: full attention); refuse other layouts.
 
-def _mergeable(cache: Any) -> bool:
-    """Whether batches can be merged: every layer a plain full-attention dynamic layer."""
-    from transformers.cache_utils import DynamicLayer
-
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
+    The engine builds each pass's attention mask itself (rows at different positions), so it
+    supports models whose layers all use full attention, or all the same sliding window.
+    """
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False:
+        window = None
+    kinds = set(getattr(config, "layer_types", None) or [])
+    if kinds and kinds != {"full_attention"} and kinds != {"sliding_attention"}:
+        raise EngineError(
+            f"the transformers engine does not support attention layer types {sorted(kinds)}; "
+            "use the vllm engine"
+        )
+    if kinds == {"full_attention"}:
+        return None
+    return int(window) if window else None
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:

@@ -47,10 +47,25 @@ class IncrementalText:
 
     def push(self, token_id: int) -> str:
         """Add one token; return the new text that is safe to emit (may be empty)."""
-        if self.stopped:
+        windows = self.add(token_id)
+        if windows is None:
             return ""
+        return self.advance(self._decode(windows[0]), self._decode(windows[1]))
+
+    def add(self, token_id: int) -> tuple[list[int], list[int]] | None:
+        """Add one token without decoding; return the two id windows to decode (None once stopped).
+
+        With :meth:`advance` this splits :meth:`push` so a caller can decode the windows of many
+        sequences in one batched tokenizer call.
+        """
+        if self.stopped:
+            return None
         self._ids.append(token_id)
-        self._decode_new(final=False)
+        return self._ids[self._prefix_offset : self._read_offset], self._ids[self._prefix_offset :]
+
+    def advance(self, prefix: str, current: str) -> str:
+        """Apply the decoded windows returned by :meth:`add`; return the text safe to emit."""
+        self._apply(prefix, current, final=False)
         return self._emit()
 
     def flush(self) -> str:
@@ -64,6 +79,9 @@ class IncrementalText:
     def _decode_new(self, final: bool) -> None:
         prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
         current = self._decode(self._ids[self._prefix_offset :])
+        self._apply(prefix, current, final)
+
+    def _apply(self, prefix: str, current: str, final: bool) -> None:
         if len(current) > len(prefix) and (final or not current.endswith(_REPLACEMENT)):
             self.text += current[len(prefix) :]
             self._prefix_offset = self._read_offset
