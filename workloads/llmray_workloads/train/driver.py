@@ -109,7 +109,8 @@ def build_trainer(prepared: Prepared, data_ref: Any, export_token: str) -> Any:
             # A deleted or drained worker pod is a node preemption to Ray Train, which by default
             # retries it forever inside the attempt; it fails the attempt instead, so the operator
             # counts it in status.restarts and bounds it by failurePolicy.maxRestarts.
-            failure_config=FailureConfig(max_failures=plan.max_failures, max_preemption_failures=0),
+            # (ray.train exports Train V2's FailureConfig at run time; mypy sees the V1 class.)
+            failure_config=FailureConfig(max_failures=plan.max_failures, max_preemption_failures=0),  # type: ignore[call-arg]
         ),
     )
 
