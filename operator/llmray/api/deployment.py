@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, WithJsonSchema, model_validator
 
 from .common import (
     ApiModel,
@@ -21,6 +21,28 @@ from .common import (
 )
 
 KIND = "LLMDeployment"
+# vLLM engine arguments a tenant may set through spec.engineArgs.extra: tuning knobs only. Left out
+# on purpose: anything that loads code or files (trust_remote_code, worker_cls,
+# worker_extension_cls, load_format, download_dir, hf_overrides, tokenizer, model, speculative
+# models, LoRA modules, allowed_local_media_path) -- a Ray pod runs it with the pod's identity.
+ENGINE_EXTRA_ALLOWED: tuple[str, ...] = (
+    "block_size",
+    "cpu_offload_gb",
+    "disable_log_stats",
+    "enable_chunked_prefill",
+    "enable_prefix_caching",
+    "enforce_eager",
+    "kv_cache_dtype",
+    "max_logprobs",
+    "max_num_batched_tokens",
+    "max_seq_len_to_capture",
+    "pipeline_parallel_size",
+    "quantization",
+    "seed",
+    "swap_space",
+    "tokenizer_mode",
+)
+_EXTRA_LIST = ", ".join(ENGINE_EXTRA_ALLOWED)
 PLURAL = "llmdeployments"
 DEFAULT_IMAGE = "llmray/ray-runtime:0.1.0"
 SERVE_PORT = 8000
@@ -73,6 +95,22 @@ class ServedModel(ApiModel):
 class EngineArgs(ApiModel):
     """Engine settings. vLLM uses them all; transformers uses dtype, maxModelLen and batching."""
 
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.extra) || self.extra.all(k, k in "
+                    + "["
+                    + ", ".join(f"'{k}'" for k in ENGINE_EXTRA_ALLOWED)
+                    + "])",
+                    "message": f"spec.engineArgs.extra may only set: {_EXTRA_LIST}",
+                    "fieldPath": ".extra",
+                    "reason": "FieldValueForbidden",
+                }
+            ]
+        }
+    }
+
     max_model_len: int | None = Field(
         None, ge=16, le=1_048_576, description="Context length limit in tokens."
     )
@@ -91,9 +129,17 @@ class EngineArgs(ApiModel):
     )
     extra: dict[str, Any] = Field(
         default_factory=dict,
+        max_length=len(ENGINE_EXTRA_ALLOWED),
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
-        description="Further engine keyword arguments, passed through unchanged (vLLM engine_kwargs).",
+        description=f"Further vLLM engine keyword arguments (engine_kwargs); allowed keys: {_EXTRA_LIST}.",
     )
+
+    @model_validator(mode="after")
+    def _allowed_extra(self) -> EngineArgs:
+        unknown = sorted(set(self.extra) - set(ENGINE_EXTRA_ALLOWED))
+        if unknown:
+            raise ValueError(f"spec.engineArgs.extra may only set: {_EXTRA_LIST} (got {', '.join(unknown)})")
+        return self
 
 
 class Autoscaling(ApiModel):
@@ -181,6 +227,18 @@ class WorkerPool(Placement):
         return self
 
 
+NetworkPeer = Annotated[
+    dict[str, Any],
+    WithJsonSchema(
+        {
+            "type": "object",
+            "x-kubernetes-preserve-unknown-fields": True,
+            "description": "A NetworkPolicy peer (podSelector, namespaceSelector, ipBlock), passed through.",
+        }
+    ),
+]
+
+
 class ServiceSpec(ApiModel):
     """The ``<name>-serve`` Service in front of the OpenAI endpoint."""
 
@@ -193,7 +251,14 @@ class ServiceSpec(ApiModel):
                     "message": "spec.service.nodePort needs spec.service.type NodePort or LoadBalancer",
                     "fieldPath": ".nodePort",
                     "reason": "FieldValueForbidden",
-                }
+                },
+                {
+                    "rule": "!has(self.allowFrom) || self.type == 'ClusterIP'",
+                    "message": "spec.service.allowFrom applies to a ClusterIP Service only (a NodePort or "
+                    "LoadBalancer Service is reached from outside the cluster)",
+                    "fieldPath": ".allowFrom",
+                    "reason": "FieldValueForbidden",
+                },
             ]
         },
     )
@@ -207,11 +272,24 @@ class ServiceSpec(ApiModel):
         description="Fixed node port (type NodePort or LoadBalancer), e.g. to match a kind port mapping; "
         "default: one is allocated.",
     )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="Serve a NodePort or LoadBalancer Service without spec.apiKeySecretRef (an open "
+        "endpoint that spends your GPUs for anyone who reaches it); false refuses that.",
+    )
+    allow_from: list[NetworkPeer] | None = Field(
+        None,
+        max_length=16,
+        description="NetworkPolicy peers that may reach the serve port of a ClusterIP Service "
+        "(default: every pod of this namespace). NodePort and LoadBalancer Services are open to all.",
+    )
 
     @model_validator(mode="after")
     def _node_port(self) -> ServiceSpec:
         if self.node_port is not None and self.type == "ClusterIP":
             raise ValueError("spec.service.nodePort needs spec.service.type NodePort or LoadBalancer")
+        if self.allow_from is not None and self.type != "ClusterIP":
+            raise ValueError("spec.service.allowFrom applies to a ClusterIP Service only")
         return self
 
 
@@ -235,6 +313,15 @@ class LLMDeploymentSpec(ApiModel):
                     "<= spec.workers.resources.gpu",
                     "fieldPath": ".resourcesPerReplica.gpu",
                     "reason": "FieldValueInvalid",
+                },
+                {
+                    "rule": "self.service.type == 'ClusterIP' || has(self.apiKeySecretRef) || "
+                    "self.service.allowUnauthenticated",
+                    "message": "spec.service.type NodePort or LoadBalancer exposes the endpoint outside the "
+                    "cluster: set spec.apiKeySecretRef, or spec.service.allowUnauthenticated: true to serve "
+                    "it without a key",
+                    "fieldPath": ".service.type",
+                    "reason": "FieldValueForbidden",
                 },
                 {
                     "rule": "self.autoscaling.minReplicas == 0 || self.workers.maxReplicas >= 1",
@@ -284,6 +371,15 @@ class LLMDeploymentSpec(ApiModel):
             raise ValueError(
                 "a replica must fit on one worker pod: spec.resourcesPerReplica.gpu must be "
                 "<= spec.workers.resources.gpu"
+            )
+        if (
+            self.service.type != "ClusterIP"
+            and self.api_key_secret_ref is None
+            and not self.service.allow_unauthenticated
+        ):
+            raise ValueError(
+                "spec.service.type NodePort or LoadBalancer exposes the endpoint outside the cluster: set "
+                "spec.apiKeySecretRef, or spec.service.allowUnauthenticated: true to serve it without a key"
             )
         if self.autoscaling.min_replicas > 0 and self.workers.max_replicas < 1:
             raise ValueError(
