@@ -15,6 +15,7 @@ import copy
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import kopf
@@ -41,10 +42,13 @@ _MANAGED = {LABEL_MANAGED_BY: MANAGED_BY}
 def _options_from_env() -> Options:
     """Options when started by ``kopf run -m llmray.operator_main`` (no CLI flags)."""
     env = os.environ.get
+    key_file = env("LLMRAY_AUTH_KEY_FILE")
+    extra: dict[str, Any] = {"auth_key": Path(key_file).read_bytes().strip()} if key_file else {}
     return Options(
         unschedulable_timeout=float(env("LLMRAY_UNSCHEDULABLE_TIMEOUT", "300")),
         resync_seconds=float(env("LLMRAY_RESYNC_SECONDS", "15")),
         workers=int(env("LLMRAY_WORKERS", "8")),
+        **extra,
     )
 
 
