@@ -21,28 +21,6 @@ from .common import (
 )
 
 KIND = "LLMDeployment"
-# vLLM engine arguments a tenant may set through spec.engineArgs.extra: tuning knobs only. Left out
-# on purpose: anything that loads code or files (trust_remote_code, worker_cls,
-# worker_extension_cls, load_format, download_dir, hf_overrides, tokenizer, model, speculative
-# models, LoRA modules, allowed_local_media_path) -- a Ray pod runs it with the pod's identity.
-ENGINE_EXTRA_ALLOWED: tuple[str, ...] = (
-    "block_size",
-    "cpu_offload_gb",
-    "disable_log_stats",
-    "enable_chunked_prefill",
-    "enable_prefix_caching",
-    "enforce_eager",
-    "kv_cache_dtype",
-    "max_logprobs",
-    "max_num_batched_tokens",
-    "max_seq_len_to_capture",
-    "pipeline_parallel_size",
-    "quantization",
-    "seed",
-    "swap_space",
-    "tokenizer_mode",
-)
-_EXTRA_LIST = ", ".join(ENGINE_EXTRA_ALLOWED)
 PLURAL = "llmdeployments"
 DEFAULT_IMAGE = "llmray/ray-runtime:0.1.0"
 SERVE_PORT = 8000
@@ -92,24 +70,52 @@ class ServedModel(ApiModel):
         return self
 
 
+class VllmExtra(ApiModel):
+    """Further vLLM engine arguments: an allowlist of tuning knobs, in vLLM's own snake_case names.
+
+    Anything else is an unknown field: refused by the API server (``kubectl`` asks for strict field
+    validation) or pruned, so it never reaches vLLM. Arguments that load code or files
+    (``trust_remote_code``, ``worker_cls``, ``worker_extension_cls``, ``load_format``,
+    ``download_dir``, ``hf_overrides``, ``tokenizer``, speculative or LoRA models) are left out on
+    purpose: a Ray pod would run them with the pod's identity.
+    """
+
+    model_config = ConfigDict(extra="forbid", alias_generator=None, populate_by_name=True)
+
+    block_size: int | None = Field(None, ge=1, le=1024, description="KV cache block size in tokens.")
+    cpu_offload_gb: float | None = Field(None, ge=0, le=4096, description="CPU memory per GPU for offloaded weights.")
+    disable_log_stats: bool | None = Field(None, description="Turn off vLLM's periodic stats logging.")
+    enable_chunked_prefill: bool | None = Field(None, description="Split long prefills into chunks.")
+    enable_prefix_caching: bool | None = Field(None, description="Reuse the KV cache of shared prompt prefixes.")
+    enforce_eager: bool | None = Field(None, description="No CUDA graphs (less memory, slower).")
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] | None = Field(
+        None, description="KV cache data type."
+    )
+    max_logprobs: int | None = Field(None, ge=0, le=1024, description="Most logprobs a request may ask for.")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, le=10_000_000, description="Tokens processed per engine step."
+    )
+    max_seq_len_to_capture: int | None = Field(
+        None, ge=1, le=1_048_576, description="Longest sequence covered by CUDA graphs."
+    )
+    pipeline_parallel_size: int | None = Field(None, ge=1, le=64, description="Pipeline-parallel stages.")
+    quantization: str | None = Field(
+        None, pattern=r"^[a-z0-9_-]{1,32}$", description="Quantization method of the weights (e.g. awq, fp8)."
+    )
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Random seed.")
+    swap_space: float | None = Field(None, ge=0, le=1024, description="CPU swap space per GPU, GiB.")
+    tokenizer_mode: Literal["auto", "slow", "mistral"] | None = Field(None, description="Tokenizer mode.")
+
+    def kwargs(self) -> dict[str, Any]:
+        """The set arguments, as vLLM engine keyword arguments."""
+        return self.model_dump(exclude_none=True)
+
+
+ENGINE_EXTRA_ALLOWED: tuple[str, ...] = tuple(VllmExtra.model_fields)
+
+
 class EngineArgs(ApiModel):
     """Engine settings. vLLM uses them all; transformers uses dtype, maxModelLen and batching."""
-
-    model_config = ApiModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [
-                {
-                    "rule": "!has(self.extra) || self.extra.all(k, k in "
-                    + "["
-                    + ", ".join(f"'{k}'" for k in ENGINE_EXTRA_ALLOWED)
-                    + "])",
-                    "message": f"spec.engineArgs.extra may only set: {_EXTRA_LIST}",
-                    "fieldPath": ".extra",
-                    "reason": "FieldValueForbidden",
-                }
-            ]
-        }
-    }
 
     max_model_len: int | None = Field(
         None, ge=16, le=1_048_576, description="Context length limit in tokens."
@@ -127,19 +133,10 @@ class EngineArgs(ApiModel):
     batch_wait_timeout_ms: int = Field(
         10, ge=0, le=10_000, description="How long the transformers engine waits to fill a batch."
     )
-    extra: dict[str, Any] = Field(
-        default_factory=dict,
-        max_length=len(ENGINE_EXTRA_ALLOWED),
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
-        description=f"Further vLLM engine keyword arguments (engine_kwargs); allowed keys: {_EXTRA_LIST}.",
+    extra: VllmExtra = Field(
+        default_factory=VllmExtra,
+        description="Further vLLM engine arguments (an allowlist; other names are unknown fields).",
     )
-
-    @model_validator(mode="after")
-    def _allowed_extra(self) -> EngineArgs:
-        unknown = sorted(set(self.extra) - set(ENGINE_EXTRA_ALLOWED))
-        if unknown:
-            raise ValueError(f"spec.engineArgs.extra may only set: {_EXTRA_LIST} (got {', '.join(unknown)})")
-        return self
 
 
 class Autoscaling(ApiModel):

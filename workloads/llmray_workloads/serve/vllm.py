@@ -50,7 +50,7 @@ def vllm_engine_kwargs(args: ServeAppArgs) -> dict[str, Any]:
     # A prompt beyond maxPromptTokens cannot fit (vLLM refuses it); the guard caps max_tokens.
     budget = limits.max_prompt_tokens + limits.max_tokens
     kwargs["max_model_len"] = min(engine.max_model_len or budget, budget)
-    kwargs.update(engine.extra)  # allowlisted keys only (CRD rule on spec.engineArgs.extra)
+    kwargs.update(engine.extra.kwargs())  # an allowlist (spec.engineArgs.extra is a closed schema)
     return kwargs
 
 
