@@ -78,7 +78,7 @@ class Operator:
         return self
 
     def _auth_key_file(self) -> Path:
-        path = self.log_path.with_name(self.log_path.name + ".auth-key")
+        path = self.log_path.with_name("auth-key")  # one per test: operators of a test share it
         if not path.exists():
             path.write_text(secrets.token_urlsafe(48))
         return path

@@ -158,7 +158,7 @@ def test_resources_requests_equal_limits_with_gpu() -> None:
         "cpu": "8",
         "memory": "48Gi",
         "nvidia.com/gpu": "1",
-        "ephemeral-storage": "4Gi",
+        "ephemeral-storage": "1Gi",
     }
     assert res["limits"] == {**res["requests"], "ephemeral-storage": "64Gi"}
     head = _container(b.head_pod(_training(), "u"))["resources"]
@@ -400,7 +400,7 @@ def test_ephemeral_storage_and_size_limited_scratch_volumes(which: str) -> None:
     cluster = _training()
     pod = b.head_pod(cluster, "u") if which == "head" else b.worker_pod(cluster, 0, "u")
     container = _container(pod)
-    assert container["resources"]["requests"]["ephemeral-storage"] == "4Gi"
+    assert container["resources"]["requests"]["ephemeral-storage"] == "1Gi"
     assert container["resources"]["limits"]["ephemeral-storage"] == "64Gi"
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}

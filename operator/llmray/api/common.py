@@ -126,7 +126,7 @@ class PodStorage(ApiModel):
         "40Gi", description="Size limit of the model cache emptyDir (HF_HOME: hf:// downloads)."
     )
     ephemeral_storage_request: Quantity = Field(
-        "4Gi", description="ephemeral-storage the pod requests (the scheduler reserves it on the node)."
+        "1Gi", description="ephemeral-storage the pod requests (the scheduler reserves it on the node)."
     )
     ephemeral_storage_limit: Quantity = Field(
         "64Gi",
