@@ -66,5 +66,7 @@ def test_crd_carries_the_same_rules() -> None:
     extra = spec["properties"]["engineArgs"]["properties"]["extra"]
     # a closed schema: the allowlist is its properties, anything else is an unknown field
     assert sorted(extra["properties"]) == sorted(ENGINE_EXTRA_ALLOWED)
-    assert "trust_remote_code" not in ENGINE_EXTRA_ALLOWED and "worker_extension_cls" not in ENGINE_EXTRA_ALLOWED
+    assert (
+        "trust_remote_code" not in ENGINE_EXTRA_ALLOWED and "worker_extension_cls" not in ENGINE_EXTRA_ALLOWED
+    )
     assert not extra.get("x-kubernetes-preserve-unknown-fields") and "additionalProperties" not in extra

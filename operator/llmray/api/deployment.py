@@ -83,10 +83,14 @@ class VllmExtra(ApiModel):
     model_config = ConfigDict(extra="forbid", alias_generator=None, populate_by_name=True)
 
     block_size: int | None = Field(None, ge=1, le=1024, description="KV cache block size in tokens.")
-    cpu_offload_gb: float | None = Field(None, ge=0, le=4096, description="CPU memory per GPU for offloaded weights.")
+    cpu_offload_gb: float | None = Field(
+        None, ge=0, le=4096, description="CPU memory per GPU for offloaded weights."
+    )
     disable_log_stats: bool | None = Field(None, description="Turn off vLLM's periodic stats logging.")
     enable_chunked_prefill: bool | None = Field(None, description="Split long prefills into chunks.")
-    enable_prefix_caching: bool | None = Field(None, description="Reuse the KV cache of shared prompt prefixes.")
+    enable_prefix_caching: bool | None = Field(
+        None, description="Reuse the KV cache of shared prompt prefixes."
+    )
     enforce_eager: bool | None = Field(None, description="No CUDA graphs (less memory, slower).")
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] | None = Field(
         None, description="KV cache data type."
