@@ -115,6 +115,17 @@ def test_guard_bounds_the_body_and_fails_closed_without_the_key() -> None:
 
 def test_vllm_engine_kwargs_are_allowlisted_and_capped() -> None:
     kwargs = vllm_llm_config(_example_args())["engine_kwargs"]
-    # the example's maxModelLen (8192) capped at maxPromptTokens + maxTokens (defaults 4096 + 1024)
-    assert kwargs["max_model_len"] == 4096 + 1024
+    # min(maxModelLen 8192, maxPromptTokens 7168 + maxTokens 1024): the example's limits fill its context
+    assert kwargs["max_model_len"] == 8192
+    spec = _example_args().spec.model_copy(
+        update={
+            "limits": _example_args().spec.limits.model_copy(
+                update={"max_prompt_tokens": 1000, "max_tokens": 24}
+            )
+        }
+    )
+    assert (
+        vllm_llm_config(_example_args().model_copy(update={"spec": spec}))["engine_kwargs"]["max_model_len"]
+        == 1024
+    )
     assert "trust_remote_code" not in kwargs
