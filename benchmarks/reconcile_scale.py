@@ -263,7 +263,10 @@ def run_direct(api: client.ApiClient, objs: list[dict[str, Any]], timeout: float
         else:
             dspec = LLMDeploymentSpec.model_validate(obj["spec"])
             cluster, workers = b.deployment_cluster(owner, dspec, dspec.model.uri), dspec.workers.min_replicas
-        for doc in [b.auth_secret(cluster, b.new_auth_token()), b.head_service(cluster)]:
+        for doc in [
+            b.auth_secret(cluster, b.derive_auth_token(b"bench-key" * 4, owner)),
+            b.head_service(cluster),
+        ]:
             doc["metadata"].pop("ownerReferences")  # no owner object exists here
             manifests.append(doc)
         if cluster.serve is not None:

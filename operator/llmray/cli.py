@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 DEFAULT_CRD_DIRS = ("crds", "charts/llmray/crds")
 
@@ -55,10 +57,26 @@ def _operator(args: argparse.Namespace) -> int:
         metrics_address=args.metrics_address,
         kubeconfig=args.kubeconfig,
     )
+    from llmray.builders.cluster import operator_peer
+
+    extra: dict[str, Any] = {}
+    if args.auth_key_file:
+        key = Path(args.auth_key_file).read_bytes().strip()
+        if len(key) < 32:
+            print(f"--auth-key-file {args.auth_key_file}: need at least 32 bytes of key", file=sys.stderr)
+            return 2
+        extra["auth_key"] = key
+    else:
+        logging.getLogger("llmray").warning(
+            "no --auth-key-file: Ray auth tokens derive from a per-process key and do not survive a "
+            "restart (the Helm chart always mounts one)"
+        )
     options = Options(
         unschedulable_timeout=args.unschedulable_timeout,
         resync_seconds=args.resync,
         workers=args.workers,
+        operator_peer=operator_peer(args.operator_namespace, args.operator_pod_labels),
+        **extra,
     )
     return run(config, options)
 
@@ -117,6 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=300.0,
         help="seconds a Ray pod may stay Unschedulable before its resource is marked Failed (default 300)",
+    )
+    op.add_argument(
+        "--auth-key-file",
+        default=os.environ.get("LLMRAY_AUTH_KEY_FILE"),
+        help="file holding the key each Ray cluster's auth token is derived from (>= 32 bytes; "
+        "default $LLMRAY_AUTH_KEY_FILE)",
+    )
+    op.add_argument(
+        "--operator-namespace",
+        default="",
+        help="namespace of the operator's pods, for the Ray clusters' NetworkPolicies ('' : outside)",
+    )
+    op.add_argument(
+        "--operator-pod-labels",
+        default="",
+        help="k=v,... labels selecting the operator's pods in --operator-namespace (NetworkPolicies)",
     )
     op.set_defaults(func=_operator)
 

@@ -86,7 +86,12 @@ def load_api_client(kubeconfig: str | None = None) -> client.ApiClient:
     return config.new_client_from_config(config_file=kubeconfig)
 
 
-_CORE_PLURALS = {"Pod": "pods", "Service": "services", "Secret": "secrets"}
+_CORE_PLURALS = {
+    "Pod": "pods",
+    "Service": "services",
+    "Secret": "secrets",
+    "NetworkPolicy": "networkpolicies",
+}
 
 RequestTimeout = float | tuple[float, float]
 DEFAULT_REQUEST_TIMEOUT: RequestTimeout = (5.0, 30.0)
@@ -111,6 +116,7 @@ class Kube:
         self.api_client = api_client
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
+        self.networking = client.NetworkingV1Api(api_client)
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kube")
         self.requests: Counter[tuple[str, str]] = Counter()
 
@@ -146,7 +152,7 @@ class Kube:
         return data if isinstance(data, dict) else {}
 
     async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Create a Pod, Service or Secret; return it as the API server stored it."""
+        """Create a Pod, Service, Secret or NetworkPolicy; return it as the API server stored it."""
         kind = obj["kind"]
         ns = obj["metadata"]["namespace"]
         what = f"{kind} {ns}/{obj['metadata']['name']}"
@@ -154,16 +160,18 @@ class Kube:
             "Pod": self.core.create_namespaced_pod,
             "Service": self.core.create_namespaced_service,
             "Secret": self.core.create_namespaced_secret,
+            "NetworkPolicy": self.networking.create_namespaced_network_policy,
         }[kind]
         resp = await self._call("create", _CORE_PLURALS[kind], what, method, ns, obj, _preload_content=False)
         return self._json(resp)
 
     async def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        """Read a Pod, Service or Secret; None when it does not exist."""
+        """Read a Pod, Service, Secret or NetworkPolicy; None when it does not exist."""
         method: Any = {
             "Pod": self.core.read_namespaced_pod,
             "Service": self.core.read_namespaced_service,
             "Secret": self.core.read_namespaced_secret,
+            "NetworkPolicy": self.networking.read_namespaced_network_policy,
         }[kind]
         try:
             resp = await self._call(
@@ -201,8 +209,11 @@ class Kube:
         return True
 
     async def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        """JSON-merge-patch a Service (lists in the patch replace the stored ones)."""
-        method: Any = {"Service": self.core.patch_namespaced_service}[kind]
+        """JSON-merge-patch a Service or NetworkPolicy (lists in the patch replace the stored ones)."""
+        method: Any = {
+            "Service": self.core.patch_namespaced_service,
+            "NetworkPolicy": self.networking.patch_namespaced_network_policy,
+        }[kind]
         resp = await self._call(
             "patch", _CORE_PLURALS[kind], f"{kind} {namespace}/{name}", method, name, namespace, patch,
             _content_type="application/merge-patch+json", _preload_content=False,

@@ -15,6 +15,7 @@ import copy
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import kopf
@@ -41,10 +42,13 @@ _MANAGED = {LABEL_MANAGED_BY: MANAGED_BY}
 def _options_from_env() -> Options:
     """Options when started by ``kopf run -m llmray.operator_main`` (no CLI flags)."""
     env = os.environ.get
+    key_file = env("LLMRAY_AUTH_KEY_FILE")
+    extra: dict[str, Any] = {"auth_key": Path(key_file).read_bytes().strip()} if key_file else {}
     return Options(
         unschedulable_timeout=float(env("LLMRAY_UNSCHEDULABLE_TIMEOUT", "300")),
         resync_seconds=float(env("LLMRAY_RESYNC_SECONDS", "15")),
         workers=int(env("LLMRAY_WORKERS", "8")),
+        **extra,
     )
 
 
@@ -78,7 +82,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
-    for plural in ("pods", "services", "secrets"):
+    for plural in ("pods", "services"):
         settings.watching.label_selectors["v1", plural] = MANAGED_SELECTOR
     if STATE.kube is None:
         STATE.kube = Kube(load_api_client(STATE.kubeconfig), max_workers=max(4, STATE.options.workers))
@@ -142,13 +146,6 @@ async def llmray_services(body: kopf.Body, **_: Any) -> Any:
     return {key: ChildView.of(dict(body))} if key else None
 
 
-@kopf.index("v1", "secrets", labels=_MANAGED)
-async def llmray_secrets(body: kopf.Body, **_: Any) -> Any:
-    # Only name, uid and owner are kept: the token never sits in the operator's memory.
-    key = owner_key(dict(body))
-    return {key: ChildView.of(dict(body))} if key else None
-
-
 def _bind(kwargs: dict[str, Any]) -> Engine[Key] | None:
     """Hand Kopf's indexes to the store and start the engine, on the first event."""
     store = STATE.store
@@ -157,7 +154,9 @@ def _bind(kwargs: dict[str, Any]) -> Engine[Key] | None:
         store.resources[DEPLOYMENT_KIND] = kwargs["llmray_deployments"]
         store.pods = kwargs["llmray_pods"]
         store.services = kwargs["llmray_services"]
-        store.secrets = kwargs["llmray_secrets"]
+        # Secrets are neither listed nor watched: that would read every Secret of every namespace.
+        # The operator only creates the auth Secret (see ClusterController.step_auth_secret).
+        store.secrets = {}
     if STATE.engine is not None:
         STATE.engine.start()
     return STATE.engine
@@ -209,11 +208,6 @@ async def on_pod(body: kopf.Body, **kwargs: Any) -> None:
 
 @kopf.on.event("v1", "services", labels=_MANAGED)
 async def on_service(body: kopf.Body, **kwargs: Any) -> None:
-    await _on_child(body, kwargs)
-
-
-@kopf.on.event("v1", "secrets", labels=_MANAGED)
-async def on_secret(body: kopf.Body, **kwargs: Any) -> None:
     await _on_child(body, kwargs)
 
 

@@ -173,7 +173,58 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
         _d("spec.workers", {"maxReplicas": 0}),
         ["spec.workers.maxReplicas", "must be >= 1"],
     ),
+    # tenant safety rules that do not depend on who asks (docs/operator.md, "Security model")
+    (
+        "engine-extra-trust-remote-code",
+        _d("spec.engineArgs", {"extra": {"trust_remote_code": True}}),
+        ["unknown field", "spec.engineArgs.extra.trust_remote_code"],
+    ),
+    (
+        "engine-extra-worker-extension",
+        _d("spec.engineArgs", {"extra": {"enforce_eager": True, "worker_extension_cls": "evil.X"}}),
+        ["unknown field", "spec.engineArgs.extra.worker_extension_cls"],
+    ),
+    (
+        "nodeport-without-key",
+        _d("spec.service", {"type": "NodePort"}),
+        ["spec.service.type", "spec.apiKeySecretRef, or spec.service.allowUnauthenticated: true"],
+    ),
+    (
+        "loadbalancer-without-key",
+        _d("spec.service", {"type": "LoadBalancer", "allowUnauthenticated": False}),
+        ["spec.service.type", "exposes the endpoint outside the cluster"],
+    ),
+    (
+        "allow-from-exposed",
+        _d(
+            "spec.service",
+            {"type": "NodePort", "allowUnauthenticated": True, "allowFrom": [{"podSelector": {}}]},
+        ),
+        ["spec.service.allowFrom", "ClusterIP Service only"],
+    ),
+    (
+        "storage-garbage",
+        _t("spec.workers.storage", {"modelCache": "lots"}),
+        ["spec.workers.storage.modelCache"],
+    ),
 ]
+
+# Accepted: the same exposure with a key or an explicit opt-out, allowlisted engine arguments.
+VALID_SAFETY: list[tuple[str, dict[str, Any]]] = [
+    (
+        "nodeport-with-key",
+        _d("spec.apiKeySecretRef", {"name": "k"}, _d("spec.service", {"type": "NodePort"})),
+    ),
+    ("nodeport-opt-out", _d("spec.service", {"type": "NodePort", "allowUnauthenticated": True})),
+    ("engine-extra-allowed", _d("spec.engineArgs", {"extra": {"enable_prefix_caching": True, "seed": 1}})),
+    ("allow-from", _d("spec.service", {"allowFrom": [{"namespaceSelector": {"matchLabels": {"a": "b"}}}]})),
+]
+
+
+@pytest.mark.parametrize("manifest", [c[1] for c in VALID_SAFETY], ids=[c[0] for c in VALID_SAFETY])
+def test_safe_variants_are_accepted(kube: Kube, crds: None, manifest: dict[str, Any]) -> None:
+    proc = _dry_run(kube, manifest)
+    assert proc.returncode == 0, proc.stderr
 
 
 def _dry_run(kube: Kube, manifest: dict[str, Any]) -> Any:
@@ -221,7 +272,9 @@ def test_minimal_resources_are_accepted_with_defaults(
         assert spec["engine"] == "transformers"
         assert spec["autoscaling"]["minReplicas"] == 1 and spec["autoscaling"]["maxReplicas"] == 1
         assert spec["workers"]["resources"]["gpu"] == 1
-        assert spec["service"] == {"type": "ClusterIP", "port": 8000}
+        assert spec["service"] == {"type": "ClusterIP", "port": 8000, "allowUnauthenticated": False}
+    storage = spec["workers"]["storage"]
+    assert storage["ephemeralStorageLimit"] == "64Gi" and storage["modelCache"] == "40Gi"
 
 
 def test_kubectl_explain_reads_well(kube: Kube, crds: None) -> None:

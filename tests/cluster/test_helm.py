@@ -59,7 +59,8 @@ def test_rendered_manifests_are_accepted_by_the_api_server(kube: Kube, namespace
     rendered = _helm(kube, *args).stdout
     docs = _docs(rendered)
     kinds = sorted({d["kind"] for d in docs})
-    expected = {"CustomResourceDefinition", "Deployment", "Service", "ServiceAccount"}
+    expected = {"CustomResourceDefinition", "Deployment", "Service", "ServiceAccount", "Secret"}
+    expected |= {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
     expected |= {"ClusterRole", "ClusterRoleBinding"} if scope == "cluster" else {"Role", "RoleBinding"}
     assert set(kinds) == expected, kinds
     kube.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=rendered)
@@ -76,6 +77,17 @@ def test_rendered_manifests_are_accepted_by_the_api_server(kube: Kube, namespace
     assert sc["capabilities"] == {"drop": ["ALL"]}
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    # the key the Ray tokens derive from: mounted by the kubelet, never read through the API
+    key = next(d for d in docs if d["kind"] == "Secret")
+    assert key["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert len(key["data"]["key"]) >= 64
+    volume = next(v for v in pod["volumes"] if v["name"] == "auth-key")
+    assert volume["secret"]["secretName"] == key["metadata"]["name"]
+    assert "--auth-key-file=/var/run/llmray/auth-key/key" in container["args"]
+    assert f"--operator-namespace={namespace}" in container["args"]
+    rules = next(d for d in docs if d["kind"] in ("Role", "ClusterRole"))["rules"]
+    secrets = [r for r in rules if "secrets" in r["resources"]]
+    assert [r["verbs"] for r in secrets] == [["create"]]
 
 
 def test_chart_crds_match_the_generated_ones(kube: Kube) -> None:

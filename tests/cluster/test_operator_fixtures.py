@@ -8,6 +8,7 @@ loopback port; its log is attached to failures.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -61,6 +62,9 @@ class Operator:
             "--liveness", f"http://127.0.0.1:{self.port}/healthz",
             "--resync", "5",
             "--metrics-port", str(self.metrics_port),
+            # a stable key across restarts, as the chart mounts one: the derived Ray tokens (and so
+            # the pods' template hashes) stay the same when the operator restarts
+            "--auth-key-file", str(self._auth_key_file()),
             *self.extra,
         ]  # fmt: skip
         log = self.log_path.open("ab")
@@ -72,6 +76,12 @@ class Operator:
         if wait:
             wait_for(self.healthy, timeout=60, what=f"operator health endpoint (log: {self.log_path})")
         return self
+
+    def _auth_key_file(self) -> Path:
+        path = self.log_path.with_name("auth-key")  # one per test: operators of a test share it
+        if not path.exists():
+            path.write_text(secrets.token_urlsafe(48))
+        return path
 
     def healthy(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:

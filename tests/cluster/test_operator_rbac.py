@@ -32,12 +32,14 @@ RELEASE = "llmray"
 SA = "llmray"  # the chart's ServiceAccount for release "llmray" (fullname == release name)
 
 
-def _chart_rbac(kube: Kube, namespace: str) -> list[dict[str, Any]]:
+def _chart_rbac(
+    kube: Kube, namespace: str, release: str = RELEASE, cluster: bool = False
+) -> list[dict[str, Any]]:
+    scope = [] if cluster else ["--set", f"watchNamespaces={{{namespace}}}"]
     out = subprocess_run(
         [
-            str(kube.bin_dir / "helm"), "template", RELEASE, str(REPO / "charts" / "llmray"),
-            "--namespace", namespace,
-            "--set", f"watchNamespaces={{{namespace}}}",
+            str(kube.bin_dir / "helm"), "template", release, str(REPO / "charts" / "llmray"),
+            "--namespace", namespace, *scope,
             "--show-only", "templates/serviceaccount.yaml",
             "--show-only", "templates/rbac.yaml",
         ]
@@ -70,12 +72,12 @@ def _token_kubeconfig(kube: Kube, namespace: str, path: Path) -> Path:
     return path
 
 
-def _can(kube: Kube, namespace: str, verb: str, resource: str, ns: str | None = None) -> bool:
+def _can(kube: Kube, namespace: str, verb: str, resource: str, ns: str | None = None, sa: str = SA) -> bool:
     resource, _, sub = resource.partition("/")
     extra = [f"--subresource={sub}"] if sub else []
     proc = kube.kubectl(
         "auth", "can-i", verb, resource, *extra,
-        "--as", f"system:serviceaccount:{namespace}:{SA}",
+        "--as", f"system:serviceaccount:{namespace}:{sa}",
         "-n", ns or namespace,
         check=False,
     )  # fmt: skip
@@ -149,8 +151,9 @@ def test_operator_works_with_exactly_the_charts_permissions(
         ("delete", "pods", True),
         ("create", "services", True),
         ("patch", "services", True),
-        ("get", "secrets", True),
         ("create", "secrets", True),
+        ("create", "networkpolicies.networking.k8s.io", True),
+        ("patch", "networkpolicies.networking.k8s.io", True),
         ("create", "events", True),
         # nothing more
         ("patch", "llmtrainingjobs.llmray.io", False),
@@ -158,8 +161,13 @@ def test_operator_works_with_exactly_the_charts_permissions(
         ("create", "llmtrainingjobs.llmray.io", False),
         ("update", "pods", False),
         ("delete", "services", False),
+        # Secrets: create only (the Ray token is derived, users' Secrets are read by the kubelet)
+        ("get", "secrets", False),
+        ("list", "secrets", False),
+        ("watch", "secrets", False),
         ("delete", "secrets", False),
         ("update", "secrets", False),
+        ("delete", "networkpolicies.networking.k8s.io", False),
         ("get", "configmaps", False),
         ("create", "deployments.apps", False),
         ("create", "pods/exec", False),
@@ -182,3 +190,30 @@ def test_chart_role_does_not_reach_other_namespaces(kube: Kube, namespace: str, 
     assert _can(kube, namespace, "create", "pods")
     assert not _can(kube, namespace, "create", "pods", ns="default")
     assert not _can(kube, namespace, "list", "secrets", ns="kube-system")
+
+
+@pytest.mark.parametrize("mode", ["namespaced", "cluster"])
+def test_operator_cannot_read_secrets_in_either_chart_mode(
+    kube: Kube, namespace: str, crds: None, mode: str
+) -> None:
+    """``kubectl auth can-i get secrets -n kube-system`` is no for the chart's ServiceAccount, and
+    in cluster mode it cannot read (get, list or watch) a Secret of any namespace either."""
+    import uuid
+
+    release = f"llmray-{uuid.uuid4().hex[:6]}"  # fullname == release: SA, ClusterRole and binding
+    docs = _chart_rbac(kube, namespace, release=release, cluster=mode == "cluster")
+    kinds = {d["kind"] for d in docs}
+    assert ({"ClusterRole", "ClusterRoleBinding"} <= kinds) is (mode == "cluster")
+    apply(kube, docs, namespace)
+    try:
+        assert _can(kube, namespace, "create", "pods", sa=release)
+        for ns in ("kube-system", "default", namespace):
+            for verb in ("get", "list", "watch"):
+                assert not _can(kube, namespace, verb, "secrets", ns=ns, sa=release), (verb, ns)
+        assert _can(kube, namespace, "create", "secrets", sa=release)
+        assert _can(kube, namespace, "create", "pods", ns="default", sa=release) is (mode == "cluster")
+    finally:
+        if mode == "cluster":
+            kube.kubectl(
+                "delete", "clusterrole,clusterrolebinding", release, "--ignore-not-found", check=False
+            )

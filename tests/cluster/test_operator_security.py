@@ -66,3 +66,44 @@ def test_restricted_namespace_admits_every_pod(
             env = {e.name: e for e in pod.spec.containers[0].env}
             assert env["RAY_AUTH_MODE"].value == "token"
             assert env["RAY_AUTH_TOKEN"].value_from.secret_key_ref.name == f"{name}-ray-auth"
+
+
+def test_every_ray_cluster_gets_its_network_policy(kube: Kube, namespace: str, operator_factory: Any) -> None:
+    """The operator applies the builder's NetworkPolicy as an owned child, the API server accepts it,
+    and it follows the serve Service (ClusterIP: the namespace's pods; NodePort: everyone)."""
+    from tests.kube import wait_for
+
+    labels = "app.kubernetes.io/name=llmray-operator,app.kubernetes.io/instance=llmray"
+    operator_factory(
+        namespace, "--operator-namespace", "llmray-system", "--operator-pod-labels", labels
+    ).start()
+    (dep,) = example("deployment-tiny-cpu.yaml")
+    apply(kube, dep, namespace)
+    wait_cluster_ready(kube, "LLMDeployment", namespace, "tiny-chat", 1)
+    net = client.NetworkingV1Api(kube.api_client)
+    policy = net.read_namespaced_network_policy("tiny-chat-ray", namespace)
+    owner = policy.metadata.owner_references[0]
+    assert (owner.kind, owner.name, owner.controller) == ("LLMDeployment", "tiny-chat", True)
+    assert policy.spec.pod_selector.match_labels == {
+        "ray.io/cluster": "tiny-chat",
+        "llmray.io/kind": "LLMDeployment",
+    }
+    assert policy.spec.policy_types == ["Ingress"]
+
+    def serve_sources(p: Any) -> Any:
+        rule = next(r for r in p.spec.ingress if r.ports and [x.port for x in r.ports] == [8000])
+        return rule._from
+
+    assert [s.pod_selector.match_labels for s in serve_sources(policy)] == [None]  # {}: pods of the namespace
+    operator_rule = next(r for r in policy.spec.ingress if r.ports and len(r.ports) == 2)
+    (peer,) = operator_rule._from
+    assert peer.namespace_selector.match_labels == {"kubernetes.io/metadata.name": "llmray-system"}
+    assert {p.port for p in operator_rule.ports} == {8265, 8000}
+
+    dep["spec"]["service"] = {"type": "NodePort", "port": 8000, "allowUnauthenticated": True}
+    apply(kube, dep, namespace)
+    wait_for(
+        lambda: serve_sources(net.read_namespaced_network_policy("tiny-chat-ray", namespace)) is None,
+        timeout=60,
+        what="serve port open to every source once the Service is a NodePort",
+    )

@@ -154,8 +154,13 @@ def test_worker_ray_start_args_follow_resources() -> None:
 
 def test_resources_requests_equal_limits_with_gpu() -> None:
     res = _container(b.worker_pod(_training(), 0, "u"))["resources"]
-    assert res["requests"] == {"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": "1"}
-    assert res["limits"] == res["requests"]
+    assert res["requests"] == {
+        "cpu": "8",
+        "memory": "48Gi",
+        "nvidia.com/gpu": "1",
+        "ephemeral-storage": "1Gi",
+    }
+    assert res["limits"] == {**res["requests"], "ephemeral-storage": "64Gi"}
     head = _container(b.head_pod(_training(), "u"))["resources"]
     assert "nvidia.com/gpu" not in head["limits"]
 
@@ -320,8 +325,8 @@ def test_serve_service_follows_spec_service() -> None:
 
 
 def test_auth_secret() -> None:
-    token = b.new_auth_token()
-    assert len(token) >= 32 and token != b.new_auth_token()
+    token = b.derive_auth_token(b"k" * 32, TRAIN_OWNER)
+    assert len(token) >= 32
     secret = b.auth_secret(_training(), token)
     assert secret["metadata"]["name"] == "qwen-lora-ray-auth"
     assert secret["type"] == "Opaque"
@@ -367,3 +372,122 @@ def test_template_hash_changes_with_pod_inputs(change: dict[str, Any]) -> None:
 
 def test_template_hash_changes_with_auth_secret() -> None:
     assert _hash(_training(), "secret-1") != _hash(_training(), "secret-2")
+
+
+# --- tenant safety: derived tokens, storage limits, NetworkPolicy -----------------------------------
+
+
+def test_auth_token_is_derived_per_incarnation_and_key() -> None:
+    key = b"k" * 32
+    token = b.derive_auth_token(key, TRAIN_OWNER)
+    assert token == b.derive_auth_token(key, TRAIN_OWNER)  # recomputable after a restart
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", token)  # 256 bits, URL-safe, no padding
+    recreated = Owner(TRAIN_OWNER.kind, TRAIN_OWNER.name, TRAIN_OWNER.namespace, "another-uid")
+    others = {
+        b.derive_auth_token(key, recreated),
+        b.derive_auth_token(b"x" * 32, TRAIN_OWNER),
+        b.derive_auth_token(
+            key, Owner("LLMDeployment", TRAIN_OWNER.name, TRAIN_OWNER.namespace, TRAIN_OWNER.uid)
+        ),
+        b.derive_auth_token(key, Owner(TRAIN_OWNER.kind, TRAIN_OWNER.name, "other-ns", TRAIN_OWNER.uid)),
+    }
+    assert token not in others and len(others) == 4
+    assert b.auth_fingerprint(token) != token and len(b.auth_fingerprint(token)) == 16
+
+
+@pytest.mark.parametrize("which", ["head", "worker"])
+def test_ephemeral_storage_and_size_limited_scratch_volumes(which: str) -> None:
+    cluster = _training()
+    pod = b.head_pod(cluster, "u") if which == "head" else b.worker_pod(cluster, 0, "u")
+    container = _container(pod)
+    assert container["resources"]["requests"]["ephemeral-storage"] == "1Gi"
+    assert container["resources"]["limits"]["ephemeral-storage"] == "64Gi"
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "4Gi"} and mounts["tmp"] == "/tmp/scratch"
+    assert volumes["ray-session"]["emptyDir"] == {"sizeLimit": "8Gi"} and mounts["ray-session"] == "/tmp/ray"
+    assert volumes["model-cache"]["emptyDir"] == {"sizeLimit": "40Gi"}
+    assert mounts["model-cache"] == "/home/ray/.cache/huggingface"
+    env = _env(pod)
+    assert env["TMPDIR"]["value"] == "/tmp/scratch"
+    assert env["RAY_TMPDIR"]["value"] == "/tmp/ray"
+    assert env["HF_HOME"]["value"] == "/home/ray/.cache/huggingface"
+    # every emptyDir is bounded
+    assert all("sizeLimit" in v["emptyDir"] for v in volumes.values() if "emptyDir" in v)
+
+
+def test_storage_follows_the_spec() -> None:
+    workers = _example("training-qwen-lora.yaml", "LLMTrainingJob")["workers"]
+    storage = {"modelCache": "200Gi", "ephemeralStorageRequest": "50Gi", "ephemeralStorageLimit": "300Gi"}
+    cluster = _training(workers={**workers, "storage": storage})
+    worker = b.worker_pod(cluster, 0, "u")
+    volumes = {v["name"]: v for v in worker["spec"]["volumes"]}
+    assert volumes["model-cache"]["emptyDir"] == {"sizeLimit": "200Gi"}
+    assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "4Gi"}  # defaults for what is not set
+    res = _container(worker)["resources"]
+    assert (res["requests"]["ephemeral-storage"], res["limits"]["ephemeral-storage"]) == ("50Gi", "300Gi")
+    # the head keeps its own (default) storage, and the change recreates workers only
+    head = _container(b.head_pod(cluster, "u"))["resources"]
+    assert head["limits"]["ephemeral-storage"] == "64Gi"
+    assert _hash(cluster) != _hash(_training())
+
+
+OPERATOR = b.operator_peer(
+    "llmray-system", "app.kubernetes.io/name=llmray-operator,app.kubernetes.io/instance=r"
+)
+
+
+def _ingress_by_ports(policy: dict[str, Any]) -> dict[tuple[int, ...] | None, list[Any] | None]:
+    out: dict[tuple[int, ...] | None, list[Any] | None] = {}
+    for rule in policy["spec"]["ingress"]:
+        ports = tuple(p["port"] for p in rule["ports"]) if "ports" in rule else None
+        out[ports] = rule.get("from")
+    return out
+
+
+def test_operator_peer() -> None:
+    assert OPERATOR == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "llmray-system"}},
+        "podSelector": {
+            "matchLabels": {"app.kubernetes.io/name": "llmray-operator", "app.kubernetes.io/instance": "r"}
+        },
+    }
+    assert b.operator_peer("", "a=b") is None
+
+
+def test_network_policy_of_a_training_cluster() -> None:
+    policy = b.network_policy(_training(), OPERATOR)
+    assert policy["apiVersion"] == "networking.k8s.io/v1" and policy["kind"] == "NetworkPolicy"
+    assert policy["metadata"]["name"] == "qwen-lora-ray"
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == TRAIN_OWNER.uid
+    own = {"matchLabels": {"ray.io/cluster": "qwen-lora", "llmray.io/kind": "LLMTrainingJob"}}
+    assert policy["spec"]["podSelector"] == own
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    rules = _ingress_by_ports(policy)
+    # every port from the cluster's own pods; only dashboard/serve from the operator; nothing else
+    assert rules == {None: [{"podSelector": own}], (8265, 8000): [OPERATOR]}
+    assert ANNOTATION_TEMPLATE_HASH in policy["metadata"]["annotations"]
+
+
+def test_network_policy_without_an_in_cluster_operator() -> None:
+    rules = _ingress_by_ports(b.network_policy(_training(), None))
+    assert list(rules) == [None]
+
+
+def test_network_policy_serve_port_follows_the_service() -> None:
+    default = _ingress_by_ports(b.network_policy(_deployment(), OPERATOR))
+    assert default[(8000,)] == [{"podSelector": {}}]  # ClusterIP: pods of the namespace
+    assert not any(p and set(p) & {6379, 10001, 8080} for p in default)
+    peers = [{"namespaceSelector": {"matchLabels": {"team": "web"}}}]
+    narrowed = _ingress_by_ports(
+        b.network_policy(_deployment(service={"type": "ClusterIP", "allowFrom": peers}), OPERATOR)
+    )
+    assert narrowed[(8000,)] == peers
+    closed = _ingress_by_ports(b.network_policy(_deployment(service={"allowFrom": []}), OPERATOR))
+    assert (8000,) not in closed
+    exposed = b.network_policy(_deployment(service={"type": "LoadBalancer", "port": 443}), OPERATOR)
+    open_rule = next(
+        r for r in exposed["spec"]["ingress"] if r.get("ports") == [{"port": 8000, "protocol": "TCP"}]
+    )
+    assert "from" not in open_rule  # exposed outside the cluster: from everywhere
+    assert b.network_policy(_deployment(), OPERATOR) != exposed

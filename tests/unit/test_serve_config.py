@@ -196,7 +196,7 @@ def test_vllm_llm_config() -> None:
                 "dtype": "bfloat16",
                 "gpuMemoryUtilization": 0.8,
                 "maxNumSeqs": 128,
-                "extra": {"enable_prefix_caching": True, "max_num_seqs": 96},
+                "extra": {"enable_prefix_caching": True, "enforce_eager": True},
             },
             "resourcesPerReplica": {"gpu": 2, "cpu": "8", "memory": "64Gi"},
             "workers": {"resources": {"gpu": 2}},
@@ -210,26 +210,25 @@ def test_vllm_llm_config() -> None:
         "tensor_parallel_size": 2,
         "dtype": "bfloat16",
         "gpu_memory_utilization": 0.8,
-        "max_num_seqs": 96,  # extra is passed through unchanged and wins
+        "max_num_seqs": 128,
         "max_model_len": 4096,
-        "enable_prefix_caching": True,
+        "enable_prefix_caching": True,  # allowlisted extra keys are passed through
+        "enforce_eager": True,
     }
     deployment = config["deployment_config"]
     assert deployment["autoscaling_config"]["max_replicas"] == 3
     assert (deployment["max_ongoing_requests"], deployment["max_queued_requests"]) == (64, 128)
 
 
-def test_vllm_omits_unset_max_model_len() -> None:
-    assert (
-        "max_model_len"
-        not in vllm_llm_config(args({"engine": "vllm", "resourcesPerReplica": {"gpu": 1}}))["engine_kwargs"]
-    )
+def test_vllm_max_model_len_is_capped_by_the_request_limits() -> None:
+    def max_model_len(engine_args: dict[str, Any]) -> Any:
+        spec = {"engine": "vllm", "resourcesPerReplica": {"gpu": 1}, "engineArgs": engine_args}
+        spec["limits"] = {"maxPromptTokens": 1000, "maxTokens": 200}
+        return vllm_llm_config(args(spec))["engine_kwargs"]["max_model_len"]
 
-
-def test_vllm_with_api_key_fails_closed() -> None:
-    a = args({"engine": "vllm", "resourcesPerReplica": {"gpu": 1}}, apiKeyEnv="LLMRAY_API_KEY")
-    with pytest.raises(ValueError, match="apiKeySecretRef"):
-        build_vllm_app(a)
+    assert max_model_len({}) == 1200  # a prompt over maxPromptTokens cannot fit
+    assert max_model_len({"maxModelLen": 800}) == 800
+    assert max_model_len({"maxModelLen": 32768}) == 1200
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")

@@ -46,12 +46,23 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["list", "watch", "get", "create", "patch"]
-# the Ray auth token Secret (created), and the user's Secrets that pods reference (checked to exist)
+# the Ray auth token Secret: create only. The operator derives each token from its own key, so it
+# never reads a Secret back, and it references users' Secrets in pods without reading them (the
+# kubelet reads them, and reports a missing one on the pod).
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["list", "watch", "get", "create"]
+  verbs: ["create"]
+# the Ray cluster's NetworkPolicy (created; read on a name clash; patched when the spec changes)
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create", "patch"]
 # Kubernetes Events about the resources
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- end -}}
+
+
+{{- define "llmray.authKeySecretName" -}}
+{{- printf "%s-auth-key" (include "llmray.fullname" .) -}}
 {{- end -}}

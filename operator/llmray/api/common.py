@@ -110,8 +110,33 @@ Affinity = Annotated[
 ]
 
 
+class PodStorage(ApiModel):
+    """Local disk of each Ray pod: size-limited scratch volumes and the pod's ephemeral-storage budget.
+
+    Without limits a large ``hf://`` download or chatty logs fill the node's disk and get other
+    tenants' pods evicted; with them only the offending pod is evicted, and the scheduler places
+    pods where the requested disk exists.
+    """
+
+    tmp: Quantity = Field("4Gi", description="Size limit of the scratch emptyDir (TMPDIR).")
+    logs: Quantity = Field(
+        "8Gi", description="Size limit of Ray's session directory (/tmp/ray: logs, spilled objects)."
+    )
+    model_cache: Quantity = Field(
+        "40Gi", description="Size limit of the model cache emptyDir (HF_HOME: hf:// downloads)."
+    )
+    ephemeral_storage_request: Quantity = Field(
+        "1Gi", description="ephemeral-storage the pod requests (the scheduler reserves it on the node)."
+    )
+    ephemeral_storage_limit: Quantity = Field(
+        "64Gi",
+        description="ephemeral-storage limit of the pod (volumes above plus the container's own writes); "
+        "the kubelet evicts a pod that exceeds it.",
+    )
+
+
 class Placement(ApiModel):
-    """Where Ray pods may run, passed through to every pod of the group."""
+    """Where Ray pods may run (passed through to every pod of the group), and their local disk."""
 
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="Node labels the pods must match (Pod nodeSelector)."
@@ -122,6 +147,7 @@ class Placement(ApiModel):
         description="Tolerations added to the pods; GPU pods get nvidia.com/gpu automatically.",
     )
     affinity: Affinity | None = Field(None, description="Pod affinity rules, passed through unchanged.")
+    storage: PodStorage = Field(default_factory=PodStorage, description="Local disk limits of each pod.")
 
 
 class HeadSpec(Placement):

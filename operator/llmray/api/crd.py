@@ -71,7 +71,9 @@ def _finish(node: Any) -> Any:
             # Without a default an absent parent object hides its children's defaults. The default
             # is spelled out in full (not {}): the API server checks defaults against CEL rules
             # without defaulting inside them, so a rule like minReplicas <= maxReplicas needs both.
-            node["default"] = {k: v["default"] for k, v in node["properties"].items() if "default" in v}
+            node["default"] = copy.deepcopy(
+                {k: v["default"] for k, v in node["properties"].items() if "default" in v}
+            )  # a copy: a shared object would be written as a YAML alias
     if (
         node.get("type") == "object"
         and "additionalProperties" in node

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, WithJsonSchema, model_validator
 
 from .common import (
     ApiModel,
@@ -70,6 +70,54 @@ class ServedModel(ApiModel):
         return self
 
 
+class VllmExtra(ApiModel):
+    """Further vLLM engine arguments: an allowlist of tuning knobs, in vLLM's own snake_case names.
+
+    Anything else is an unknown field: refused by the API server (``kubectl`` asks for strict field
+    validation) or pruned, so it never reaches vLLM. Arguments that load code or files
+    (``trust_remote_code``, ``worker_cls``, ``worker_extension_cls``, ``load_format``,
+    ``download_dir``, ``hf_overrides``, ``tokenizer``, speculative or LoRA models) are left out on
+    purpose: a Ray pod would run them with the pod's identity.
+    """
+
+    model_config = ConfigDict(extra="forbid", alias_generator=None, populate_by_name=True)
+
+    block_size: int | None = Field(None, ge=1, le=1024, description="KV cache block size in tokens.")
+    cpu_offload_gb: float | None = Field(
+        None, ge=0, le=4096, description="CPU memory per GPU for offloaded weights."
+    )
+    disable_log_stats: bool | None = Field(None, description="Turn off vLLM's periodic stats logging.")
+    enable_chunked_prefill: bool | None = Field(None, description="Split long prefills into chunks.")
+    enable_prefix_caching: bool | None = Field(
+        None, description="Reuse the KV cache of shared prompt prefixes."
+    )
+    enforce_eager: bool | None = Field(None, description="No CUDA graphs (less memory, slower).")
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] | None = Field(
+        None, description="KV cache data type."
+    )
+    max_logprobs: int | None = Field(None, ge=0, le=1024, description="Most logprobs a request may ask for.")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, le=10_000_000, description="Tokens processed per engine step."
+    )
+    max_seq_len_to_capture: int | None = Field(
+        None, ge=1, le=1_048_576, description="Longest sequence covered by CUDA graphs."
+    )
+    pipeline_parallel_size: int | None = Field(None, ge=1, le=64, description="Pipeline-parallel stages.")
+    quantization: str | None = Field(
+        None, pattern=r"^[a-z0-9_-]{1,32}$", description="Quantization method of the weights (e.g. awq, fp8)."
+    )
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Random seed.")
+    swap_space: float | None = Field(None, ge=0, le=1024, description="CPU swap space per GPU, GiB.")
+    tokenizer_mode: Literal["auto", "slow", "mistral"] | None = Field(None, description="Tokenizer mode.")
+
+    def kwargs(self) -> dict[str, Any]:
+        """The set arguments, as vLLM engine keyword arguments."""
+        return self.model_dump(exclude_none=True)
+
+
+ENGINE_EXTRA_ALLOWED: tuple[str, ...] = tuple(VllmExtra.model_fields)
+
+
 class EngineArgs(ApiModel):
     """Engine settings. vLLM uses them all; transformers uses dtype, maxModelLen and batching."""
 
@@ -89,10 +137,9 @@ class EngineArgs(ApiModel):
     batch_wait_timeout_ms: int = Field(
         10, ge=0, le=10_000, description="How long the transformers engine waits to fill a batch."
     )
-    extra: dict[str, Any] = Field(
-        default_factory=dict,
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
-        description="Further engine keyword arguments, passed through unchanged (vLLM engine_kwargs).",
+    extra: VllmExtra = Field(
+        default_factory=VllmExtra,
+        description="Further vLLM engine arguments (an allowlist; other names are unknown fields).",
     )
 
 
@@ -181,6 +228,18 @@ class WorkerPool(Placement):
         return self
 
 
+NetworkPeer = Annotated[
+    dict[str, Any],
+    WithJsonSchema(
+        {
+            "type": "object",
+            "x-kubernetes-preserve-unknown-fields": True,
+            "description": "A NetworkPolicy peer (podSelector, namespaceSelector, ipBlock), passed through.",
+        }
+    ),
+]
+
+
 class ServiceSpec(ApiModel):
     """The ``<name>-serve`` Service in front of the OpenAI endpoint."""
 
@@ -193,7 +252,14 @@ class ServiceSpec(ApiModel):
                     "message": "spec.service.nodePort needs spec.service.type NodePort or LoadBalancer",
                     "fieldPath": ".nodePort",
                     "reason": "FieldValueForbidden",
-                }
+                },
+                {
+                    "rule": "!has(self.allowFrom) || self.type == 'ClusterIP'",
+                    "message": "spec.service.allowFrom applies to a ClusterIP Service only (a NodePort or "
+                    "LoadBalancer Service is reached from outside the cluster)",
+                    "fieldPath": ".allowFrom",
+                    "reason": "FieldValueForbidden",
+                },
             ]
         },
     )
@@ -207,11 +273,24 @@ class ServiceSpec(ApiModel):
         description="Fixed node port (type NodePort or LoadBalancer), e.g. to match a kind port mapping; "
         "default: one is allocated.",
     )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="Serve a NodePort or LoadBalancer Service without spec.apiKeySecretRef (an open "
+        "endpoint that spends your GPUs for anyone who reaches it); false refuses that.",
+    )
+    allow_from: list[NetworkPeer] | None = Field(
+        None,
+        max_length=16,
+        description="NetworkPolicy peers that may reach the serve port of a ClusterIP Service "
+        "(default: every pod of this namespace). NodePort and LoadBalancer Services are open to all.",
+    )
 
     @model_validator(mode="after")
     def _node_port(self) -> ServiceSpec:
         if self.node_port is not None and self.type == "ClusterIP":
             raise ValueError("spec.service.nodePort needs spec.service.type NodePort or LoadBalancer")
+        if self.allow_from is not None and self.type != "ClusterIP":
+            raise ValueError("spec.service.allowFrom applies to a ClusterIP Service only")
         return self
 
 
@@ -235,6 +314,15 @@ class LLMDeploymentSpec(ApiModel):
                     "<= spec.workers.resources.gpu",
                     "fieldPath": ".resourcesPerReplica.gpu",
                     "reason": "FieldValueInvalid",
+                },
+                {
+                    "rule": "self.service.type == 'ClusterIP' || has(self.apiKeySecretRef) || "
+                    "self.service.allowUnauthenticated",
+                    "message": "spec.service.type NodePort or LoadBalancer exposes the endpoint outside the "
+                    "cluster: set spec.apiKeySecretRef, or spec.service.allowUnauthenticated: true to serve "
+                    "it without a key",
+                    "fieldPath": ".service.type",
+                    "reason": "FieldValueForbidden",
                 },
                 {
                     "rule": "self.autoscaling.minReplicas == 0 || self.workers.maxReplicas >= 1",
@@ -284,6 +372,15 @@ class LLMDeploymentSpec(ApiModel):
             raise ValueError(
                 "a replica must fit on one worker pod: spec.resourcesPerReplica.gpu must be "
                 "<= spec.workers.resources.gpu"
+            )
+        if (
+            self.service.type != "ClusterIP"
+            and self.api_key_secret_ref is None
+            and not self.service.allow_unauthenticated
+        ):
+            raise ValueError(
+                "spec.service.type NodePort or LoadBalancer exposes the endpoint outside the cluster: set "
+                "spec.apiKeySecretRef, or spec.service.allowUnauthenticated: true to serve it without a key"
             )
         if self.autoscaling.min_replicas > 0 and self.workers.max_replicas < 1:
             raise ValueError(

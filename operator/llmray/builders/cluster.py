@@ -11,16 +11,29 @@ it from a resource's spec, so both kinds get the same (KubeRay-style) pods:
 - ``/dev/shm`` as a memory emptyDir (Ray's object store lives there).
 - The ``restricted`` Pod Security Standard: non-root uid 1000, no privilege escalation, all
   capabilities dropped, RuntimeDefault seccomp, only emptyDir and PVC volumes.
+- Bounded local disk: ephemeral-storage request/limit and size-limited emptyDirs for TMPDIR, Ray's
+  session directory (logs) and the model cache, from ``spec.*.storage``.
+- A NetworkPolicy: Ray's ports only from the cluster's own pods and the operator, the serve port
+  from where the serve Service is meant to be reached.
 """
 
 from __future__ import annotations
 
 import base64
-import secrets
+import hashlib
+import hmac
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmray.api.common import PVC_MOUNT_ROOT, HeadSpec, Placement, Resources, SecretKeyRef, pvc_claim
+from llmray.api.common import (
+    PVC_MOUNT_ROOT,
+    HeadSpec,
+    Placement,
+    PodStorage,
+    Resources,
+    SecretKeyRef,
+    pvc_claim,
+)
 from llmray.api.deployment import ServiceSpec
 from llmray.api.runtime import API_KEY_ENV, AUTH_TOKEN_ENV, HF_TOKEN_ENV
 
@@ -46,6 +59,7 @@ from .common import (
     head_name,
     memory_bytes,
     metadata,
+    network_policy_name,
     serve_service_name,
     stable_hash,
     worker_name,
@@ -56,6 +70,9 @@ GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 RUN_AS_USER = 1000
 SHM_VOLUME = "dshm"
+TMP_VOLUME, TMP_PATH = "tmp", "/tmp/scratch"
+RAY_VOLUME, RAY_PATH = "ray-session", "/tmp/ray"
+CACHE_VOLUME, CACHE_PATH = "model-cache", "/home/ray/.cache/huggingface"
 
 
 @dataclass(frozen=True)
@@ -129,9 +146,21 @@ def pvc_mounts(uris: list[tuple[str | None, bool]]) -> tuple[PvcMount, ...]:
 # --- Secret and Services -------------------------------------------------------------------------
 
 
-def new_auth_token() -> str:
-    """A fresh random Ray auth token (256 bits)."""
-    return secrets.token_urlsafe(32)
+def derive_auth_token(key: bytes, owner: Owner) -> str:
+    """The Ray auth token of ``owner``'s cluster: HMAC-SHA256(operator key, kind/namespace/name/uid).
+
+    The operator generated it, so it can compute it again at any time (after a restart too) without
+    reading the ``<name>-ray-auth`` Secret: it needs only ``create`` on Secrets, never ``get``. A new
+    resource of the same name has a new uid, hence a new token.
+    """
+    message = f"{owner.kind}/{owner.namespace}/{owner.name}/{owner.uid}".encode()
+    digest = hmac.new(key, message, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def auth_fingerprint(token: str) -> str:
+    """A short, non-reversible fingerprint of a token (part of the pod template hash)."""
+    return hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
 def auth_secret(cluster: ClusterSpec, token: str) -> dict[str, Any]:
@@ -215,6 +244,65 @@ def serve_service(cluster: ClusterSpec) -> dict[str, Any]:
     )
 
 
+def _cluster_pods(cluster: ClusterSpec) -> dict[str, Any]:
+    return {"matchLabels": {LABEL_RAY_CLUSTER: cluster.name, LABEL_KIND: cluster.owner.kind}}
+
+
+def operator_peer(namespace: str, labels: str) -> dict[str, Any] | None:
+    """The NetworkPolicy peer of the operator's pods: ``namespace`` and ``k=v,k=v`` pod labels.
+
+    None when no namespace is given (an operator outside the cluster is no pod to select).
+    """
+    if not namespace:
+        return None
+    pairs = dict(item.split("=", 1) for item in labels.split(",") if "=" in item)
+    return {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+        "podSelector": {"matchLabels": {k.strip(): v.strip() for k, v in pairs.items()}},
+    }
+
+
+def network_policy(cluster: ClusterSpec, operator_peer: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``<name>-ray`` NetworkPolicy over every pod of the cluster.
+
+    - any port from the cluster's own pods (Ray nodes talk on many ports: GCS, raylets, object
+      managers, workers);
+    - the dashboard/REST port (and the serve port) from the operator, ``operator_peer`` (a
+      NetworkPolicy peer selecting the operator's pods; None when it runs outside the cluster);
+    - the serve port (LLMDeployment) from everywhere when the serve Service is a NodePort or
+      LoadBalancer, else from ``spec.service.allowFrom`` (default: every pod of the namespace).
+
+    Everything else (6379, 8265, 10001, 8080 from other pods) is denied. Kubelet probes come from
+    the node and are not subject to it. Enforcement needs a CNI that implements NetworkPolicy.
+    """
+    ingress: list[dict[str, Any]] = [{"from": [{"podSelector": _cluster_pods(cluster)}]}]
+    if operator_peer:
+        ingress.append(
+            {
+                "from": [operator_peer],
+                "ports": [{"port": p, "protocol": "TCP"} for p in (DASHBOARD_PORT, SERVE_PORT)],
+            }
+        )
+    if cluster.serve is not None:
+        serve_port = [{"port": SERVE_PORT, "protocol": "TCP"}]
+        if cluster.serve.type != "ClusterIP":
+            ingress.append({"ports": serve_port})  # no "from": reachable from everywhere
+        else:
+            peers = (
+                cluster.serve.allow_from if cluster.serve.allow_from is not None else [{"podSelector": {}}]
+            )
+            if peers:
+                ingress.append({"from": [dict(p) for p in peers], "ports": serve_port})
+    return _with_hash(
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": metadata(cluster.owner, network_policy_name(cluster.name), "network-policy"),
+            "spec": {"podSelector": _cluster_pods(cluster), "policyTypes": ["Ingress"], "ingress": ingress},
+        }
+    )
+
+
 def serve_endpoint(cluster: ClusterSpec) -> str:
     """OpenAI base URL of the deployment inside the cluster."""
     port = (cluster.serve or ServiceSpec()).port
@@ -262,9 +350,11 @@ def ray_start_args(cluster: ClusterSpec, node_type: str) -> list[str]:
     ]
 
 
-def _resources(res: Resources) -> dict[str, Any]:
+def _resources(res: Resources, storage: PodStorage) -> dict[str, Any]:
     requests: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory}
     limits: dict[str, Any] = dict(requests)
+    requests["ephemeral-storage"] = storage.ephemeral_storage_request
+    limits["ephemeral-storage"] = storage.ephemeral_storage_limit
     if res.gpu > 0:
         requests[GPU_RESOURCE] = str(res.gpu)
         limits[GPU_RESOURCE] = str(res.gpu)
@@ -279,6 +369,9 @@ def _env(cluster: ClusterSpec) -> list[dict[str, Any]]:
             "valueFrom": {"secretKeyRef": {"name": auth_secret_name(cluster.name), "key": AUTH_TOKEN_KEY}},
         },
         {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+        {"name": "TMPDIR", "value": TMP_PATH},
+        {"name": "RAY_TMPDIR", "value": RAY_PATH},
+        {"name": "HF_HOME", "value": CACHE_PATH},
         {"name": "LLMRAY_CLUSTER", "value": cluster.name},
         {"name": "LLMRAY_NAMESPACE", "value": cluster.owner.namespace},
     ]
@@ -340,10 +433,19 @@ def _pod_spec(cluster: ClusterSpec, node_type: str) -> dict[str, Any]:
         if is_head
         else ("/api/local_raylet_healthz", DASHBOARD_AGENT_PORT)
     )
+    storage = placement.storage
+    scratch = [
+        (TMP_VOLUME, TMP_PATH, storage.tmp),
+        (RAY_VOLUME, RAY_PATH, storage.logs),
+        (CACHE_VOLUME, CACHE_PATH, storage.model_cache),
+    ]
     mounts: list[dict[str, Any]] = [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}]
     volumes: list[dict[str, Any]] = [
         {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": res.memory}}
     ]
+    for volume, path, size in scratch:
+        mounts.append({"name": volume, "mountPath": path})
+        volumes.append({"name": volume, "emptyDir": {"sizeLimit": size}})
     for pvc in cluster.pvcs:
         mounts.append({"name": pvc.volume_name, "mountPath": pvc.mount_path, "readOnly": pvc.read_only})
         volumes.append(
@@ -359,7 +461,7 @@ def _pod_spec(cluster: ClusterSpec, node_type: str) -> dict[str, Any]:
         "command": ray_start_args(cluster, node_type),
         "env": _env(cluster),
         "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in ports],
-        "resources": _resources(res),
+        "resources": _resources(res, storage),
         "readinessProbe": _probe(health_path, health_port, initial=10, period=5, failures=10),
         "livenessProbe": _probe(health_path, health_port, initial=30, period=10, failures=12),
         "volumeMounts": mounts,
@@ -387,8 +489,9 @@ def pod_template_hash(cluster: ClusterSpec, node_type: str, auth_secret_uid: str
     """Hash of everything a pod of this type is built from.
 
     A pod whose annotation differs was built from an older spec (image, resources, placement,
-    env, volumes) or an older auth Secret (its token changed): it must be recreated. Worker
-    count is not part of it, so scaling never restarts pods.
+    env, volumes) or another auth token (``auth_secret_uid``: the token's fingerprint, see
+    :func:`auth_fingerprint`): it must be recreated. Worker count is not part of it, so scaling
+    never restarts pods.
     """
     group = HEAD_GROUP if node_type == NODE_TYPE_HEAD else cluster.worker_group
     return stable_hash({"spec": _pod_spec(cluster, node_type), "group": group, "auth": auth_secret_uid})

@@ -93,6 +93,11 @@ def auth_secret_name(cluster: str) -> str:
     return f"{cluster}-ray-auth"
 
 
+def network_policy_name(cluster: str) -> str:
+    """The Ray cluster's NetworkPolicy name."""
+    return f"{cluster}-ray"
+
+
 def worker_suffix(uid: str, group: str, index: int) -> str:
     """Five random-looking characters for worker slot ``index``, stable for one owner uid.
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -55,7 +56,6 @@ from llmray.builders.status import (
     set_condition,
 )
 from llmray.kube import AlreadyExists, Kube, KubeError
-from llmray.ray import sandbox_token
 
 from .rayconn import TokenCache
 from .store import Expectations, Key, Store
@@ -90,6 +90,10 @@ class Options:
     """Seconds a pod may stay Unschedulable before the resource is marked Failed."""
     resync_seconds: float = 15.0
     workers: int = 8
+    auth_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+    """Key the Ray auth tokens are derived from (the chart mounts a stable one; see TokenCache)."""
+    operator_peer: dict[str, Any] | None = None
+    """NetworkPolicy peer selecting the operator's pods (None: it runs outside the cluster)."""
 
 
 @dataclass
@@ -187,7 +191,12 @@ class ClusterController:
         # key -> (resourceVersion our last status write was based on, the status we wrote, the
         # resourceVersion that write produced).
         self._written: dict[Key, tuple[str, dict[str, Any], str]] = {}
-        self.tokens = TokenCache()
+        self.tokens = TokenCache(options.auth_key)
+        # Children the operator may create but not read or watch (least privilege): what this
+        # process already made sure exists, by key -> (owner uid, content hash).
+        self._ensured: dict[tuple[Key, str], tuple[str, str]] = {}
+        self._deleted: set[Key] = set()
+        self._user_secrets_readable = True
         self._cleanups: set[asyncio.Task[None]] = set()
 
     # --- to be provided by each kind -------------------------------------------------------------
@@ -218,6 +227,8 @@ class ClusterController:
         """
         self.expectations.forget(key)
         self._written.pop(key, None)
+        self._ensured = {k: v for k, v in self._ensured.items() if k[0] != key}
+        self._deleted.add(key)
         try:
             task = asyncio.get_running_loop().create_task(self._gone(key))
         except RuntimeError:  # no loop (unit tests): nothing to clean up on Ray
@@ -253,6 +264,7 @@ class ClusterController:
                 for step in (
                     self.step_user_secrets,
                     self.step_auth_secret,
+                    self.step_network_policy,
                     self.step_services,
                     self.step_head,
                     self.step_workers,
@@ -332,13 +344,27 @@ class ClusterController:
         return p.head is None or len(live) < p.desired_workers
 
     async def step_user_secrets(self, p: Pass) -> bool:
-        """Secrets the pods read must exist before pods are created (else they never start)."""
+        """Secrets the pods read should exist before pods are created (else they never start).
+
+        Only where the operator may read them (a namespaced install that grants it, the sandbox):
+        the chart does not, so the kubelet reports a missing Secret on the pod
+        (CreateContainerConfigError), which the status shows as for any stuck container.
+        """
         assert p.cluster is not None
+        if not self._user_secrets_readable:
+            return True
         previous = get_condition(p.status.conditions, COND_CLUSTER_READY)
         if not (self._needs_pods(p) or (previous is not None and previous.reason == R_SECRET_NOT_FOUND)):
             return True
         for var, ref in p.cluster.env:
-            problem = await self._check_secret(p.namespace, ref)
+            try:
+                problem = await self._check_secret(p.namespace, ref)
+            except KubeError as err:
+                if err.status != 403:
+                    raise
+                self._user_secrets_readable = False
+                logger.info("not allowed to read users' Secrets: the kubelet reports missing ones")
+                return True
             if problem:
                 field_name = "spec.apiKeySecretRef" if var == "LLMRAY_API_KEY" else "spec.model.secretRef"
                 p.blocker = Blocker(
@@ -393,18 +419,52 @@ class ClusterController:
             return None
 
     async def step_auth_secret(self, p: Pass) -> bool:
-        name = auth_secret_name(p.name)
-        existing = p.secrets.get(name)
-        if existing is not None and not existing.deleting:
-            p.auth_uid = existing.uid
-            return True
+        """Create ``<name>-ray-auth`` with the derived token; the operator never reads it back.
+
+        Created once per resource incarnation and process, and again whenever pods are about to
+        be created (they need it). AlreadyExists means it is there: ours from before a restart
+        (same derived token), unless this process saw a same-named resource deleted, whose Secret
+        then waits for garbage collection first.
+        """
         assert p.cluster is not None
-        # The sandbox's one shared head has one token: every auth Secret must carry it.
-        token = sandbox_token() or b.new_auth_token()
-        created = await self._create_owned(p, b.auth_secret(p.cluster, token))
-        if created is None:
+        token = self.tokens.token(p.key, p.uid)
+        p.auth_uid = b.auth_fingerprint(token)
+        slot = (p.key, "auth")
+        if self._ensured.get(slot) == (p.uid, p.auth_uid) and not self._needs_pods(p):
+            return True
+        try:
+            await self.kube.create(b.auth_secret(p.cluster, token))
+        except AlreadyExists:
+            if p.key in self._deleted and self._ensured.get(slot) is None:
+                raise KubeError(
+                    409, "Conflict", f"Secret {auth_secret_name(p.name)} of the previous {p.kind} {p.name} "
+                    "awaits garbage collection", "create", auth_secret_name(p.name),
+                ) from None  # fmt: skip
+        self._deleted.discard(p.key)
+        self._ensured[slot] = (p.uid, p.auth_uid)
+        return True
+
+    async def step_network_policy(self, p: Pass) -> bool:
+        """Create (or patch to the spec) the cluster's NetworkPolicy; no watch needed."""
+        assert p.cluster is not None
+        policy = b.network_policy(p.cluster, self.options.operator_peer)
+        wanted = policy["metadata"]["annotations"][b.ANNOTATION_TEMPLATE_HASH]
+        slot = (p.key, "netpol")
+        if self._ensured.get(slot) == (p.uid, wanted):
+            return True
+        current = await self._create_owned(p, policy)
+        if current is None:
             return False
-        p.auth_uid = str((created.get("metadata") or {}).get("uid") or "")
+        annotations = (current.get("metadata") or {}).get("annotations") or {}
+        if annotations.get(b.ANNOTATION_TEMPLATE_HASH) != wanted:
+            name = policy["metadata"]["name"]
+            await self.kube.patch(
+                "NetworkPolicy",
+                p.namespace,
+                name,
+                {"metadata": {"annotations": policy["metadata"]["annotations"]}, "spec": policy["spec"]},
+            )
+        self._ensured[slot] = (p.uid, wanted)
         return True
 
     def wanted_services(self, p: Pass) -> list[dict[str, Any]]:

@@ -152,7 +152,7 @@ async def ray_steps(controller: DeploymentController, p: Pass) -> None:
     assert p.cluster is not None and p.health is not None
     if not p.health.head_ready:
         return
-    token = await controller.tokens.token(controller.kube, p.key, p.auth_uid)
+    token = controller.tokens.token(p.key, p.uid)
     head = head_for(p.key, p.cluster.dashboard_url, token)
     route = head.route(p.name, p.namespace)
     if head.endpoints.overridden:

@@ -1,19 +1,17 @@
 """How a controller reaches one resource's Ray head: address (with the env overrides) and token.
 
-The token lives in Secret ``<name>-ray-auth`` (key ``auth_token``). The watch cache keeps only the
-Secret's name and uid, so the token is read from the API the first time a head is contacted and kept
-per Secret uid (a recreated Secret has a new uid and a new token). A deleted resource's entry is
-dropped with it.
+The token the pods read from Secret ``<name>-ray-auth`` (key ``auth_token``) is derived from the
+operator's key and the resource's identity, so the operator recomputes it instead of reading the
+Secret (see :class:`TokenCache`).
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 from dataclasses import dataclass
 
-from llmray.builders.common import auth_secret_name
-from llmray.kube import Kube
+from llmray.builders.cluster import derive_auth_token
+from llmray.builders.common import Owner
 from llmray.ray import NO_RETRY, RayClient, RetryPolicy, resolve_head, sandbox_token, serve_route
 from llmray.ray.endpoints import HeadEndpoints, ServeRoute
 
@@ -23,7 +21,6 @@ logger = logging.getLogger("llmray.controllers.ray")
 # httpx logs every request at INFO: one line per poll of every resource is noise in the operator log.
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
-AUTH_TOKEN_KEY = "auth_token"
 # Polls retry once: the next pass comes in seconds anyway, and a head that is down (or a name
 # that does not resolve, an operator outside the cluster) must not hold a worker for long.
 POLL_RETRY = RetryPolicy(attempts=2, backoff_s=0.3, max_backoff_s=1.0)
@@ -49,27 +46,23 @@ class Head:
 
 
 class TokenCache:
-    """Ray auth tokens by ``(key, Secret uid)``."""
+    """Ray auth tokens, derived from the operator's key (never read back from a Secret).
 
-    def __init__(self) -> None:
-        self._tokens: dict[Key, tuple[str, str]] = {}
+    Each cluster's token is HMAC(key, kind/namespace/name/uid) (:func:`derive_auth_token`): the
+    operator computes it again after a restart, so it needs no permission to read Secrets. The
+    sandbox's shared head has one token for every resource (``LLMRAY_SANDBOX_RAY_TOKEN``).
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
 
     def forget(self, key: Key) -> None:
-        self._tokens.pop(key, None)
+        """Nothing is cached per resource (kept for the controllers' deletion path)."""
 
-    async def token(self, kube: Kube, key: Key, auth_uid: str) -> str | None:
-        cached = self._tokens.get(key)
-        if cached is not None and cached[0] == auth_uid:
-            return cached[1]
-        secret = await kube.read("Secret", key[1], auth_secret_name(key[2]))
-        if secret is None:
-            return sandbox_token()
-        raw = (secret.get("data") or {}).get(AUTH_TOKEN_KEY)
-        token = base64.b64decode(raw).decode() if raw else sandbox_token()
-        uid = str((secret.get("metadata") or {}).get("uid") or auth_uid)
-        if token:
-            self._tokens[key] = (uid, token)
-        return token
+    def token(self, key: Key, uid: str) -> str:
+        return sandbox_token() or derive_auth_token(
+            self._key, Owner(kind=key[0], namespace=key[1], name=key[2], uid=uid)
+        )
 
 
 def head_for(key: Key, in_cluster_dashboard_url: str, token: str | None) -> Head:

@@ -126,7 +126,7 @@ async def ray_steps(controller: TrainingController, p: Pass) -> None:
     assert p.cluster is not None and p.health is not None
     if not status.job_id and not p.health.ready:
         return  # nothing submitted yet, and the cluster is still coming up
-    token = await controller.tokens.token(controller.kube, p.key, p.auth_uid)
+    token = controller.tokens.token(p.key, p.uid)
     head = head_for(p.key, p.cluster.dashboard_url, token)
     attempt = status.attempt
     try:
@@ -206,7 +206,7 @@ async def ray_idle(controller: TrainingController, p: Pass) -> None:
     status: LLMTrainingJobStatus = p.status
     if status.phase != "Suspended" or not status.job_id or p.cluster is None:
         return
-    token = await controller.tokens.token(controller.kube, p.key, p.auth_uid or "-")
+    token = controller.tokens.token(p.key, p.uid)
     head = head_for(p.key, p.cluster.dashboard_url, token)
     try:
         await _stop(head, status.job_id)
