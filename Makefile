@@ -45,13 +45,12 @@ lint: venv
 	$(VENV)/bin/mypy
 	$(VENV)/bin/llmray crds --check
 
-# Three pytest sessions: the Kubernetes tiers (unit, cluster, e2e: one kwok control plane), the Ray
-# tier (one local Ray cluster; Ray's driver keeps one GCS connection and auth token per process, so
-# its in-process driver gets a process of its own) and the kind tier (a real cluster, real pods).
+# Three pytest sessions (tests/run_tiers.sh): the Kubernetes tiers (unit, cluster, e2e: one kwok
+# control plane), the Ray tier (one local Ray cluster; Ray's driver keeps one GCS connection and auth
+# token per process, so its in-process driver gets a process of its own) and the kind tier (a real
+# cluster, real pods), whose tools and images build in the background while the others run.
 test: venv bins lint
-	$(VENV)/bin/pytest -m "not ray and not kind" tests
-	$(VENV)/bin/pytest -m ray tests/ray
-	$(VENV)/bin/pytest -m kind tests/kind
+	bash tests/run_tiers.sh
 
 test-unit: venv
 	$(VENV)/bin/pytest -m unit tests/unit

@@ -7,6 +7,8 @@
 #   kind.sh up       build/reuse tools and images, start dockerd if none runs, create cluster
 #                    "llmray" (no-op when healthy); prints `export KUBECONFIG=...` on stdout
 #   kind.sh images   build the project images (operator, runtime) and load them into the cluster
+#   kind.sh prepare  build everything `up` and `images` need (tools, node image, project images)
+#                    without creating a cluster: `make test` runs it while the other tiers run
 #   kind.sh down     delete the cluster; stop dockerd if (and only if) this script started it, and
 #                    remove what it left behind (bridges, nft tables, mounts)
 #   kind.sh status   exit 0 when the cluster answers, 3 when not
@@ -288,7 +290,7 @@ shared_dirs() {
     'mkdir -p /var/lib/llmray/shared/demo && chmod 1777 /var/lib/llmray/shared /var/lib/llmray/shared/demo'
 }
 
-cmd_up() {
+build_node_image() {
   mkdir -p "$state"
   host_packages
   build_tools
@@ -297,6 +299,10 @@ cmd_up() {
   component_images
   kind_base_image
   node_image_build
+}
+
+cmd_up() {
+  build_node_image
   cluster_up
   shared_dirs
   log "cluster $name ready"
@@ -375,9 +381,10 @@ cmd_status() {
 case "${1:-}" in
   up) cmd_up ;;
   images) cmd_images ;;
+  prepare) build_node_image && project_images ;;
   down) cmd_down ;;
   status) cmd_status ;;
   kubeconfig) echo "$kubeconfig" ;;
   env) echo "export KUBECONFIG=$kubeconfig PATH=$cbin:$tools:\$PATH" ;;
-  *) echo "usage: $0 up|images|down|status|kubeconfig|env" >&2; exit 2 ;;
+  *) echo "usage: $0 up|images|prepare|down|status|kubeconfig|env" >&2; exit 2 ;;
 esac
