@@ -449,3 +449,37 @@ async def test_sliding_window_model_matches_generate(loaded: tuple[Any, Any, Pat
     finally:
         eng.shutdown()
     assert [t for t, _ in texts] == [reference((model, tokenizer, Path()), p, 12) for p in prompts]
+
+
+async def test_a_lora_adapter_folder_is_served_merged_into_its_base(
+    loaded: tuple[Any, Any, Path], tmp_path: Path
+) -> None:
+    """A LoRA job's output (an adapter, not merged on export) loads as base + adapter, folded once."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from llmray_workloads.serve.config import EngineSettings
+    from llmray_workloads.serve.engine import adapter_base
+
+    _, tokenizer, base_path = loaded
+    base = AutoModelForCausalLM.from_pretrained(base_path)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # a non-zero adapter, so serving the bare base would answer differently
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.05)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)  # no tokenizer: the engine falls back to the base's
+    merged = peft_model.merge_and_unload().eval()
+    assert adapter_base(str(adapter)) == str(base_path) and adapter_base(str(base_path)) is None
+
+    eng = TransformersEngine.load(EngineSettings(model_source=str(adapter), dtype="float32"))
+    try:
+        text, _ = await asyncio.wait_for(
+            collect(eng.submit(tokenizer("Ray is")["input_ids"], greedy(8))), TIMEOUT
+        )
+    finally:
+        eng.shutdown()
+    assert text == reference((merged, tokenizer, base_path), "Ray is", 8)
+    assert text != reference(loaded, "Ray is", 8)

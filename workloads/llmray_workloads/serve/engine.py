@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .text import IncrementalText
@@ -352,6 +354,17 @@ def new_slot_cache(num_layers: int) -> Any:
     return cache_class(num_layers)
 
 
+def adapter_base(source: str) -> str | None:
+    """The base model a LoRA adapter folder names (``adapter_config.json``), or None for a full model."""
+    path = Path(source) / "adapter_config.json"
+    if not path.is_file():
+        return None
+    base = json.loads(path.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise EngineError(f"{path}: a LoRA adapter without base_model_name_or_path cannot be served")
+    return str(base)
+
+
 class TransformersEngine:
     """Continuous batching over a Hugging Face causal LM with a slot-based KV cache (see module doc)."""
 
@@ -414,19 +427,28 @@ class TransformersEngine:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        resolve_max_model_len(settings.max_model_len, AutoConfig.from_pretrained(settings.model_source))
+        base = adapter_base(settings.model_source)
+        resolve_max_model_len(
+            settings.max_model_len, AutoConfig.from_pretrained(base or settings.model_source)
+        )
         if settings.torch_threads and settings.device == "cpu":
             torch.set_num_threads(settings.torch_threads)
         device = settings.device
         if device == "cuda" and not torch.cuda.is_available():
             raise EngineError("the replica was given a GPU but torch sees no CUDA device")
         dtype = _torch_dtype(settings.dtype, device)
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            settings.model_source, dtype=dtype, attn_implementation="sdpa"
-        )
+        model: Any = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype, attn_implementation="sdpa")
+        if base is not None:
+            # A LoRA job's output (lora.mergeOnExport: false) is an adapter: fold it into its base
+            # once at load, so serving it costs the same as serving a plain model.
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, settings.model_source).merge_and_unload()
         model = model.to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(settings.model_source)
-        decode_tokenizer = AutoTokenizer.from_pretrained(settings.model_source)
+        has_tokenizer = (Path(settings.model_source) / "tokenizer_config.json").is_file()
+        tokenizer_source = settings.model_source if has_tokenizer or base is None else base
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        decode_tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         return cls(
             model,
             tokenizer,
