@@ -428,9 +428,8 @@ class TransformersEngine:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         base = adapter_base(settings.model_source)
-        resolve_max_model_len(
-            settings.max_model_len, AutoConfig.from_pretrained(base or settings.model_source)
-        )
+        weights = base or settings.model_source
+        resolve_max_model_len(settings.max_model_len, AutoConfig.from_pretrained(weights))
         if settings.torch_threads and settings.device == "cpu":
             torch.set_num_threads(settings.torch_threads)
         device = settings.device
