@@ -7,10 +7,20 @@ import importlib.util
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from llmray.controllers.settings import Settings
+from llmray.controllers.topology import topology_of
+
 DEFAULT_CRD_DIRS = ("crds", "charts/llmray/crds")
+
+# Environment fallbacks of the topology flags (read here, at start-up, and nowhere else).
+DASHBOARD_URL_ENV = "LLMRAY_RAY_DASHBOARD_URL"
+SERVE_URL_ENV = "LLMRAY_RAY_SERVE_URL"
+SHARED_TOKEN_ENV = "LLMRAY_SANDBOX_RAY_TOKEN"
+AUTH_KEY_FILE_ENV = "LLMRAY_AUTH_KEY_FILE"
 
 
 def _crds(args: argparse.Namespace) -> int:
@@ -34,11 +44,56 @@ def _crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def settings_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
+    """The operator's :class:`~llmray.controllers.settings.Settings`, built once from the flags.
+
+    The topology flags fall back to their environment variables (compatibility with deployments
+    that set them); a bad value raises ValueError naming it.
+    """
+    token = env.get(SHARED_TOKEN_ENV) or None
+    if args.ray_token_file:
+        token = Path(args.ray_token_file).read_text().strip() or None
+    topology = topology_of(
+        args.ray_dashboard_url or env.get(DASHBOARD_URL_ENV) or None,
+        args.ray_serve_url or env.get(SERVE_URL_ENV) or None,
+        token,
+    )
+    from llmray.builders.cluster import operator_peer
+
+    extra: dict[str, Any] = {}
+    auth_key_file = args.auth_key_file or env.get(AUTH_KEY_FILE_ENV)
+    if auth_key_file:
+        key = Path(auth_key_file).read_bytes().strip()
+        if len(key) < 32:
+            raise ValueError(f"--auth-key-file {auth_key_file}: need at least 32 bytes of key")
+        extra["auth_key"] = key
+    else:
+        logging.getLogger("llmray").warning(
+            "no --auth-key-file: Ray auth tokens derive from a per-process key and do not survive a "
+            "restart (the Helm chart always mounts one)"
+        )
+    return Settings(
+        unschedulable_timeout=args.unschedulable_timeout,
+        resync_seconds=args.resync,
+        workers=args.workers,
+        pass_timeout=args.pass_timeout,
+        stuck_after=args.stuck_after,
+        topology=topology,
+        operator_peer=operator_peer(args.operator_namespace, args.operator_pod_labels),
+        **extra,
+    )
+
+
 def _operator(args: argparse.Namespace) -> int:
     import kopf
 
-    from llmray.controllers.cluster import Options
     from llmray.operator_main import RunConfig, run
+
+    try:
+        settings = settings_from_args(args, os.environ)
+    except (OSError, ValueError) as exc:
+        print(f"llmray operator: {exc}", file=sys.stderr)
+        return 2
 
     kopf.configure(
         debug=args.log_level == "debug",
@@ -57,28 +112,7 @@ def _operator(args: argparse.Namespace) -> int:
         metrics_address=args.metrics_address,
         kubeconfig=args.kubeconfig,
     )
-    from llmray.builders.cluster import operator_peer
-
-    extra: dict[str, Any] = {}
-    if args.auth_key_file:
-        key = Path(args.auth_key_file).read_bytes().strip()
-        if len(key) < 32:
-            print(f"--auth-key-file {args.auth_key_file}: need at least 32 bytes of key", file=sys.stderr)
-            return 2
-        extra["auth_key"] = key
-    else:
-        logging.getLogger("llmray").warning(
-            "no --auth-key-file: Ray auth tokens derive from a per-process key and do not survive a "
-            "restart (the Helm chart always mounts one)"
-        )
-    options = Options(
-        unschedulable_timeout=args.unschedulable_timeout,
-        resync_seconds=args.resync,
-        workers=args.workers,
-        operator_peer=operator_peer(args.operator_namespace, args.operator_pod_labels),
-        **extra,
-    )
-    return run(config, options)
+    return run(config, settings)
 
 
 def _sandbox(args: argparse.Namespace) -> int:
@@ -107,16 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     crds.set_defaults(func=_crds)
 
     op = sub.add_parser(
-        "operator", help="run the operator (Kopf) against the current kubeconfig or in-cluster"
+        "operator",
+        help="run the operator (Kopf) against the current kubeconfig or in-cluster",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     scope = op.add_mutually_exclusive_group()
     scope.add_argument(
         "-n", "--namespace", action="append", help="namespace to watch (repeatable; default: all namespaces)"
     )
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
-    op.add_argument(
-        "--standalone", action="store_true", default=True, help="no peering between operators (the default)"
-    )
     op.add_argument("--peering", metavar="NAME", help="enable Kopf peering (needs Kopf's peering CRDs)")
     op.add_argument(
         "--liveness",
@@ -128,19 +161,32 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, else $KUBECONFIG)")
     op.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     op.add_argument("--log-format", choices=["plain", "json"], default="plain")
-    op.add_argument("--resync", type=float, default=15.0, help="seconds between full resyncs (default 15)")
-    op.add_argument("--workers", type=int, default=8, help="resources reconciled concurrently (default 8)")
+    op.add_argument(
+        "--resync", type=float, default=Settings.resync_seconds, help="seconds between full resyncs"
+    )
+    op.add_argument("--workers", type=int, default=Settings.workers, help="resources reconciled concurrently")
     op.add_argument(
         "--unschedulable-timeout",
         type=float,
-        default=300.0,
-        help="seconds a Ray pod may stay Unschedulable before its resource is marked Failed (default 300)",
+        default=Settings.unschedulable_timeout,
+        help="seconds a Ray pod may stay Unschedulable before its resource is marked Failed",
+    )
+    op.add_argument(
+        "--pass-timeout",
+        type=float,
+        default=Settings.pass_timeout,
+        help="seconds one reconcile pass may take before it is abandoned and retried",
+    )
+    op.add_argument(
+        "--stuck-after",
+        type=float,
+        default=Settings.stuck_after,
+        help="liveness fails when a reconcile pass has been running this long",
     )
     op.add_argument(
         "--auth-key-file",
-        default=os.environ.get("LLMRAY_AUTH_KEY_FILE"),
         help="file holding the key each Ray cluster's auth token is derived from (>= 32 bytes; "
-        "default $LLMRAY_AUTH_KEY_FILE)",
+        f"env fallback: {AUTH_KEY_FILE_ENV})",
     )
     op.add_argument(
         "--operator-namespace",
@@ -151,6 +197,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--operator-pod-labels",
         default="",
         help="k=v,... labels selecting the operator's pods in --operator-namespace (NetworkPolicies)",
+    )
+    ray = op.add_argument_group(
+        "Ray topology",
+        "default: each resource has its own head at <name>-head.<ns>.svc (token from its Secret). "
+        "A dashboard URL without {name}/{namespace} selects one shared head for every resource.",
+    )
+    ray.add_argument(
+        "--ray-dashboard-url",
+        metavar="URL",
+        help=f"Ray dashboard URL or template with {{name}}/{{namespace}} (env fallback: {DASHBOARD_URL_ENV})",
+    )
+    ray.add_argument(
+        "--ray-serve-url",
+        metavar="URL",
+        help=f"Ray Serve HTTP URL or template (env fallback: {SERVE_URL_ENV})",
+    )
+    ray.add_argument(
+        "--ray-token-file",
+        metavar="PATH",
+        help=f"file holding the shared head's token, written into every auth Secret (env fallback: "
+        f"{SHARED_TOKEN_ENV}, the token itself)",
     )
     op.set_defaults(func=_operator)
 

@@ -1,6 +1,7 @@
 """The operator process: Kopf watches and indexes feeding the reconcile queue.
 
-Run it with ``llmray operator`` (or ``kopf run -m llmray.operator_main``). Kopf owns the watches
+Run it with ``llmray operator``: :func:`run` builds one :class:`App` from the settings (CLI flags)
+and hands it to every Kopf handler as ``memo.app`` -- no module-level state. Kopf owns the watches
 (server-side label selectors, so only our children are streamed), its in-memory indexes (Kopf
 invokes no handler before every index is fully listed), Kubernetes Events and the health
 endpoint. Watch events only enqueue keys; :mod:`llmray.controllers.runtime` reconciles them.
@@ -15,8 +16,7 @@ import copy
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -27,9 +27,11 @@ from llmray.api.training import KIND as TRAINING_KIND
 from llmray.api.training import PLURAL as TRAINING_PLURAL
 from llmray.builders.common import LABEL_MANAGED_BY, MANAGED_BY, MANAGED_SELECTOR
 from llmray.builders.observe import ChildView, PodView, owner_key
-from llmray.controllers.cluster import ClusterController, Options
+from llmray.controllers.cluster import ClusterController, Deps
 from llmray.controllers.deployment import DeploymentController
-from llmray.controllers.runtime import Engine
+from llmray.controllers.rayconn import Heads, PooledRay
+from llmray.controllers.runtime import Gate, ReconcileLoop
+from llmray.controllers.settings import Settings
 from llmray.controllers.store import Expectations, Key, Store
 from llmray.controllers.training import TrainingController
 from llmray.kube import Kube, load_api_client
@@ -39,42 +41,79 @@ logger = logging.getLogger("llmray.operator")
 _MANAGED = {LABEL_MANAGED_BY: MANAGED_BY}
 
 
-def _options_from_env() -> Options:
-    """Options when started by ``kopf run -m llmray.operator_main`` (no CLI flags)."""
-    env = os.environ.get
-    key_file = env("LLMRAY_AUTH_KEY_FILE")
-    extra: dict[str, Any] = {"auth_key": Path(key_file).read_bytes().strip()} if key_file else {}
-    return Options(
-        unschedulable_timeout=float(env("LLMRAY_UNSCHEDULABLE_TIMEOUT", "300")),
-        resync_seconds=float(env("LLMRAY_RESYNC_SECONDS", "15")),
-        workers=int(env("LLMRAY_WORKERS", "8")),
-        **extra,
-    )
-
-
 @dataclass
-class OperatorState:
-    """Process-wide state: options from the CLI, and what the startup handler builds."""
+class App:
+    """The running operator: settings, caches, clients, controllers and the reconcile loop."""
 
-    options: Options = field(default_factory=_options_from_env)
+    settings: Settings = field(default_factory=Settings)
     kubeconfig: str | None = None
     store: Store = field(default_factory=Store)
     kube: Kube | None = None
-    engine: Engine[Key] | None = None
-    controllers: dict[str, ClusterController] = field(default_factory=dict)
+    ray: PooledRay = field(default_factory=PooledRay)
+    loop: ReconcileLoop[Key] | None = None
+    controllers: dict[str, ClusterController[Any, Any]] = field(default_factory=dict)
+
+    def build(self, indices: dict[str, Any]) -> None:
+        """Caches, clients, controllers and the loop (in the running event loop).
+
+        ``indices`` are Kopf's indexes (live objects, filled by the watches). The loop starts with
+        the first watch event, which Kopf delivers only once every index is fully listed.
+        """
+        self.store.resources[TRAINING_KIND] = indices["llmray_trainingjobs"]
+        self.store.resources[DEPLOYMENT_KIND] = indices["llmray_deployments"]
+        self.store.deployments_by_job = indices["llmray_deployments_by_job"]
+        self.store.pods = indices["llmray_pods"]
+        self.store.services = indices["llmray_services"]
+        # Secrets are neither listed nor watched: that would read every Secret of every namespace.
+        # The operator only creates the auth Secret (see ClusterController.step_auth_secret).
+        if self.kube is None:
+            self.kube = Kube(load_api_client(self.kubeconfig), max_workers=max(4, self.settings.workers))
+        deps = Deps(
+            kube=self.kube,
+            store=self.store,
+            settings=self.settings,
+            heads=Heads(self.settings.topology, self.ray, self.settings.auth_key),
+            expectations=Expectations(),
+            ray_gate=Gate(self.settings.ray_slots),
+        )
+        self.controllers = {
+            TRAINING_KIND: TrainingController(deps),
+            DEPLOYMENT_KIND: DeploymentController(deps),
+        }
+        self.loop = ReconcileLoop(
+            self.reconcile,
+            keys=self.store.keys,
+            workers=self.settings.workers,
+            resync_seconds=self.settings.resync_seconds,
+            pass_timeout=self.settings.pass_timeout,
+            label=lambda key: key[0],
+        )
+
+    async def reconcile(self, key: Key) -> float | None:
+        return await self.controllers[key[0]].reconcile(key)
+
+    async def close(self) -> None:
+        if self.loop is not None:
+            await self.loop.stop()
+        await self.ray.aclose()
+        if self.kube is not None:
+            self.kube.close()
+            self.kube = None
 
 
-STATE = OperatorState()
+def _app(memo: Any) -> App:
+    """The App :func:`run` put in Kopf's memo; under ``kopf run -m llmray.operator_main`` (no CLI),
+    one built at start-up from the flags' defaults and their environment fallbacks."""
+    if getattr(memo, "app", None) is None:
+        from llmray.cli import build_parser, settings_from_args
 
-
-async def _reconcile(key: Key) -> float | None:
-    controller = STATE.controllers[key[0]]
-    return await controller.reconcile(key)
+        memo.app = App(settings=settings_from_args(build_parser().parse_args(["operator"]), os.environ))
+    return cast(App, memo.app)
 
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-    """Configure Kopf, then start the reconcile engine (it waits for the first watch event)."""
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
+    """Configure Kopf, then build the controllers (the loop starts with the first watch event)."""
     settings.posting.level = logging.WARNING  # Kopf's own log lines become Events only if warnings
     settings.posting.reporting_component = "llmray-operator"
     settings.posting.reporting_instance = os.environ.get("POD_NAME", "llmray-operator")
@@ -84,35 +123,29 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.networking.request_timeout = 60
     for plural in ("pods", "services"):
         settings.watching.label_selectors["v1", plural] = MANAGED_SELECTOR
-    if STATE.kube is None:
-        STATE.kube = Kube(load_api_client(STATE.kubeconfig), max_workers=max(4, STATE.options.workers))
-    expectations = Expectations()
-    STATE.controllers = {
-        TRAINING_KIND: TrainingController(STATE.kube, STATE.store, STATE.options, expectations),
-        DEPLOYMENT_KIND: DeploymentController(STATE.kube, STATE.store, STATE.options, expectations),
-    }
-    STATE.engine = Engine(
-        _reconcile,
-        keys=STATE.store.keys,
-        workers=STATE.options.workers,
-        resync_seconds=STATE.options.resync_seconds,
-        label=lambda key: key[0],
-    )
+    _app(memo).build(kwargs)
 
 
 @kopf.on.cleanup()
-async def cleanup(**_: Any) -> None:
-    if STATE.engine is not None:
-        await STATE.engine.stop()
-    if STATE.kube is not None:
-        STATE.kube.close()
-        STATE.kube = None
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    await _app(memo).close()
 
 
 @kopf.on.probe(id="reconcile_queue")
-def probe(**_: Any) -> int:
+def probe(memo: kopf.Memo, **_: Any) -> int:
     """Liveness detail: how many keys wait for a reconcile."""
-    return len(STATE.engine.queue) if STATE.engine is not None else 0
+    loop = _app(memo).loop
+    return len(loop.queue) if loop is not None else 0
+
+
+@kopf.on.probe(id="reconcile_stuck_seconds", errors=kopf.ErrorsMode.PERMANENT)
+def stuck_probe(memo: kopf.Memo, **_: Any) -> float:
+    """Liveness fails (HTTP 500) when a pass has run past ``stuck_after``: the loop is wedged."""
+    app = _app(memo)
+    stuck = app.loop.stuck_for() if app.loop is not None else 0.0
+    if stuck > app.settings.stuck_after:
+        raise kopf.PermanentError(f"a reconcile pass has been running for {stuck:.0f}s")
+    return round(stuck, 1)
 
 
 # --- indexes (the caches) --------------------------------------------------------------------------
@@ -134,6 +167,13 @@ async def llmray_deployments(namespace: str | None, name: str, body: kopf.Body, 
     return {(namespace, name): _snapshot(body)}
 
 
+@kopf.index(GROUP, VERSION, DEPLOYMENT_PLURAL)
+async def llmray_deployments_by_job(namespace: str | None, name: str, spec: kopf.Spec, **_: Any) -> Any:
+    """(namespace, training job) -> deployments serving its output: a job's event wakes only those."""
+    job = (spec.get("model") or {}).get("fromTrainingJob")
+    return {(namespace, job): name} if job else None
+
+
 @kopf.index("v1", "pods", labels=_MANAGED)
 async def llmray_pods(body: kopf.Body, **_: Any) -> Any:
     key = owner_key(dict(body))
@@ -146,69 +186,62 @@ async def llmray_services(body: kopf.Body, **_: Any) -> Any:
     return {key: ChildView.of(dict(body))} if key else None
 
 
-def _bind(kwargs: dict[str, Any]) -> Engine[Key] | None:
-    """Hand Kopf's indexes to the store and start the engine, on the first event."""
-    store = STATE.store
-    if not store.bound:
-        store.resources[TRAINING_KIND] = kwargs["llmray_trainingjobs"]
-        store.resources[DEPLOYMENT_KIND] = kwargs["llmray_deployments"]
-        store.pods = kwargs["llmray_pods"]
-        store.services = kwargs["llmray_services"]
-        # Secrets are neither listed nor watched: that would read every Secret of every namespace.
-        # The operator only creates the auth Secret (see ClusterController.step_auth_secret).
-        store.secrets = {}
-    if STATE.engine is not None:
-        STATE.engine.start()
-    return STATE.engine
+def _started(memo: Any) -> App | None:
+    """The app, with its loop started (idempotent): on the first event every index is listed."""
+    app = _app(memo)
+    if app.loop is None:
+        return None
+    app.loop.start()
+    return app
 
 
 # --- events -> queue ---------------------------------------------------------------------------------
 
 
-def _enqueue(key: Key, event_type: str | None, engine: Engine[Key]) -> None:
-    if event_type == "DELETED" and STATE.store.resource(*key) is None:
-        engine.queue.forget(key)
-        controller = STATE.controllers.get(key[0])
+def _enqueue(app: App, key: Key, event_type: str | None) -> None:
+    assert app.loop is not None
+    if event_type == "DELETED" and app.store.resource(*key) is None:
+        app.loop.queue.forget(key)
+        controller = app.controllers.get(key[0])
         if controller is not None:
             controller.forget(key)  # in-memory state, and best-effort cleanup on Ray
         return
-    engine.queue.add(key)
+    app.loop.queue.add(key)
 
 
 @kopf.on.event(GROUP, VERSION, TRAINING_PLURAL)
-async def on_training_job(type: str, namespace: str | None, name: str, **kwargs: Any) -> None:
-    engine = _bind(kwargs)
-    if engine is None or namespace is None:
+async def on_training_job(type: str, namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+    app = _started(memo)
+    if app is None or app.loop is None or namespace is None:
         return
-    _enqueue((TRAINING_KIND, namespace, name), type, engine)
+    _enqueue(app, (TRAINING_KIND, namespace, name), type)
     # Deployments serving this job's output react to its phase (train -> deploy handoff).
-    for ns, dep_name, body in STATE.store.resources_of_kind(DEPLOYMENT_KIND):
-        if ns == namespace and ((body.get("spec") or {}).get("model") or {}).get("fromTrainingJob") == name:
-            engine.queue.add((DEPLOYMENT_KIND, ns, dep_name))
+    for dep_name in app.store.deployments_of_job(namespace, name):
+        app.loop.queue.add((DEPLOYMENT_KIND, namespace, dep_name))
 
 
 @kopf.on.event(GROUP, VERSION, DEPLOYMENT_PLURAL)
-async def on_deployment(type: str, namespace: str | None, name: str, **kwargs: Any) -> None:
-    engine = _bind(kwargs)
-    if engine is not None and namespace is not None:
-        _enqueue((DEPLOYMENT_KIND, namespace, name), type, engine)
+async def on_deployment(type: str, namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+    app = _started(memo)
+    if app is not None and namespace is not None:
+        _enqueue(app, (DEPLOYMENT_KIND, namespace, name), type)
 
 
-async def _on_child(body: kopf.Body, kwargs: dict[str, Any]) -> None:
-    engine = _bind(kwargs)
+async def _on_child(body: kopf.Body, memo: Any) -> None:
+    app = _started(memo)
     key = owner_key(dict(body))
-    if engine is not None and key is not None and key[0] in STATE.controllers:
-        engine.queue.add(key)
+    if app is not None and app.loop is not None and key is not None and key[0] in app.controllers:
+        app.loop.queue.add(key)
 
 
 @kopf.on.event("v1", "pods", labels=_MANAGED)
-async def on_pod(body: kopf.Body, **kwargs: Any) -> None:
-    await _on_child(body, kwargs)
+async def on_pod(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await _on_child(body, memo)
 
 
 @kopf.on.event("v1", "services", labels=_MANAGED)
-async def on_service(body: kopf.Body, **kwargs: Any) -> None:
-    await _on_child(body, kwargs)
+async def on_service(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await _on_child(body, memo)
 
 
 # --- running -------------------------------------------------------------------------------------
@@ -251,10 +284,8 @@ def check_crds_installed(kubeconfig: str | None) -> str | None:
     return None
 
 
-def run(config: RunConfig, options: Options) -> int:
+def run(config: RunConfig, settings: Settings) -> int:
     """Run the operator until SIGTERM/SIGINT; returns the exit code."""
-    STATE.options = options
-    STATE.kubeconfig = config.kubeconfig
     if config.kubeconfig:
         os.environ["KUBECONFIG"] = config.kubeconfig  # Kopf's login reads it too
     problem = check_crds_installed(config.kubeconfig)
@@ -272,5 +303,6 @@ def run(config: RunConfig, options: Options) -> int:
         standalone=config.peering is None,
         peering_name=config.peering,
         liveness_endpoint=config.liveness or None,
+        memo=kopf.Memo(app=App(settings=settings, kubeconfig=config.kubeconfig)),
     )
     return 0

@@ -10,8 +10,8 @@
    process group so ``down`` stops exactly this head (never ``ray stop``, which kills every Ray
    on the machine);
 3. the CRDs from ``crds/`` applied with the pinned kubectl;
-4. the operator, ``python -m llmray.cli operator --all-namespaces``, with the head address override
-   (``LLMRAY_RAY_DASHBOARD_URL``/``LLMRAY_RAY_SERVE_URL``) and ``LLMRAY_SANDBOX_RAY_TOKEN`` so the
+4. the operator, ``python -m llmray.cli operator --all-namespaces``, in the shared-head topology
+   (``--ray-dashboard-url``/``--ray-serve-url`` without placeholders, ``--ray-token-file``) so the
    auth Secret of every resource carries the shared head's token.
 
 Pods are simulated, so every resource's Ray work runs in the one local head. State, logs and pid
@@ -40,8 +40,8 @@ from pathlib import Path
 
 import httpx
 
+from llmray.cli import DASHBOARD_URL_ENV, SERVE_URL_ENV
 from llmray.ray import RayClient, RayError
-from llmray.ray.endpoints import DASHBOARD_URL_ENV, SANDBOX_TOKEN_ENV, SERVE_URL_ENV
 
 LOOPBACK = "127.0.0.1"
 OPERATOR_MARKER = "llmray.cli"
@@ -182,19 +182,13 @@ def serve_instance_options(cfg: SandboxConfig) -> dict[str, object]:
     return {"http_options": {"host": LOOPBACK, "port": cfg.serve_port}, "proxy_location": "HeadOnly"}
 
 
-def operator_env(cfg: SandboxConfig, token: str, kubeconfig: Path, base: Mapping[str, str]) -> dict[str, str]:
-    """Environment of the sandboxed operator: the kubeconfig, the shared head and its token."""
-    return {
-        **base,
-        "KUBECONFIG": str(kubeconfig),
-        DASHBOARD_URL_ENV: cfg.dashboard_url,
-        SERVE_URL_ENV: cfg.serve_url,
-        SANDBOX_TOKEN_ENV: token,
-        "PYTHONUNBUFFERED": "1",
-    }
+def operator_env(kubeconfig: Path, base: Mapping[str, str]) -> dict[str, str]:
+    """Environment of the sandboxed operator: the kubeconfig (the topology goes in flags)."""
+    return {**base, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
 
 
-def operator_command(kubeconfig: Path) -> list[str]:
+def operator_command(cfg: SandboxConfig, kubeconfig: Path) -> list[str]:
+    """``llmray operator`` in the shared-head topology: the one local head, its token from a file."""
     return [
         sys.executable,
         "-m",
@@ -203,6 +197,12 @@ def operator_command(kubeconfig: Path) -> list[str]:
         "--all-namespaces",
         "--kubeconfig",
         str(kubeconfig),
+        "--ray-dashboard-url",
+        cfg.dashboard_url,
+        "--ray-serve-url",
+        cfg.serve_url,
+        "--ray-token-file",
+        str(cfg.token_file),
     ]
 
 
@@ -487,7 +487,7 @@ def operator_available() -> bool:
     return proc.returncode == 0
 
 
-def operator_up(cfg: SandboxConfig, token: str, kubeconfig: Path) -> bool:
+def operator_up(cfg: SandboxConfig, kubeconfig: Path) -> bool:
     """Start (or reuse) the operator; False (with a message) when the CLI has no operator yet."""
     pid = tracked_pid(cfg.pid_file("operator"), OPERATOR_MARKER)
     if pid is not None:
@@ -498,9 +498,9 @@ def operator_up(cfg: SandboxConfig, token: str, kubeconfig: Path) -> bool:
              "control plane and Ray are up, start the operator yourself once it exists")  # fmt: skip
         return False
     _log(f"operator: starting (log {cfg.log_file('operator')})")
-    env = operator_env(cfg, token, kubeconfig, os.environ)
+    env = operator_env(kubeconfig, os.environ)
     proc = start_detached(
-        operator_command(kubeconfig), env, cfg.log_file("operator"), cfg.pid_file("operator"), cfg.repo
+        operator_command(cfg, kubeconfig), env, cfg.log_file("operator"), cfg.pid_file("operator"), cfg.repo
     )
     time.sleep(3)  # a crash at import or on a bad kubeconfig shows within this grace period
     if proc.poll() is not None:
@@ -516,7 +516,7 @@ def up(cfg: SandboxConfig, *, with_operator: bool = True) -> int:
     ray_up(cfg, token)
     apply_crds(cfg, kubeconfig, bins)
     (cfg.state / "env").write_text(env_script(cfg, kubeconfig, bins))
-    running = operator_up(cfg, token, kubeconfig) if with_operator else False
+    running = operator_up(cfg, kubeconfig) if with_operator else False
     print(f"""
 llmray sandbox is up
   Kubernetes   KUBECONFIG={kubeconfig}

@@ -403,3 +403,38 @@ def test_delete_and_reapply_with_the_same_name(kube: Kube, namespace: str, opera
     for pod in pods_of(kube, namespace, "tiny-train"):
         assert pod.metadata.owner_references[0].uid == new_uid
     assert status_of(kube, "LLMTrainingJob", namespace, "tiny-train")["phase"] == "Running"
+
+
+def test_serve_service_drift_is_reverted_and_idle_resyncs_do_not_patch(
+    kube: Kube, namespace: str, operator: Operator
+) -> None:
+    """Issue 11: children's owned fields are compared (not only the spec-hash annotation): a
+    `kubectl patch` of the serve Service's type is reverted; a converged resource is not patched."""
+    apply(kube, example("deployment-tiny-cpu.yaml"), namespace)
+    wait_cluster_ready(kube, "LLMDeployment", namespace, "tiny-chat", 1)
+
+    def patches() -> float:
+        return operator.metric("llmray_kube_requests_total", verb="patch", resource="services")
+
+    def two_more_passes() -> None:
+        done = operator.metric("llmray_reconciles_total", kind="LLMDeployment", result="ok")
+        wait_for(
+            lambda: operator.metric("llmray_reconciles_total", kind="LLMDeployment", result="ok") >= done + 2,
+            timeout=60,
+            what="two more passes (resyncs)",
+        )
+
+    before = patches()
+    two_more_passes()
+    assert patches() == before, "the API server's defaults must not look like drift"
+    kube.kubectl("patch", "svc", "tiny-chat-serve", "-n", namespace, "-p", '{"spec":{"type":"NodePort"}}')
+    core = client.CoreV1Api(kube.api_client)
+    wait_for(
+        lambda: core.read_namespaced_service("tiny-chat-serve", namespace).spec.type == "ClusterIP",
+        timeout=60,
+        what="the serve Service's type reverted to ClusterIP",
+    )
+    reverted = patches()
+    assert reverted >= before + 1  # (a pass on a cache that has not seen the revert yet may repeat it)
+    two_more_passes()
+    assert patches() == reverted  # converged again

@@ -18,7 +18,8 @@ import httpx
 import pytest
 from kubernetes import client
 
-from llmray.ray import DASHBOARD_URL_ENV, SANDBOX_TOKEN_ENV, SERVE_URL_ENV, RayClient
+from llmray.cli import SHARED_TOKEN_ENV
+from llmray.ray import RayClient
 from tests.cluster.test_operator_fixtures import GROUP, PLURALS, REPO, Operator
 from tests.kube import Kube
 from tests.ray_cluster import LOOPBACK, LocalRay, free_port, start_local_ray, stop_local_ray
@@ -179,11 +180,12 @@ def e2e(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
             work / "operator.log",
             "--unschedulable-timeout",
             "120",
-            env={
-                DASHBOARD_URL_ENV: ray.dashboard_url,
-                SERVE_URL_ENV: serve_url,
-                SANDBOX_TOKEN_ENV: ray.token,
-            },
+            # The shared-head topology: one local head for every resource; the token by env (not argv).
+            "--ray-dashboard-url",
+            ray.dashboard_url,
+            "--ray-serve-url",
+            serve_url,
+            env={SHARED_TOKEN_ENV: ray.token},
         ).start()
         yield E2E(kube, namespace, ray, serve_url, operator, work, model, data)
     finally:

@@ -70,13 +70,6 @@ def test_scale_down_removes_not_ready_first_then_newest() -> None:
     assert plan.create == ()
 
 
-def test_chosen_pods_are_removed_and_replaced_if_still_desired() -> None:
-    pods = [_worker(0), _worker(1), _worker(2)]
-    plan = plan_workers(pods, desired=2, group="gpu", template_hash="h1", remove=["w0"])
-    assert [(p.name, why) for p, why in plan.delete] == [("w0", "scale-down")]
-    assert plan.create == ()
-
-
 def test_outdated_and_finished_pods_are_replaced() -> None:
     pods = [_worker(0, hash="old"), _worker(1), replace(_worker(2), phase="Failed")]
     plan = plan_workers(pods, desired=3, group="gpu", template_hash="h1")

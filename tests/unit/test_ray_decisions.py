@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 from datetime import UTC, datetime
-from typing import Any
 
 import pytest
 
@@ -153,20 +152,15 @@ def test_serve_verdict() -> None:
 def test_sandbox_workers_without_ray_node_absorb_demand_then_idle() -> None:
     """Shared head: a Ready worker pod with no Ray node is capacity on its way while demand is
     pending, and idle since the demand was last seen once it is gone."""
-    from types import SimpleNamespace
-
-    from llmray.api.deployment import LLMDeploymentStatus
     from llmray.builders.observe import PodView
-    from llmray.controllers.cluster import Pass
-    from llmray.controllers.deployment import _worker_states
+    from llmray.controllers.deployment import sandbox_worker_states
 
-    controller: Any = SimpleNamespace(ready_since={})
-    p = Pass(key=("LLMDeployment", "ns", "x"), body={}, status=LLMDeploymentStatus(), at=AT)
-    p.workers = [PodView(name="x-worker-gpu-aaaaa", ready=True), PodView(name="x-worker-gpu-bbbbb")]
-    with_demand = _worker_states(controller, p, [], has_demand=True, shared=True)
+    seen: dict[str, float] = {}
+    workers = [PodView(name="x-worker-gpu-aaaaa", ready=True), PodView(name="x-worker-gpu-bbbbb")]
+    with_demand = sandbox_worker_states(workers, [], seen, has_demand=True, shared=True, now=100.0)
     assert [(w.in_ray, w.idle_seconds) for w in with_demand] == [(False, None), (False, None)]
-    idle = _worker_states(controller, p, [], has_demand=False, shared=True)
-    assert idle[0].in_ray and idle[0].idle_seconds is not None and idle[0].idle_seconds < 5
+    idle = sandbox_worker_states(workers, [], seen, has_demand=False, shared=True, now=103.0)
+    assert idle[0].in_ray and idle[0].idle_seconds == 3.0
     assert not idle[1].in_ray  # not Ready yet: still starting
-    own_head = _worker_states(controller, p, [], has_demand=False, shared=False)
+    own_head = sandbox_worker_states(workers, [], seen, has_demand=False, shared=False, now=104.0)
     assert not any(w.in_ray for w in own_head)  # a real cluster never guesses: no node, not in Ray

@@ -12,18 +12,13 @@ import pytest
 
 from llmray.ray import (
     GangDemand,
-    HeadEndpoints,
     JobStatus,
     ResourceDemand,
-    ServeRoute,
     parse_cluster_status,
     parse_job,
     parse_nodes,
     parse_serve_details,
     remove_app_config,
-    resolve_head,
-    sandbox_token,
-    serve_route,
     submission_id,
     tail_text,
     upsert_app_config,
@@ -452,57 +447,6 @@ def test_app_config_unchanged() -> None:
 
 
 # --- head addresses and ids --------------------------------------------------------------------
-
-
-def test_resolve_head_in_cluster_default() -> None:
-    assert resolve_head("demo", "team-a", env={}) == HeadEndpoints(
-        dashboard_url="http://demo-head.team-a.svc:8265",
-        serve_url="http://demo-serve.team-a.svc:8000",
-        overridden=False,
-    )
-
-
-def test_resolve_head_single_url_override() -> None:
-    env = {
-        "LLMRAY_RAY_DASHBOARD_URL": "http://127.0.0.1:8265/",
-        "LLMRAY_RAY_SERVE_URL": "http://127.0.0.1:8000",
-    }
-    ends = resolve_head("demo", "ns", env=env)
-    assert ends == HeadEndpoints(
-        "http://127.0.0.1:8265", "http://127.0.0.1:8000", overridden=True, shared=True
-    )
-    assert resolve_head("other", "ns2", env=env).dashboard_url == ends.dashboard_url
-
-
-def test_resolve_head_template_override() -> None:
-    env = {"LLMRAY_RAY_DASHBOARD_URL": "https://{namespace}-{name}.ray.example.com"}
-    ends = resolve_head("demo", "ns", env=env)
-    assert ends.dashboard_url == "https://ns-demo.ray.example.com"
-    assert ends.overridden and not ends.shared  # one head per cluster, just another address
-    assert ends.serve_url == "http://demo-serve.ns.svc:8000"  # not overridden: default
-
-
-@pytest.mark.parametrize("bad", ["http://{host}:8265", "127.0.0.1:8265", "ftp://x"])
-def test_resolve_head_rejects_bad_overrides(bad: str) -> None:
-    with pytest.raises(ValueError, match="LLMRAY_RAY_DASHBOARD_URL"):
-        resolve_head("demo", "ns", env={"LLMRAY_RAY_DASHBOARD_URL": bad})
-
-
-def test_serve_route_own_head_and_shared_head() -> None:
-    own = serve_route("chat", "team-a", resolve_head("chat", "team-a", env={}))
-    assert own == ServeRoute("chat", "/", "http://chat-serve.team-a.svc:8000")
-    shared_env = {
-        "LLMRAY_RAY_DASHBOARD_URL": "http://127.0.0.1:8265",
-        "LLMRAY_RAY_SERVE_URL": "http://127.0.0.1:8000",
-    }
-    shared = serve_route("chat", "team-a", resolve_head("chat", "team-a", env=shared_env))
-    assert shared == ServeRoute("team-a-chat", "/team-a/chat", "http://127.0.0.1:8000/team-a/chat")
-
-
-def test_sandbox_token() -> None:
-    assert sandbox_token({}) is None
-    assert sandbox_token({"LLMRAY_SANDBOX_RAY_TOKEN": ""}) is None
-    assert sandbox_token({"LLMRAY_SANDBOX_RAY_TOKEN": "abc"}) == "abc"
 
 
 DNS_SAFE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")

@@ -85,14 +85,27 @@ def test_serve_listens_on_loopback(cfg: SandboxConfig) -> None:
 
 def test_operator_env_and_command(cfg: SandboxConfig) -> None:
     kc = Path("/k/kubeconfig")
-    env = operator_env(cfg, "tok", kc, {"PATH": "/bin"})
+    env = operator_env(kc, {"PATH": "/bin", "LLMRAY_RAY_DASHBOARD_URL": "http://stale:1"})
     assert env["KUBECONFIG"] == "/k/kubeconfig"
-    assert env["LLMRAY_RAY_DASHBOARD_URL"] == "http://127.0.0.1:8265"
-    assert env["LLMRAY_RAY_SERVE_URL"] == "http://127.0.0.1:8000"
-    assert env["LLMRAY_SANDBOX_RAY_TOKEN"] == "tok"
-    cmd = operator_command(kc)
+    cmd = operator_command(cfg, kc)
     assert cmd[:4] == [sys.executable, "-m", "llmray.cli", "operator"]
     assert "--all-namespaces" in cmd
+
+    def flag(name: str) -> str:
+        return cmd[cmd.index(name) + 1]
+
+    assert flag("--ray-dashboard-url") == "http://127.0.0.1:8265"
+    assert flag("--ray-serve-url") == "http://127.0.0.1:8000"
+    assert flag("--ray-token-file") == str(cfg.token_file)
+    assert "s3cret" not in " ".join(cmd)  # the token never sits in argv (ps shows it)
+    # The shared-head topology the operator builds from exactly these flags:
+    from llmray.cli import build_parser, settings_from_args
+    from llmray.controllers.topology import SharedHead
+
+    cfg.state.mkdir(parents=True, exist_ok=True)
+    cfg.token_file.write_text("s3cret\n")
+    settings = settings_from_args(build_parser().parse_args(cmd[3:]), {})
+    assert settings.topology == SharedHead("http://127.0.0.1:8265", "http://127.0.0.1:8000", "s3cret")
 
 
 def test_env_script_holds_no_secret(cfg: SandboxConfig) -> None:

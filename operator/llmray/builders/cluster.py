@@ -39,6 +39,7 @@ from llmray.api.runtime import API_KEY_ENV, AUTH_TOKEN_ENV, HF_TOKEN_ENV
 
 from .common import (
     ANNOTATION_TEMPLATE_HASH,
+    AUTH_TOKEN_KEY,
     CLIENT_PORT,
     DASHBOARD_AGENT_PORT,
     DASHBOARD_PORT,
@@ -65,7 +66,6 @@ from .common import (
     worker_name,
 )
 
-AUTH_TOKEN_KEY = "auth_token"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 RUN_AS_USER = 1000

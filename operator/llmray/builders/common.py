@@ -16,6 +16,7 @@ from typing import Any
 from kubernetes.utils.quantity import parse_quantity
 
 from llmray.api.common import API_VERSION
+from llmray.api.deployment import SERVE_PORT as SERVE_PORT  # re-exported: one definition
 
 # --- label and annotation keys (DESIGN.md "Names") ---------------------------------------------
 LABEL_NAME = "app.kubernetes.io/name"
@@ -35,6 +36,9 @@ MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
 ANNOTATION_TEMPLATE_HASH = "llmray.io/template-hash"
 """Hash of the pod spec a pod was built from; a different hash means the pod must be recreated."""
 
+AUTH_TOKEN_KEY = "auth_token"
+"""Key of the Ray auth token in Secret ``<name>-ray-auth``."""
+
 HEAD_GROUP = "headgroup"
 NODE_TYPE_HEAD = "head"
 NODE_TYPE_WORKER = "worker"
@@ -43,7 +47,7 @@ NODE_TYPE_WORKER = "worker"
 GCS_PORT = 6379
 DASHBOARD_PORT = 8265
 CLIENT_PORT = 10001
-SERVE_PORT = 8000
+# SERVE_PORT (8000) comes from llmray.api.deployment: the serve Service port's default.
 METRICS_PORT = 8080
 DASHBOARD_AGENT_PORT = 52365
 """Dashboard agent's HTTP port: serves /api/local_raylet_healthz, the worker health probe."""

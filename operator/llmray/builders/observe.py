@@ -17,6 +17,7 @@ from .common import (
     LABEL_RAY_GROUP,
     LABEL_RAY_NODE_TYPE,
     LABEL_WORKER_INDEX,
+    stable_hash,
 )
 
 # Container waiting reasons that need a human (a wrong image or a missing Secret/ConfigMap key).
@@ -57,15 +58,41 @@ def _controller_uid(meta: dict[str, Any]) -> str:
     return ""
 
 
+def service_fingerprint(obj: dict[str, Any]) -> str:
+    """Hash of the Service fields the operator owns (type, selector, ports), as stored or as built.
+
+    Fields the API server fills in (clusterIP, nodePort, a defaulted protocol) are left out, so
+    the operator's manifest and the stored object hash the same unless someone changed them
+    (``kubectl patch svc ... type=NodePort`` is drift, and is reverted). Empty for non-Services.
+    """
+    if obj.get("kind") not in (None, "Service") or "spec" not in obj:
+        return ""
+    spec = obj.get("spec") or {}
+    ports = sorted(
+        (
+            str(p.get("name") or ""),
+            int(p.get("port") or 0),
+            str(p.get("targetPort") if p.get("targetPort") is not None else p.get("port") or ""),
+            str(p.get("protocol") or "TCP"),
+        )
+        for p in spec.get("ports") or []
+    )
+    return stable_hash(
+        {"type": spec.get("type") or "ClusterIP", "selector": spec.get("selector") or {}, "ports": ports}
+    )
+
+
 @dataclass(frozen=True)
 class ChildView:
-    """A Service or Secret: existence, identity and ownership are all that matter."""
+    """A Service or Secret: identity, ownership and (Services) a fingerprint of the owned fields."""
 
     name: str
     uid: str
     owner_uid: str
     deleting: bool = False
     template_hash: str = ""
+    fingerprint: str = ""
+    """:func:`service_fingerprint` of a Service (drift detection); empty for Secrets."""
 
     @classmethod
     def of(cls, obj: dict[str, Any]) -> ChildView:
@@ -76,6 +103,7 @@ class ChildView:
             owner_uid=_controller_uid(meta),
             deleting=bool(meta.get("deletionTimestamp")),
             template_hash=(meta.get("annotations") or {}).get(ANNOTATION_TEMPLATE_HASH, ""),
+            fingerprint=service_fingerprint(obj) if obj.get("kind") == "Service" else "",
         )
 
 

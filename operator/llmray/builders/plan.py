@@ -1,12 +1,13 @@
 """Pure decisions: which pods to create and delete to converge on the desired cluster.
 
-Worker pods are managed by name (like KubeRay's ``workersToDelete``), so a scale-down removes the
-pods the caller chose (idle ones, from Ray's view) rather than arbitrary ones.
+Worker pods have deterministic names (one slot each); a demand-driven scale-down deletes the idle
+pods the autoscaler chose directly (``DeploymentController._autoscale``), so this plan only
+replaces finished or outdated pods and trims a surplus.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .observe import PodView
@@ -31,7 +32,6 @@ def plan_workers(
     desired: int,
     group: str,
     template_hash: str,
-    remove: Iterable[str] = (),
 ) -> WorkerPlan:
     """Converge the worker pods of one cluster on ``desired`` up-to-date pods of ``group``.
 
@@ -39,11 +39,9 @@ def plan_workers(
       gone (a pod name cannot be reused while the old pod exists).
     - Finished pods (Succeeded/Failed), pods of another group and pods built from another template
       (spec or auth token changed) are deleted; they are replaced by new slots in the same pass.
-    - Pods named in ``remove`` are deleted (chosen scale-down).
     - Surplus pods go not-ready first, then highest slot first (the newest).
     - Missing pods take the lowest free slots, so names are deterministic for a given world.
     """
-    removing = set(remove)
     pods = list(pods)
     taken = {p.index for p in pods if p.index is not None}
     delete: list[tuple[PodView, str]] = []
@@ -57,8 +55,6 @@ def plan_workers(
             delete.append((pod, f"worker group changed ({pod.group} -> {group})"))
         elif pod.template_hash != template_hash:
             delete.append((pod, "pod spec changed"))
-        elif pod.name in removing:
-            delete.append((pod, "scale-down"))
         else:
             live.append(pod)
     desired = max(0, desired)
@@ -94,9 +90,3 @@ def plan_head(pod: PodView | None, *, template_hash: str) -> HeadPlan:
     if pod.template_hash != template_hash:
         return HeadPlan("delete", "head pod spec changed")
     return HeadPlan("keep")
-
-
-def counts(pods: Sequence[PodView]) -> tuple[int, int]:
-    """(ready, total) of the live pods."""
-    live = [p for p in pods if not p.deleting]
-    return sum(1 for p in live if p.running_ready), len(live)

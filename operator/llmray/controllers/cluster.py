@@ -1,9 +1,14 @@
-"""The reconcile pass shared by both kinds: observe -> decide -> apply -> status.
+"""The reconcile pass shared by both kinds: observe -> act on Kubernetes -> act on Ray -> decide -> write.
 
 A pass is an ordered list of small idempotent steps (KubeRay's ``rayClusterReconcileFuncs``) that
-stops at the first error or blocker. Status is computed on a copy whatever happened and written
-only when it changed; problems a user can act on become a condition, ``status.message`` and one
-Kubernetes Event when they first appear.
+stops at the first error or blocker, then the kind's Ray steps, then the kind's state machine
+(:mod:`llmray.controllers.machines`, the only place a phase is chosen). Status is computed on a
+copy whatever happened and written only when it changed; problems a user can act on become a
+condition, ``status.message`` and one Kubernetes Event when they first appear.
+
+Collaborators come in at construction (:class:`Deps`): the Kubernetes API, the watch caches, the
+settings (with the Ray topology), the in-flight expectations, the Ray heads and the gate that
+bounds how many passes talk to Ray at once. Tests pass in-memory fakes (``tests/unit/fakes.py``).
 
 Spec changes:
 - in place: worker count, autoscaling bounds, request limits, engine args, serve Service
@@ -17,16 +22,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import kopf
 from pydantic import ValidationError
 
-from llmray.api.common import ConditionStatus, SecretKeyRef, StatusModel
+from llmray.api.common import ConditionStatus, SecretKeyRef
+from llmray.api.deployment import LLMDeploymentSpec, LLMDeploymentStatus
+from llmray.api.training import LLMTrainingJobSpec, LLMTrainingJobStatus
 from llmray.builders import cluster as b
 from llmray.builders.common import (
     NODE_TYPE_HEAD,
@@ -35,7 +41,7 @@ from llmray.builders.common import (
     auth_secret_name,
     head_name,
 )
-from llmray.builders.observe import ChildView, PodView
+from llmray.builders.observe import STUCK_WAITING_REASONS, ChildView, PodView, service_fingerprint
 from llmray.builders.plan import plan_head, plan_workers
 from llmray.builders.status import (
     COND_CLUSTER_READY,
@@ -55,12 +61,20 @@ from llmray.builders.status import (
     now,
     set_condition,
 )
-from llmray.kube import AlreadyExists, Kube, KubeError
+from llmray.kube import AlreadyExists, KubeError
+from llmray.ray.serve import ServeApplication
 
-from .rayconn import TokenCache
-from .store import Expectations, Key, Store
+from .decisions import TrainingStep
+from .machines import Next, RayProblem
+from .rayconn import Heads
+from .runtime import Gate
+from .settings import Settings
+from .store import Expectations, Key, KubeAPI, Store
 
 logger = logging.getLogger("llmray.controllers")
+
+SpecT = TypeVar("SpecT", LLMTrainingJobSpec, LLMDeploymentSpec)
+StatusT = TypeVar("StatusT", LLMTrainingJobStatus, LLMDeploymentStatus)
 
 # Reasons that call for a Warning event when a condition turns False with them.
 WARNING_REASONS = frozenset(
@@ -72,40 +86,41 @@ WARNING_REASONS = frozenset(
         R_FORBIDDEN,
         R_API_ERROR,
         "TrainingJobFailed",
-        "ErrImagePull",
-        "ImagePullBackOff",
-        "InvalidImageName",
-        "CreateContainerConfigError",
-        "CreateContainerError",
-        "CrashLoopBackOff",
+        *STUCK_WAITING_REASONS,
     }
 )
-
-
-@dataclass(frozen=True)
-class Options:
-    """Operator-wide settings of the reconcilers."""
-
-    unschedulable_timeout: float = 300.0
-    """Seconds a pod may stay Unschedulable before the resource is marked Failed."""
-    resync_seconds: float = 15.0
-    workers: int = 8
-    auth_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
-    """Key the Ray auth tokens are derived from (the chart mounts a stable one; see TokenCache)."""
-    operator_peer: dict[str, Any] | None = None
-    """NetworkPolicy peer selecting the operator's pods (None: it runs outside the cluster)."""
+RAY_BUSY_REQUEUE_S = 1.0
+"""Retry soon when every Ray slot was taken (the pass did its Kubernetes work anyway)."""
 
 
 @dataclass
-class Pass:
+class Deps:
+    """A controller's collaborators, built once at start-up (fakes in unit tests)."""
+
+    kube: KubeAPI
+    store: Store
+    settings: Settings
+    heads: Heads
+    expectations: Expectations = field(default_factory=Expectations)
+    ray_gate: Gate | None = None
+    events: Callable[[dict[str, Any], str, str, str], None] | None = None
+    """Where Events go (default: Kopf's poster); tests collect them."""
+
+
+@dataclass
+class Pass(Generic[SpecT, StatusT]):
     """Everything one reconcile pass knows and decides about one resource."""
 
     key: Key
     body: dict[str, Any]
-    status: Any
+    status: StatusT
     """A mutable copy of the resource's status model (written back at the end if changed)."""
     at: datetime
-    spec: Any = None
+    spec: SpecT | None = None
+    phase: str = ""
+    """The phase the pass started from (the state machine's input)."""
+    reopened: bool = False
+    """A finished resource starts over this pass (e.g. Failed for a cluster reason, spec changed)."""
     cluster: b.ClusterSpec | None = None
     want_cluster: bool = True
     """False: the resource needs no pods now (suspended, finished, waiting for its model)."""
@@ -121,6 +136,13 @@ class Pass:
     blocker: Blocker | None = None
     health: ClusterHealth | None = None
     error: KubeError | None = None
+    ray_problem: RayProblem | None = None
+    """The head could not be reached or refused a request this pass."""
+    job_step: TrainingStep | None = None
+    """Training: what the Ray step did with the current attempt (the machine's Ray input)."""
+    serve_seen: bool = False
+    """Deployments: the pass read the Serve application's status (``serve_app``)."""
+    serve_app: ServeApplication | None = None
     requeue_after: float | None = None
     events: list[tuple[str, str, str]] = field(default_factory=list)
 
@@ -152,6 +174,12 @@ class Pass:
     def owner(self) -> Owner:
         return Owner(kind=self.kind, name=self.name, namespace=self.namespace, uid=self.uid)
 
+    @property
+    def parsed(self) -> SpecT:
+        """The spec, once :meth:`ClusterController.step_parse` accepted it."""
+        assert self.spec is not None, "spec not parsed"
+        return self.spec
+
     def condition(self, type: str, status: bool | str, reason: str, message: str) -> None:
         """Set a condition on the status copy (transition time kept when status is unchanged)."""
         value = status if isinstance(status, str) else ("True" if status else "False")
@@ -168,30 +196,34 @@ class Pass:
     def event(self, type: str, reason: str, message: str) -> None:
         self.events.append((type, reason, message))
 
+    def requeue(self, seconds: float) -> None:
+        """Run again within ``seconds`` (the earliest request of the pass wins)."""
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
 
-Step = Callable[[Pass], Awaitable[bool]]
+
+Step = Callable[[Pass[Any, Any]], Awaitable[bool]]
 
 
-class ClusterController:
-    """Reconciles one kind's Ray cluster; subclasses add the kind's phases and Ray hook."""
+class ClusterController(Generic[SpecT, StatusT]):
+    """Reconciles one kind's Ray cluster; subclasses add the kind's Ray steps and state machine."""
 
     kind: ClassVar[str]
     plural: ClassVar[str]
-    spec_model: ClassVar[type[Any]]
-    status_model: ClassVar[type[StatusModel]]
     workers_field: ClassVar[str] = "spec.workers"
+    spec_model: type[SpecT]
+    status_model: type[StatusT]
 
-    def __init__(self, kube: Kube, store: Store, options: Options, expectations: Expectations) -> None:
-        self.kube = kube
-        self.store = store
-        self.options = options
-        self.expectations = expectations
-        # key -> (resourceVersion our last status write was based on, the status we wrote). The
-        # cache may still hold that older object for a moment; our write is then the truth.
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+        self.kube = deps.kube
+        self.store = deps.store
+        self.settings = deps.settings
+        self.expectations = deps.expectations
+        self.heads = deps.heads
         # key -> (resourceVersion our last status write was based on, the status we wrote, the
-        # resourceVersion that write produced).
+        # resourceVersion that write produced). The cache may still hold that older object for a
+        # moment; our write is then the truth.
         self._written: dict[Key, tuple[str, dict[str, Any], str]] = {}
-        self.tokens = TokenCache(options.auth_key)
         # Children the operator may create but not read or watch (least privilege): what this
         # process already made sure exists, by key -> (owner uid, content hash).
         self._ensured: dict[tuple[Key, str], tuple[str, str]] = {}
@@ -201,22 +233,26 @@ class ClusterController:
 
     # --- to be provided by each kind -------------------------------------------------------------
 
-    def prepare(self, p: Pass) -> None:
+    def prepare(self, p: Pass[SpecT, StatusT], spec: SpecT) -> None:
         """Derive cluster, desired workers, want_cluster and blockers from spec and status."""
         raise NotImplementedError
 
-    def decide_status(self, p: Pass) -> None:
-        """Phase, conditions and kind-specific status fields from what the pass observed."""
-        raise NotImplementedError
+    async def ray_steps(self, p: Pass[SpecT, StatusT]) -> None:
+        """Talk to the Ray head once the cluster exists (jobs, Serve, autoscaling)."""
 
-    async def ray_steps(self, p: Pass) -> None:
-        """Hook for talking to the Ray head once the cluster exists (jobs, Serve, autoscaling)."""
-
-    async def ray_idle(self, p: Pass) -> None:
-        """Hook for passes that want no cluster (suspended, finished, waiting): e.g. stop a job."""
+    async def ray_idle(self, p: Pass[SpecT, StatusT]) -> None:
+        """Passes that want no cluster (suspended, finished, waiting): e.g. stop a job."""
 
     async def ray_gone(self, key: Key) -> None:
-        """Hook for a deleted resource (best effort: stop its Ray job, remove its Serve app)."""
+        """A deleted resource (best effort: stop its Ray job, remove its Serve app)."""
+
+    def decide(self, p: Pass[SpecT, StatusT]) -> Next:
+        """The kind's state machine applied to what the pass observed (pure)."""
+        raise NotImplementedError
+
+    def apply(self, p: Pass[SpecT, StatusT], nxt: Next) -> None:
+        """Write the machine's decision into the status copy (the kind sets its phase here)."""
+        raise NotImplementedError
 
     def forget(self, key: Key) -> None:
         """The resource was deleted: drop its in-memory state and clean up on Ray in the background.
@@ -231,11 +267,16 @@ class ClusterController:
         self._deleted.add(key)
         try:
             task = asyncio.get_running_loop().create_task(self._gone(key))
-        except RuntimeError:  # no loop (unit tests): nothing to clean up on Ray
-            self.tokens.forget(key)
+        except RuntimeError:  # no loop: nothing to clean up on Ray
+            self.heads.forget(key)
             return
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
+
+    async def drain(self) -> None:
+        """Wait for background cleanups (tests, shutdown)."""
+        while self._cleanups:
+            await asyncio.gather(*list(self._cleanups), return_exceptions=True)
 
     async def _gone(self, key: Key) -> None:
         try:
@@ -243,7 +284,7 @@ class ClusterController:
         except Exception:  # best effort: never let cleanup take the operator down
             logger.exception("%s %s/%s: Ray cleanup after deletion failed", *key)
         finally:
-            self.tokens.forget(key)
+            self.heads.forget(key)
 
     # --- the pass ----------------------------------------------------------------------------------
 
@@ -256,8 +297,8 @@ class ClusterController:
         p = self.new_pass(key, body)
         old_status = p.status.model_copy(deep=True)
         try:
-            parsed = await self.step_parse(p)
-            await self.step_observe(p)
+            parsed = self.step_parse(p)
+            self.step_observe(p)
             if not p.want_cluster:
                 await self.step_teardown(p)
             elif parsed:
@@ -273,11 +314,9 @@ class ClusterController:
                         break
         except KubeError as err:
             p.error = err
-        self.finish(p)
-        if p.want_cluster and p.blocker is None and p.error is None:
-            await self.ray_steps(p)
-        elif not p.want_cluster and p.error is None:
-            await self.ray_idle(p)
+        self.observe_cluster(p)
+        await self.step_ray(p)
+        self.apply(p, self.decide(p))
         try:
             await self.write(p, old_status)
         except KubeError as err:
@@ -289,6 +328,25 @@ class ClusterController:
                 raise kopf.TemporaryError(str(p.error))
             raise RuntimeError(str(p.error))
         return p.requeue_after
+
+    async def step_ray(self, p: Pass[SpecT, StatusT]) -> None:
+        """The kind's Ray steps, when a Ray slot is free (slow heads must not starve Kubernetes work)."""
+        if p.error is not None or p.spec is None:
+            return
+        if p.want_cluster and p.blocker is not None:
+            return
+        gate = self.deps.ray_gate
+        if gate is not None and not gate.try_acquire():
+            p.requeue(RAY_BUSY_REQUEUE_S)
+            return
+        try:
+            if p.want_cluster:
+                await self.ray_steps(p)
+            else:
+                await self.ray_idle(p)
+        finally:
+            if gate is not None:
+                gate.release()
 
     def current_status(self, key: Key, body: dict[str, Any]) -> dict[str, Any]:
         """The resource's status: the cached one, or our own newer write if the cache lags."""
@@ -302,15 +360,15 @@ class ClusterController:
             return written[1], written[2]
         return dict(body.get("status") or {}), version
 
-    def new_pass(self, key: Key, body: dict[str, Any]) -> Pass:
+    def new_pass(self, key: Key, body: dict[str, Any]) -> Pass[SpecT, StatusT]:
         raw = self.current_status(key, body)
         try:
             status = self.status_model.model_validate(raw)
         except ValidationError:
             status = self.status_model()
-        return Pass(key=key, body=body, status=status, at=now())
+        return Pass(key=key, body=body, status=status, at=now(), phase=status.phase)
 
-    async def step_parse(self, p: Pass) -> bool:
+    def step_parse(self, p: Pass[SpecT, StatusT]) -> bool:
         try:
             p.spec = self.spec_model.model_validate(p.body.get("spec") or {})
         except ValidationError as exc:
@@ -322,14 +380,14 @@ class ClusterController:
             )
             p.want_cluster = False
             return False
-        self.prepare(p)
+        self.prepare(p, p.spec)
         if p.blocker is not None:
             p.want_cluster = p.want_cluster and not p.blocker.fatal
         return True
 
-    async def step_observe(self, p: Pass) -> bool:
+    def step_observe(self, p: Pass[SpecT, StatusT]) -> None:
         """Read children from the caches, overlaid with our in-flight writes."""
-        pods = [pod for pod in self.expectations.merge(p.key, self.store.pods_of(p.key))]
+        pods = self.expectations.merge(p.key, self.store.pods_of(p.key))
         mine = [pod for pod in pods if pod.owner_uid in ("", p.uid)]
         p.head = next((pod for pod in mine if pod.node_type == NODE_TYPE_HEAD and not pod.deleting), None)
         if p.head is None:
@@ -337,13 +395,12 @@ class ClusterController:
         p.workers = [pod for pod in mine if pod.node_type == NODE_TYPE_WORKER]
         p.services = {k: v for k, v in self.store.services_of(p.key).items() if v.owner_uid == p.uid}
         p.secrets = {k: v for k, v in self.store.secrets_of(p.key).items() if v.owner_uid == p.uid}
-        return True
 
-    def _needs_pods(self, p: Pass) -> bool:
+    def _needs_pods(self, p: Pass[SpecT, StatusT]) -> bool:
         live = [w for w in p.workers if not w.deleting]
         return p.head is None or len(live) < p.desired_workers
 
-    async def step_user_secrets(self, p: Pass) -> bool:
+    async def step_user_secrets(self, p: Pass[SpecT, StatusT]) -> bool:
         """Secrets the pods read should exist before pods are created (else they never start).
 
         Only where the operator may read them (a namespaced install that grants it, the sandbox):
@@ -418,7 +475,7 @@ class ClusterController:
             )
             return None
 
-    async def step_auth_secret(self, p: Pass) -> bool:
+    async def step_auth_secret(self, p: Pass[SpecT, StatusT]) -> bool:
         """Create ``<name>-ray-auth`` with the derived token; the operator never reads it back.
 
         Created once per resource incarnation and process, and again whenever pods are about to
@@ -427,7 +484,7 @@ class ClusterController:
         then waits for garbage collection first.
         """
         assert p.cluster is not None
-        token = self.tokens.token(p.key, p.uid)
+        token = self.heads.token(p.key, p.uid)
         p.auth_uid = b.auth_fingerprint(token)
         slot = (p.key, "auth")
         if self._ensured.get(slot) == (p.uid, p.auth_uid) and not self._needs_pods(p):
@@ -444,10 +501,10 @@ class ClusterController:
         self._ensured[slot] = (p.uid, p.auth_uid)
         return True
 
-    async def step_network_policy(self, p: Pass) -> bool:
+    async def step_network_policy(self, p: Pass[SpecT, StatusT]) -> bool:
         """Create (or patch to the spec) the cluster's NetworkPolicy; no watch needed."""
         assert p.cluster is not None
-        policy = b.network_policy(p.cluster, self.options.operator_peer)
+        policy = b.network_policy(p.cluster, self.settings.operator_peer)
         wanted = policy["metadata"]["annotations"][b.ANNOTATION_TEMPLATE_HASH]
         slot = (p.key, "netpol")
         if self._ensured.get(slot) == (p.uid, wanted):
@@ -467,11 +524,11 @@ class ClusterController:
         self._ensured[slot] = (p.uid, wanted)
         return True
 
-    def wanted_services(self, p: Pass) -> list[dict[str, Any]]:
+    def wanted_services(self, p: Pass[SpecT, StatusT]) -> list[dict[str, Any]]:
         assert p.cluster is not None
         return [b.head_service(p.cluster)]
 
-    async def step_services(self, p: Pass) -> bool:
+    async def step_services(self, p: Pass[SpecT, StatusT]) -> bool:
         for svc in self.wanted_services(p):
             name = svc["metadata"]["name"]
             current = p.services.get(name)
@@ -480,7 +537,9 @@ class ClusterController:
                     return False
                 continue
             wanted = svc["metadata"]["annotations"][b.ANNOTATION_TEMPLATE_HASH]
-            if current.template_hash != wanted:
+            # The annotation says which spec the Service was built from; the fingerprint catches
+            # edits by others (e.g. a `kubectl patch` of its type), which are reverted.
+            if current.template_hash != wanted or current.fingerprint != service_fingerprint(svc):
                 # In place: type, ports and selector are patched; the ClusterIP is kept.
                 await self.kube.patch(
                     "Service",
@@ -488,10 +547,15 @@ class ClusterController:
                     name,
                     {"metadata": {"annotations": svc["metadata"]["annotations"]}, "spec": svc["spec"]},
                 )
-                p.event("Normal", "UpdatedService", f"updated Service {name} to the spec")
+                drift = current.template_hash == wanted
+                p.event(
+                    "Normal",
+                    "RevertedService" if drift else "UpdatedService",
+                    f"{'reverted changes to' if drift else 'updated'} Service {name} to match the spec",
+                )
         return True
 
-    async def step_head(self, p: Pass) -> bool:
+    async def step_head(self, p: Pass[SpecT, StatusT]) -> bool:
         assert p.cluster is not None
         desired = b.head_pod(p.cluster, p.auth_uid)
         template = desired["metadata"]["annotations"][b.ANNOTATION_TEMPLATE_HASH]
@@ -507,13 +571,14 @@ class ClusterController:
             await self.kube.delete("Pod", p.namespace, p.head.name, p.head.uid)
             self.expectations.deleted(p.key, p.head.uid)
             p.event("Normal", "RecreatingHead", f"deleting head pod {p.head.name}: {plan.reason}")
-            p.requeue_after = 1.0
+            p.requeue(1.0)
         return True
 
-    async def step_workers(self, p: Pass) -> bool:
-        assert p.cluster is not None
-        group = p.cluster.worker_group
-        template = b.pod_template_hash(p.cluster, NODE_TYPE_WORKER, p.auth_uid)
+    async def step_workers(self, p: Pass[SpecT, StatusT]) -> bool:
+        cluster = p.cluster
+        assert cluster is not None
+        group = cluster.worker_group
+        template = b.pod_template_hash(cluster, NODE_TYPE_WORKER, p.auth_uid)
         plan = plan_workers(p.workers, desired=p.desired_workers, group=group, template_hash=template)
         for pod, _why in plan.delete:
             await self.kube.delete("Pod", p.namespace, pod.name, pod.uid)
@@ -530,7 +595,7 @@ class ClusterController:
 
         # Slow start (like the ReplicaSet controller): batches of 1, 2, 4, ... so that a systematic
         # failure (quota, admission) costs one request, not one per missing pod.
-        cluster, pending, batch = p.cluster, list(plan.create), 1
+        pending, batch = list(plan.create), 1
         while pending:
             now_, pending = pending[:batch], pending[batch:]
             results = await asyncio.gather(*(create(i) for i in now_), return_exceptions=True)
@@ -557,10 +622,10 @@ class ClusterController:
             )
         return True
 
-    async def step_teardown(self, p: Pass) -> bool:
+    async def step_teardown(self, p: Pass[SpecT, StatusT]) -> bool:
         """No cluster wanted: delete the Ray pods (Secret and Services are cheap and kept)."""
         if p.teardown_delay > 0:
-            p.requeue_after = p.teardown_delay
+            p.requeue(p.teardown_delay)
             return True
         pods = [pod for pod in [p.head, *p.workers] if pod is not None and not pod.deleting and pod.uid]
         for pod in pods:
@@ -576,8 +641,10 @@ class ClusterController:
 
     # --- status ------------------------------------------------------------------------------------
 
-    def finish(self, p: Pass) -> None:
-        """Common status fields, then the kind's phase and conditions."""
+    # --- status ------------------------------------------------------------------------------------
+
+    def observe_cluster(self, p: Pass[SpecT, StatusT]) -> None:
+        """The cluster's health and the status fields every kind shares (no phase: see decide)."""
         p.status.observed_generation = p.generation
         if p.want_cluster and p.cluster is not None:
             live_workers = [w for w in p.workers if not w.deleting]
@@ -601,7 +668,7 @@ class ClusterController:
             if p.health.unschedulable_for or not p.health.ready:
                 # Re-check soon: unschedulable pods time out, and pods become ready without an event
                 # reaching us if the cache missed it.
-                p.requeue_after = min(p.requeue_after or 5.0, 5.0)
+                p.requeue(5.0)
         else:
             p.status.ray_cluster.head_ready = False
             p.status.workers.ready = 0
@@ -620,9 +687,18 @@ class ClusterController:
             p.condition(COND_RECONCILED, False, reason, f"{p.error}{hint}")
         else:
             p.condition(COND_RECONCILED, True, R_RECONCILED, "children match the spec")
-        self.decide_status(p)
 
-    async def write(self, p: Pass, old: Any) -> None:
+    def apply_common(self, p: Pass[SpecT, StatusT], nxt: Next) -> None:
+        """The parts of a decision both kinds write the same way (message, cluster condition)."""
+        if nxt.message is not None:
+            p.status.message = nxt.message
+        if nxt.cluster is not None:
+            p.condition(COND_CLUSTER_READY, *nxt.cluster)
+
+    def previous_cluster_condition(self, p: Pass[SpecT, StatusT]) -> ConditionStatus | None:
+        return get_condition(p.status.conditions, COND_CLUSTER_READY)
+
+    async def write(self, p: Pass[SpecT, StatusT], old: StatusT) -> None:
         """A conditional merge patch of the status if anything changed, then the pass's Events."""
         self._transition_events(p, old)
         before, based_on = self._current(p.key, p.body)
@@ -638,10 +714,11 @@ class ClusterController:
             new_version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
             self._written[p.key] = (version, after, new_version)
         # After the write: a pass whose write conflicted is redone, and posts its events then.
+        poster = self.deps.events or post_event
         for type_, reason, message in p.events:
-            post_event(p.body, type_, reason, message)
+            poster(p.body, type_, reason, message)
 
-    def _transition_events(self, p: Pass, old: Any) -> None:
+    def _transition_events(self, p: Pass[SpecT, StatusT], old: StatusT) -> None:
         if old.phase != p.status.phase:
             p.event(
                 "Warning" if p.status.phase == "Failed" else "Normal",
@@ -662,5 +739,5 @@ def post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> N
     log = logger.warning if type_ == "Warning" else logger.info
     meta = body.get("metadata") or {}
     log("%s %s/%s: %s: %s", body.get("kind"), meta.get("namespace"), meta.get("name"), reason, message)
-    with contextlib.suppress(LookupError):  # outside a running operator (unit tests): logged only
+    with contextlib.suppress(LookupError):  # outside a running operator: logged only
         kopf.event(kopf.Body(cast(kopf.RawBody, body)), type=type_, reason=reason, message=message[:1024])

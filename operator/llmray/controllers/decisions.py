@@ -77,16 +77,28 @@ def decide_training(
     job: JobInfo | None,
     cluster_ready: bool,
     submission_id: str,
+    submitted: bool = False,
 ) -> TrainingStep:
     """The next step of one training job from what Ray says about attempt ``attempt``.
 
     - no job for this attempt: submit it once the cluster is ready (the id is deterministic, so a
       repeated submit after a crash adopts the running job instead of starting a second one);
+    - no job for an attempt status says was ``submitted``: the head lost it (a restarted head
+      forgets its jobs). That is a failed attempt like any other: the next one (once the cluster
+      is ready again) while restarts are left, else Failed -- never a resubmission of the same
+      attempt forever;
     - PENDING/RUNNING: keep polling (progress mirrored by the caller);
     - SUCCEEDED: Succeeded;
     - FAILED/STOPPED: the next attempt while ``restarts < max_restarts`` (it resumes from the run's
       checkpoints by itself), else Failed.
     """
+    if job is None and submitted:
+        if restarts < max_restarts and not cluster_ready:
+            return TrainingStep(
+                "wait", attempt, restarts, "", "WaitingForCluster", "waiting for the Ray cluster"
+            )
+        lost = f"Ray job {submission_id} is gone from the Ray head (the head restarted or lost it)"
+        return _failed_attempt(lost, "JobLost", attempt=attempt, restarts=restarts, max_restarts=max_restarts)
     if job is None:
         if not cluster_ready:
             return TrainingStep(
@@ -126,6 +138,11 @@ def decide_training(
             "succeed", attempt, restarts, "Succeeded", "JobSucceeded", f"Ray job {submission_id} succeeded"
         )
     why = f"Ray job {submission_id} {job.status.value}" + (f": {job.message}" if job.message else "")
+    return _failed_attempt(why, "JobFailed", attempt=attempt, restarts=restarts, max_restarts=max_restarts)
+
+
+def _failed_attempt(why: str, reason: str, *, attempt: int, restarts: int, max_restarts: int) -> TrainingStep:
+    """A failed (or lost) attempt: the next one while restarts are left, else Failed."""
     if restarts < max_restarts:
         return TrainingStep(
             "restart",
@@ -141,7 +158,7 @@ def decide_training(
         attempt,
         restarts,
         "Failed",
-        "JobFailed",
+        reason,
         f"{why}; no restarts left (failurePolicy.maxRestarts={max_restarts})",
     )
 

@@ -1,21 +1,44 @@
-"""How a controller reaches one resource's Ray head: address (with the env overrides) and token.
+"""How a controller reaches one resource's Ray head: address (from the topology), token, client.
+
+The controllers see Ray only through the :class:`RayAPI` protocol, handed out by a
+:class:`RayProvider` (production: :class:`PooledRay`, one pooled ``RayClient`` per head; tests: an
+in-memory fake). Addresses come from the :data:`~llmray.controllers.topology.Topology` chosen at start-up.
 
 The token the pods read from Secret ``<name>-ray-auth`` (key ``auth_token``) is derived from the
-operator's key and the resource's identity, so the operator recomputes it instead of reading the
-Secret (see :class:`TokenCache`).
+operator's key and the resource's identity (:func:`llmray.builders.cluster.derive_auth_token`), so
+the operator recomputes it instead of reading the Secret; a shared head (the sandbox) has one token
+for every resource. A head that refuses the token (401/403) loses its pooled client, so the next
+pass reconnects.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
 
 from llmray.builders.cluster import derive_auth_token
 from llmray.builders.common import Owner
-from llmray.ray import NO_RETRY, RayClient, RetryPolicy, resolve_head, sandbox_token, serve_route
+from llmray.ray import (
+    RayClient,
+    RayError,
+    RayHeadUnavailable,
+    RayNode,
+    RetryPolicy,
+    pooled_client,
+    serve_route,
+)
+from llmray.ray.cluster import ClusterStatus
 from llmray.ray.endpoints import HeadEndpoints, ServeRoute
+from llmray.ray.jobs import JobInfo, Submission
+from llmray.ray.serve import ServeApplication
 
+from .machines import RayProblem
 from .store import Key
+from .topology import Topology
 
 logger = logging.getLogger("llmray.controllers.ray")
 # httpx logs every request at INFO: one line per poll of every resource is noise in the operator log.
@@ -26,50 +49,169 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 POLL_RETRY = RetryPolicy(attempts=2, backoff_s=0.3, max_backoff_s=1.0)
 
 
+# --- what the controllers call on a head (RayClient satisfies it; tests pass a fake) -------------
+
+
+class JobsAPI(Protocol):
+    async def find(self, submission_id: str) -> JobInfo | None: ...
+    async def submit(
+        self,
+        entrypoint: str,
+        *,
+        submission_id: str,
+        runtime_env: Mapping[str, Any] | None = ...,
+        metadata: Mapping[str, str] | None = ...,
+    ) -> Submission: ...
+    async def tail(
+        self, submission_id: str, *, lines: int = ..., driver_node_id: str | None = ...
+    ) -> str: ...
+    async def stop(self, submission_id: str) -> bool: ...
+
+
+class ServeAPI(Protocol):
+    async def put_application(
+        self, name: str, app_config: Mapping[str, Any], *, instance_defaults: Mapping[str, Any] | None = ...
+    ) -> bool: ...
+    async def get_application(self, name: str) -> ServeApplication | None: ...
+    async def delete_application(self, name: str) -> bool: ...
+
+
+class ClusterAPI(Protocol):
+    async def status(self) -> ClusterStatus: ...
+    async def nodes(self) -> list[RayNode]: ...
+
+
+class RayAPI(Protocol):
+    """One head's Jobs, Serve and cluster-status APIs."""
+
+    @property
+    def jobs(self) -> JobsAPI: ...
+    @property
+    def serve(self) -> ServeAPI: ...
+    @property
+    def cluster(self) -> ClusterAPI: ...
+
+
+class RayProvider(Protocol):
+    """Hands out a :class:`RayAPI` per head; drops it when the head refuses its token."""
+
+    def client(self, key: Key, head: Head) -> RayAPI: ...
+    def forget(self, key: Key) -> None: ...
+    async def aclose(self) -> None: ...
+
+
+# --- heads ---------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Head:
     """Where one resource's head is and what it takes to call it."""
 
     endpoints: HeadEndpoints
-    dashboard_url: str
     token: str | None
+
+    @property
+    def dashboard_url(self) -> str:
+        return self.endpoints.dashboard_url
 
     @property
     def shared(self) -> bool:
         return self.endpoints.shared
 
-    def client(self, retry: RetryPolicy = POLL_RETRY) -> RayClient:
-        return RayClient(self.dashboard_url, self.token, retry=retry)
-
     def route(self, name: str, namespace: str) -> ServeRoute:
         return serve_route(name, namespace, self.endpoints)
 
 
-class TokenCache:
-    """Ray auth tokens, derived from the operator's key (never read back from a Secret).
+class PooledRay:
+    """Production :class:`RayProvider`: one connection pool for every head, one client per head.
 
-    Each cluster's token is HMAC(key, kind/namespace/name/uid) (:func:`derive_auth_token`): the
-    operator computes it again after a restart, so it needs no permission to read Secrets. The
-    sandbox's shared head has one token for every resource (``LLMRAY_SANDBOX_RAY_TOKEN``).
+    All ``RayClient`` objects share one long-lived ``httpx.AsyncClient``
+    (:func:`llmray.ray.pooled_client`), so a pass reuses the connections of the previous one instead
+    of opening new ones. Clients are keyed by (dashboard URL, token) and shared by the resources
+    using that head (all of them on a shared head); one nobody uses any more is dropped.
     """
 
-    def __init__(self, key: bytes) -> None:
-        self._key = key
+    def __init__(self, retry: RetryPolicy = POLL_RETRY) -> None:
+        self._retry = retry
+        self._http: httpx.AsyncClient | None = None
+        self._clients: dict[tuple[str, str | None], RayClient] = {}
+        self._users: dict[Key, tuple[str, str | None]] = {}
+
+    def client(self, key: Key, head: Head) -> RayClient:
+        target = (head.dashboard_url, head.token)
+        previous = self._users.get(key)
+        self._users[key] = target
+        if previous is not None and previous != target:
+            self._release(previous)
+        found = self._clients.get(target)
+        if found is None:
+            if self._http is None:
+                self._http = pooled_client()
+            found = RayClient(head.dashboard_url, head.token, retry=self._retry, client=self._http)
+            self._clients[target] = found
+        return found
 
     def forget(self, key: Key) -> None:
-        """Nothing is cached per resource (kept for the controllers' deletion path)."""
+        previous = self._users.pop(key, None)
+        if previous is not None:
+            self._release(previous)
+
+    def _release(self, target: tuple[str, str | None]) -> None:
+        if target not in self._users.values():
+            self._clients.pop(target, None)  # the shared pool stays open: nothing to close
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    async def aclose(self) -> None:
+        self._clients.clear()
+        self._users.clear()
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+
+class Heads:
+    """Everything a controller needs to reach the head of a resource: topology, tokens, clients."""
+
+    def __init__(self, topology: Topology, provider: RayProvider, auth_key: bytes) -> None:
+        self.topology = topology
+        self.provider = provider
+        self._auth_key = auth_key
 
     def token(self, key: Key, uid: str) -> str:
-        return sandbox_token() or derive_auth_token(
-            self._key, Owner(kind=key[0], namespace=key[1], name=key[2], uid=uid)
+        """The Ray token of resource ``key`` (incarnation ``uid``): the shared head's, or derived."""
+        return self.topology.token or derive_auth_token(
+            self._auth_key, Owner(kind=key[0], namespace=key[1], name=key[2], uid=uid)
         )
 
+    def head(self, key: Key, uid: str) -> Head:
+        return Head(self.topology.head(key[2], key[1]), self.token(key, uid))
 
-def head_for(key: Key, in_cluster_dashboard_url: str, token: str | None) -> Head:
-    """The head of resource ``key``: the override address when set, else the in-cluster Service."""
-    endpoints = resolve_head(key[2], key[1])
-    url = endpoints.dashboard_url if endpoints.overridden else in_cluster_dashboard_url
-    return Head(endpoints=endpoints, dashboard_url=url, token=token)
+    def client(self, key: Key, head: Head) -> RayAPI:
+        return self.provider.client(key, head)
+
+    def refused(self, key: Key) -> None:
+        """The head answered 401/403: drop its client (the next pass reconnects)."""
+        self.provider.forget(key)
+
+    def forget(self, key: Key) -> None:
+        self.provider.forget(key)
+
+
+R_HEAD_UNAVAILABLE = "RayHeadUnavailable"
+R_RAY_API_ERROR = "RayAPIError"
+
+
+def ray_problem(exc: RayError, head: Head) -> RayProblem:
+    """How an unreachable or refusing head is reported (condition reason and status message)."""
+    if isinstance(exc, RayHeadUnavailable):
+        return RayProblem(
+            R_HEAD_UNAVAILABLE, f"cannot reach the Ray head at {head.dashboard_url}: {short(exc)}; retrying"
+        )
+    return RayProblem(
+        R_RAY_API_ERROR, f"Ray head at {head.dashboard_url} refused a request: {short(exc)}; retrying"
+    )
 
 
 def short(exc: BaseException) -> str:
@@ -78,4 +220,13 @@ def short(exc: BaseException) -> str:
     return text[:300]
 
 
-__all__ = ["NO_RETRY", "POLL_RETRY", "Head", "TokenCache", "head_for", "short"]
+__all__ = [
+    "POLL_RETRY",
+    "Head",
+    "Heads",
+    "PooledRay",
+    "RayAPI",
+    "RayProvider",
+    "ray_problem",
+    "short",
+]

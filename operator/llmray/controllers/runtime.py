@@ -9,7 +9,9 @@ watch event only *enqueues* the resource's key here. The queue then guarantees:
 - one reconcile at a time per key, and a key queued while it is being reconciled runs once more
   afterwards (bursts of events collapse into one pass);
 - retries with per-key exponential backoff on errors (``kopf.TemporaryError`` sets its own delay);
-- a periodic resync of every known key, so drift is repaired even without events.
+- a periodic resync of every known key, so drift is repaired even without events;
+- a deadline per pass: a pass stuck on a slow API or Ray head is abandoned and retried with
+  backoff, and :meth:`ReconcileLoop.stuck_for` lets the liveness probe fail if one still hangs.
 """
 
 from __future__ import annotations
@@ -36,6 +38,31 @@ RECONCILE_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 QUEUE_DEPTH = Gauge("llmray_queue_depth", "Keys waiting to be reconciled")
+
+
+class PassTimeout(Exception):
+    """A reconcile pass ran past its deadline and was abandoned."""
+
+
+class Gate:
+    """At most ``slots`` holders at once, and nobody ever waits: a full gate says no.
+
+    Bounds how many passes talk to Ray heads at once; a pass that finds it full does its
+    Kubernetes work, skips Ray and comes back soon, so slow heads cannot take every worker.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self.slots = max(1, slots)
+        self.held = 0
+
+    def try_acquire(self) -> bool:
+        if self.held >= self.slots:
+            return False
+        self.held += 1
+        return True
+
+    def release(self) -> None:
+        self.held = max(0, self.held - 1)
 
 
 class WorkQueue(Generic[K]):
@@ -103,7 +130,7 @@ Reconcile = Callable[[K], Awaitable[float | None]]
 """Reconcile one key; return seconds until it should run again (None: on the next event/resync)."""
 
 
-class Engine(Generic[K]):
+class ReconcileLoop(Generic[K]):
     """Runs a reconcile function over a work queue with ``workers`` concurrent keys."""
 
     def __init__(
@@ -115,6 +142,7 @@ class Engine(Generic[K]):
         resync_seconds: float = 15.0,
         backoff_base: float = 1.0,
         backoff_max: float = 120.0,
+        pass_timeout: float | None = None,
         label: Callable[[K], str] = str,
     ) -> None:
         self.queue: WorkQueue[K] = WorkQueue()
@@ -126,7 +154,10 @@ class Engine(Generic[K]):
         self._backoff_max = backoff_max
         self._failures: dict[K, int] = {}
         self._label = label
+        self._pass_timeout = pass_timeout
         self._tasks: list[asyncio.Task[None]] = []
+        self._started: dict[K, float] = {}
+        """Keys being reconciled now, and since when (monotonic)."""
 
     def start(self) -> None:
         """Start the workers and the resync loop (in the running event loop)."""
@@ -141,6 +172,22 @@ class Engine(Generic[K]):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+
+    def stuck_for(self) -> float:
+        """Seconds the longest pass now running has been running (0 when none runs)."""
+        if not self._started:
+            return 0.0
+        return time.monotonic() - min(self._started.values())
+
+    async def run_one(self, key: K) -> float | None:
+        """One pass of ``key`` under the per-pass deadline."""
+        if self._pass_timeout is None:
+            return await self._reconcile(key)
+        try:
+            async with asyncio.timeout(self._pass_timeout):
+                return await self._reconcile(key)
+        except TimeoutError:
+            raise PassTimeout(f"pass did not finish within {self._pass_timeout:g}s; abandoned") from None
 
     def backoff(self, key: K) -> float:
         """Next retry delay of ``key``: base * 2^failures, capped, with 10% jitter."""
@@ -160,9 +207,10 @@ class Engine(Generic[K]):
         while True:
             key = await self.queue.get()
             started = time.monotonic()
+            self._started[key] = started
             kind = self._label(key)
             try:
-                again = await self._reconcile(key)
+                again = await self.run_one(key)
             except asyncio.CancelledError:
                 self.queue.done(key)
                 raise
@@ -170,6 +218,11 @@ class Engine(Generic[K]):
                 RECONCILES.labels(kind, "retry").inc()
                 delay = exc.delay if exc.delay is not None else self.backoff(key)
                 logger.info("reconcile %s: %s (retry in %.1fs)", key, exc, delay)
+                self.queue.add_after(key, delay)
+            except PassTimeout as exc:
+                RECONCILES.labels(kind, "timeout").inc()
+                delay = self.backoff(key)
+                logger.warning("reconcile %s: %s (retry in %.1fs)", key, exc, delay)
                 self.queue.add_after(key, delay)
             except kopf.PermanentError as exc:
                 RECONCILES.labels(kind, "permanent-error").inc()
@@ -186,5 +239,6 @@ class Engine(Generic[K]):
                 if again is not None:
                     self.queue.add_after(key, again)
             finally:
+                self._started.pop(key, None)
                 RECONCILE_SECONDS.labels(kind).observe(time.monotonic() - started)
             self.queue.done(key)

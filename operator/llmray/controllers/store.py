@@ -9,7 +9,7 @@ server-side-filtered watches. A cache can lag behind our own writes by a few mil
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -26,6 +26,23 @@ class _Index(Protocol):
     def __iter__(self) -> Iterator[Any]: ...
 
 
+class KubeAPI(Protocol):
+    """The Kubernetes calls the controllers make (:class:`llmray.kube.Kube`; tests use a fake)."""
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]: ...
+    async def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
+    async def delete(self, kind: str, namespace: str, name: str, uid: str | None = None) -> bool: ...
+    async def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]: ...
+    async def patch_status(
+        self,
+        plural: str,
+        namespace: str,
+        name: str,
+        patch: dict[str, Any],
+        resource_version: str | None = None,
+    ) -> dict[str, Any]: ...
+
+
 @dataclass
 class Store:
     """The operator's caches: custom resources by kind, and children by owner key."""
@@ -34,10 +51,8 @@ class Store:
     pods: _Index | None = None
     services: _Index | None = None
     secrets: _Index | None = None
-
-    @property
-    def bound(self) -> bool:
-        return self.pods is not None and self.services is not None and self.secrets is not None
+    deployments_by_job: _Index | None = None
+    """(namespace, training job name) -> names of the LLMDeployments serving its output."""
 
     def resource(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The latest body of a custom resource, or None when it is gone."""
@@ -56,7 +71,7 @@ class Store:
         return out
 
     @staticmethod
-    def _values(index: _Index | None, key: Key) -> list[Any]:
+    def _values(index: _Index | None, key: tuple[str, ...]) -> list[Any]:
         if index is None:
             return []
         values = index.get(key)
@@ -71,12 +86,9 @@ class Store:
     def secrets_of(self, key: Key) -> dict[str, ChildView]:
         return {v.name: v for v in self._values(self.secrets, key)}
 
-    def resources_of_kind(self, kind: str) -> Iterable[tuple[str, str, dict[str, Any]]]:
-        """(namespace, name, body) of every resource of ``kind``."""
-        index = self.resources.get(kind)
-        if index is None:
-            return []
-        return [(ns, name, body) for (ns, name) in list(index) if (body := self.resource(kind, ns, name))]
+    def deployments_of_job(self, namespace: str, job: str) -> list[str]:
+        """Names of the LLMDeployments in ``namespace`` whose model is training job ``job``'s output."""
+        return sorted(set(self._values(self.deployments_by_job, (namespace, job))))
 
 
 @dataclass
@@ -123,7 +135,3 @@ class Expectations:
     def pending(self, key: Key) -> int:
         """How many of our writes the cache has not shown yet."""
         return len(self._created.get(key, {})) + len(self._deleted.get(key, {}))
-
-
-def as_mapping(obj: Any) -> Mapping[str, Any]:
-    return obj if isinstance(obj, Mapping) else {}

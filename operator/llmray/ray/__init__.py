@@ -1,23 +1,13 @@
 """Async REST clients for a Ray head (Jobs, Serve, cluster status), over httpx only.
 
 The operator never imports ``ray``: it talks to each cluster's dashboard over HTTP with the
-cluster's token. Entry point: :class:`RayClient`; addresses: :func:`resolve_head`.
+cluster's token. Entry point: :class:`RayClient`; addresses: :class:`HeadEndpoints`.
 """
 
 from ._http import DEFAULT_DEADLINE_S, DEFAULT_MAX_BODY, NO_RETRY, RayResponse, RetryPolicy, pooled_client
 from .client import RayClient
 from .cluster import ClusterStatus, GangDemand, RayNode, ResourceDemand, parse_cluster_status, parse_nodes
-from .endpoints import (
-    DASHBOARD_URL_ENV,
-    SANDBOX_TOKEN_ENV,
-    SERVE_URL_ENV,
-    HeadEndpoints,
-    ServeRoute,
-    resolve_head,
-    sandbox_token,
-    serve_route,
-    submission_id,
-)
+from .endpoints import HeadEndpoints, ServeRoute, serve_route, submission_id
 from .errors import (
     RayAPIError,
     RayAuthError,
@@ -39,12 +29,9 @@ from .serve import (
 )
 
 __all__ = [
-    "DASHBOARD_URL_ENV",
     "DEFAULT_DEADLINE_S",
     "DEFAULT_MAX_BODY",
     "NO_RETRY",
-    "SANDBOX_TOKEN_ENV",
-    "SERVE_URL_ENV",
     "ClusterStatus",
     "DeploymentStatus",
     "GangDemand",
@@ -74,8 +61,6 @@ __all__ = [
     "parse_serve_details",
     "pooled_client",
     "remove_app_config",
-    "resolve_head",
-    "sandbox_token",
     "serve_route",
     "submission_id",
     "tail_text",

@@ -1,39 +1,15 @@
-"""Where the operator finds a cluster's Ray head, and the ids it gives Ray jobs.
+"""Where a Ray head's endpoints are, the Serve route of a deployment, and the ids of Ray jobs.
 
-In a cluster the operator reaches each head by its Service DNS name. An operator running outside
-the cluster (the sandbox, a developer laptop with port-forwards) cannot resolve those names, so two
-environment variables override the addresses for every cluster:
-
-``LLMRAY_RAY_DASHBOARD_URL``
-    Dashboard (Jobs/Serve/cluster REST) base URL, e.g. ``http://127.0.0.1:8265``.
-``LLMRAY_RAY_SERVE_URL``
-    Serve HTTP base URL, e.g. ``http://127.0.0.1:8000``.
-
-Both may contain ``{name}`` and ``{namespace}`` placeholders (a template per cluster, e.g.
-``http://{name}-head.{namespace}.example.internal:8265``); without placeholders one URL serves every
-cluster, which is what the sandbox does with its single local head.
-``LLMRAY_SANDBOX_RAY_TOKEN`` makes every auth Secret carry that token, so resources created in the
-sandbox can talk to the one shared head (see :func:`sandbox_token`).
+Which head serves which resource (one per resource, or one shared head) is the operator's
+topology, chosen at start-up: :mod:`llmray.controllers.topology`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import string
-from collections.abc import Mapping
 from dataclasses import dataclass
 
-DASHBOARD_URL_ENV = "LLMRAY_RAY_DASHBOARD_URL"
-SERVE_URL_ENV = "LLMRAY_RAY_SERVE_URL"
-SANDBOX_TOKEN_ENV = "LLMRAY_SANDBOX_RAY_TOKEN"
-
-DASHBOARD_PORT = 8265
-SERVE_PORT = 8000
-DEFAULT_DASHBOARD_TEMPLATE = "http://{name}-head.{namespace}.svc:" + str(DASHBOARD_PORT)
-DEFAULT_SERVE_TEMPLATE = "http://{name}-serve.{namespace}.svc:" + str(SERVE_PORT)
-_PLACEHOLDERS = {"name", "namespace"}
 SUBMISSION_ID_MAX = 63
 
 
@@ -44,37 +20,9 @@ class HeadEndpoints:
     dashboard_url: str
     serve_url: str
     overridden: bool = False
-    shared: bool = False  # one head serves every cluster (an override without placeholders)
-
-
-def _fields(template: str) -> set[str]:
-    return {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-
-
-def _render(template: str, env_name: str, name: str, namespace: str) -> str:
-    unknown = _fields(template) - _PLACEHOLDERS
-    if unknown:
-        raise ValueError(
-            f"{env_name}={template!r}: unknown placeholder(s) {sorted(unknown)}; "
-            "only {name} and {namespace} are allowed"
-        )
-    url = template.format(name=name, namespace=namespace).rstrip("/")
-    if not re.match(r"^https?://[^/]+", url):
-        raise ValueError(f"{env_name}={template!r} is not an http(s) URL")
-    return url
-
-
-def resolve_head(name: str, namespace: str, env: Mapping[str, str] | None = None) -> HeadEndpoints:
-    """The dashboard and Serve URLs of cluster ``name`` in ``namespace`` (env overrides first)."""
-    env = os.environ if env is None else env
-    dash_t = env.get(DASHBOARD_URL_ENV) or DEFAULT_DASHBOARD_TEMPLATE
-    serve_t = env.get(SERVE_URL_ENV) or DEFAULT_SERVE_TEMPLATE
-    return HeadEndpoints(
-        dashboard_url=_render(dash_t, DASHBOARD_URL_ENV, name, namespace),
-        serve_url=_render(serve_t, SERVE_URL_ENV, name, namespace),
-        overridden=bool(env.get(DASHBOARD_URL_ENV) or env.get(SERVE_URL_ENV)),
-        shared=bool(env.get(DASHBOARD_URL_ENV)) and not _fields(dash_t),
-    )
+    """The addresses are not the in-cluster defaults (status then reports the Serve URL used)."""
+    shared: bool = False
+    """One head serves every cluster."""
 
 
 @dataclass(frozen=True)
@@ -97,12 +45,6 @@ def serve_route(name: str, namespace: str, head: HeadEndpoints) -> ServeRoute:
         prefix = f"/{namespace}/{name}"
         return ServeRoute(f"{namespace}-{name}", prefix, head.serve_url + prefix)
     return ServeRoute(name, "/", head.serve_url)
-
-
-def sandbox_token(env: Mapping[str, str] | None = None) -> str | None:
-    """The token every auth Secret must carry in the sandbox (one shared head), else None."""
-    env = os.environ if env is None else env
-    return env.get(SANDBOX_TOKEN_ENV) or None
 
 
 def _dns_safe(text: str) -> str:

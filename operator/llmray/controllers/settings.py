@@ -1,0 +1,42 @@
+"""The operator's settings: built once at start-up (``llmray operator`` flags) and passed in.
+
+Every default lives here; the CLI reads its defaults from :class:`Settings` so a value is written
+once. The Ray topology (own head per resource, or one shared head) is part of the settings.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from .topology import PerResourceHeads, Topology
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Operator-wide settings of the reconcilers."""
+
+    unschedulable_timeout: float = 300.0
+    """Seconds a pod may stay Unschedulable before the resource is marked Failed."""
+    resync_seconds: float = 15.0
+    """Seconds between full resyncs (drift repair without events)."""
+    workers: int = 8
+    """Resources reconciled concurrently."""
+    pass_timeout: float = 180.0
+    """Seconds one reconcile pass may take before it is abandoned and retried with backoff (above
+    the Ray job submission timeout, 120 s: a loaded head answers a submit slowly)."""
+    stuck_after: float = 300.0
+    """Liveness fails when a pass has been running this long (the loop is wedged)."""
+    ray_concurrency: int = 0
+    """Passes that may talk to Ray heads at once (0: workers - 2, at least 1), so slow heads
+    cannot take every worker from Kubernetes work."""
+    topology: Topology = field(default_factory=PerResourceHeads)
+    auth_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False, compare=False)
+    """Key the Ray auth tokens are derived from (the chart mounts a stable one, ``--auth-key-file``)."""
+    operator_peer: dict[str, Any] | None = None
+    """NetworkPolicy peer selecting the operator's pods (None: it runs outside the cluster)."""
+
+    @property
+    def ray_slots(self) -> int:
+        return self.ray_concurrency if self.ray_concurrency > 0 else max(1, self.workers - 2)

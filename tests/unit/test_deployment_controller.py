@@ -1,0 +1,227 @@
+"""Whole reconcile passes of LLMDeployments through the fakes: every phase transition, every reason."""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from llmray.api.deployment import KIND
+from llmray.api.training import KIND as TRAINING_KIND
+from llmray.controllers.settings import Settings
+from llmray.controllers.topology import SharedHead
+from llmray.ray import ResourceDemand
+from llmray.ray.cluster import ClusterStatus
+
+from .fakes import World
+
+pytestmark = pytest.mark.unit
+
+NS = "team"
+SPEC: dict[str, Any] = {
+    "model": {"uri": "file:///models/tiny", "name": "tiny"},
+    "engine": "transformers",
+    "autoscaling": {"minReplicas": 1, "maxReplicas": 2},
+    "resourcesPerReplica": {"cpu": "1", "memory": "1Gi"},
+    "workers": {"minReplicas": 0, "maxReplicas": 2, "resources": {"cpu": "1", "memory": "2Gi"}},
+}
+TRAIN_SPEC: dict[str, Any] = {
+    "model": {"uri": "file:///models/tiny"},
+    "dataset": {"uri": "file:///data/i.jsonl", "format": "instruction"},
+    "output": {"uri": "file:///out/ft"},
+}
+
+
+def spec(**changes: Any) -> dict[str, Any]:
+    out = copy.deepcopy(SPEC)
+    out.update(changes)
+    return out
+
+
+async def up(world: World, **changes: Any) -> Any:
+    """A deployment whose pods run (phase Deploying, app being deployed)."""
+    key = world.kube.apply(KIND, NS, "chat", spec(**changes))
+    await world.reconcile(key)
+    world.kube.run_pods(NS)
+    await world.reconcile(key)
+    return key
+
+
+async def test_pending_to_deploying_to_ready() -> None:
+    world = World()
+    key = world.kube.apply(KIND, NS, "chat", spec())
+    await world.reconcile(key)
+    assert world.phase(key) == "Deploying"  # cluster coming up
+    services = sorted(n for (k, ns, n) in world.kube.objects if k == "Service")
+    assert services == ["chat-head", "chat-serve"]
+    world.kube.run_pods(NS)
+    await world.reconcile(key)
+    head = world.head_of(key)
+    assert "chat" in head.configs  # the Serve app was deployed (own head: app "chat" at /)
+    assert world.phase(key) == "Deploying"
+    assert world.condition(key, "ServeReady")["reason"] == "Deploying"
+    head.set_app("chat", "RUNNING", running=1, target=1)
+    await world.reconcile(key)
+    status = world.kube.status(key)
+    assert status["phase"] == "Ready"
+    assert status["replicas"] == {"ready": 1, "desired": 1}
+    assert status["endpoint"] == "http://chat-serve.team.svc.cluster.local:8000/v1"
+    assert world.condition(key, "ServeReady")["status"] == "True"
+    await world.reconcile(key)  # converged: the config is unchanged, nothing is redeployed
+    assert world.reasons().count("DeployedServeApp") == 1 and world.phase(key) == "Ready"
+
+
+async def test_ready_to_degraded_when_the_app_turns_unhealthy_and_back() -> None:
+    world = World()
+    key = await up(world)
+    head = world.head_of(key)
+    head.set_app("chat", "RUNNING")
+    await world.reconcile(key)
+    head.set_app("chat", "UNHEALTHY", running=0, message="replica died")
+    await world.reconcile(key)
+    assert world.phase(key) == "Degraded"
+    assert world.condition(key, "ServeReady")["reason"] == "ServeUnhealthy"
+    head.set_app("chat", "RUNNING")
+    await world.reconcile(key)
+    assert world.phase(key) == "Ready"
+
+
+async def test_ready_to_degraded_when_the_head_pod_is_lost() -> None:
+    world = World()
+    key = await up(world)
+    world.head_of(key).set_app("chat", "RUNNING")
+    await world.reconcile(key)
+    world.kube.set_pod(NS, "chat-head", phase="Running", ready=False)
+    await world.reconcile(key)
+    assert world.phase(key) == "Degraded"
+    assert world.condition(key, "RayClusterReady")["reason"] == "HeadPodNotReady"
+
+
+async def test_first_deploy_failure_is_failed() -> None:
+    world = World()
+    key = await up(world)
+    world.head_of(key).set_app("chat", "DEPLOY_FAILED", running=0, message="import error")
+    await world.reconcile(key)
+    assert world.phase(key) == "Failed"
+    assert world.condition(key, "ServeReady")["reason"] == "ServeDeployFailed"
+
+
+@pytest.mark.parametrize(
+    ("job_phase", "phase", "reason"),
+    [
+        (None, "Pending", "TrainingJobNotFound"),
+        ("Running", "Pending", "TrainingJobNotSucceeded"),
+        ("Failed", "Failed", "TrainingJobFailed"),
+        ("Succeeded", "Deploying", "ModelResolved"),
+    ],
+)
+async def test_model_from_a_training_job(job_phase: str | None, phase: str, reason: str) -> None:
+    world = World()
+    if job_phase is not None:
+        job = world.kube.apply(TRAINING_KIND, NS, "ft", TRAIN_SPEC)
+        world.kube.get(*job)["status"] = {"phase": job_phase, "output": {"uri": "file:///out/ft"}}
+    key = world.kube.apply(KIND, NS, "chat", spec(model={"fromTrainingJob": "ft"}))
+    await world.reconcile(key)
+    assert world.phase(key) == phase
+    assert world.condition(key, "ModelResolved")["reason"] == reason
+    if phase != "Deploying":
+        assert world.kube.pods(NS) == [] and world.kube.status(key).get("endpoint", "") == ""
+    else:
+        assert world.kube.status(key)["model"]["uri"] == "file:///out/ft"
+
+
+async def test_training_job_events_wake_only_the_deployments_that_reference_it() -> None:
+    world = World()
+    world.kube.apply(KIND, NS, "a", spec(model={"fromTrainingJob": "ft"}))
+    world.kube.apply(KIND, NS, "b", spec(model={"fromTrainingJob": "other"}))
+    world.kube.apply(KIND, NS, "c", spec())
+    world.kube.apply(KIND, "elsewhere", "d", spec(model={"fromTrainingJob": "ft"}))
+    assert world.deps.store.deployments_of_job(NS, "ft") == ["a"]
+
+
+async def test_missing_api_key_secret_fails_naming_the_field() -> None:
+    world = World()
+    key = world.kube.apply(KIND, NS, "chat", spec(apiKeySecretRef={"name": "chat-key", "key": "key"}))
+    await world.reconcile(key)
+    assert world.phase(key) == "Failed"
+    cond = world.condition(key, "RayClusterReady")
+    assert cond["reason"] == "SecretNotFound" and "spec.apiKeySecretRef" in cond["message"]
+    assert "SecretNotFound" in world.reasons()
+    await world.kube.create(
+        {"kind": "Secret", "metadata": {"name": "chat-key", "namespace": NS}, "stringData": {"key": "k"}}
+    )
+    await world.reconcile(key)
+    assert world.phase(key) == "Deploying"  # recovers once fixed
+
+
+async def test_unschedulable_past_timeout_fails() -> None:
+    world = World(Settings(unschedulable_timeout=30))
+    key = world.kube.apply(KIND, NS, "chat", spec())
+    await world.reconcile(key)
+    long_ago = (datetime.now(UTC) - timedelta(seconds=60)).isoformat()
+    world.kube.set_pod(
+        NS, "chat-head", phase="Pending", ready=False,
+        conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                     "message": "0/4 nodes", "lastTransitionTime": long_ago}],
+    )  # fmt: skip
+    await world.reconcile(key)
+    assert world.phase(key) == "Failed"
+    assert world.condition(key, "RayClusterReady")["reason"] == "Unschedulable"
+
+
+async def test_serve_service_drift_is_reverted() -> None:
+    """Issue 11 item 6: a `kubectl patch` of the serve Service's type is reverted, not only annotations."""
+    world = World()
+    key = await up(world)
+    svc = world.kube.get("Service", NS, "chat-serve")
+    assert svc["spec"]["type"] == "ClusterIP"
+    svc["spec"]["type"] = "NodePort"  # someone patched it; the annotation is untouched
+    await world.reconcile(key)
+    assert world.kube.get("Service", NS, "chat-serve")["spec"]["type"] == "ClusterIP"
+    assert "RevertedService" in world.reasons()
+    patches = [c for c in world.kube.calls if c[:2] == ("patch", "Service")]
+    await world.reconcile(key)  # converged: no further patch
+    assert [c for c in world.kube.calls if c[:2] == ("patch", "Service")] == patches
+
+
+async def test_unreachable_head_is_reported() -> None:
+    world = World()
+    key = await up(world)
+    world.head_of(key).down = True
+    await world.reconcile(key)
+    cond = world.condition(key, "ServeReady")
+    assert (cond["status"], cond["reason"]) == ("Unknown", "RayHeadUnavailable")
+    assert world.phase(key) == "Deploying"
+
+
+async def test_shared_head_routes_by_namespace_and_reports_its_url() -> None:
+    world = World(Settings(topology=SharedHead("http://127.0.0.1:8265", "http://127.0.0.1:8000")))
+    key = await up(world)
+    head = world.head_of(key)
+    assert head.configs["team-chat"]["route_prefix"] == "/team/chat"
+    assert world.kube.status(key)["endpoint"] == "http://127.0.0.1:8000/team/chat/v1"
+
+
+async def test_pending_demand_adds_a_worker_pod() -> None:
+    world = World()
+    key = await up(world)
+    head = world.head_of(key)
+    head.set_app("chat", "DEPLOYING", running=0)
+    head.cluster_status = ClusterStatus(demand=(ResourceDemand({"CPU": 1.0}, 1),))
+    again = await world.reconcile(key)
+    assert world.kube.status(key)["workers"]["desired"] == 1
+    assert "AutoscaledWorkers" in world.reasons()
+    assert again == 0.0
+    await world.reconcile(key)
+    assert any(p["metadata"]["name"].startswith("chat-worker") for p in world.kube.pods(NS))
+
+
+async def test_deleted_deployment_removes_its_app_from_a_shared_head() -> None:
+    world = World(Settings(topology=SharedHead("http://127.0.0.1:8265", "http://127.0.0.1:8000")))
+    key = await up(world)
+    world.kube.remove(key)
+    await world.reconcile(key)
+    await world.controllers[KIND].drain()
+    assert "team-chat" not in world.head_of(key).apps
