@@ -46,6 +46,7 @@ DATA_FILE = Path("/tmp/llmray/data/facts.jsonl")
 TRAINING = "examples/training-tiny-cpu.yaml"
 DEPLOYMENT = "examples/deployment-from-training.yaml"
 console = Console()
+Manifest = dict[str, Any]
 
 KIND_NAMESPACE = "llmray-demo"
 KIND_RELEASE = "llmray"
@@ -139,6 +140,41 @@ def kind_manifests(
     return job, dep
 
 
+def shared_claim(
+    namespace: str, host_dir: str, labels: dict[str, str] | None = None
+) -> tuple[Manifest, Manifest]:
+    """A ReadWriteMany claim ``shared`` in ``namespace`` bound to a hostPath folder of the kind node.
+
+    One node, so a hostPath volume is shared by every Ray pod; the folder must exist (kind.sh makes
+    it world-writable: the pods run as uid 1000).
+    """
+    pv = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": f"{namespace}-shared", "labels": dict(labels or {})},
+        "spec": {
+            "capacity": {"storage": "5Gi"},
+            "accessModes": ["ReadWriteMany"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": "",
+            "hostPath": {"path": host_dir, "type": "Directory"},
+            "claimRef": {"namespace": namespace, "name": "shared"},
+        },
+    }
+    pvc = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "shared"},
+        "spec": {
+            "accessModes": ["ReadWriteMany"],
+            "storageClassName": "",
+            "volumeName": f"{namespace}-shared",
+            "resources": {"requests": {"storage": "5Gi"}},
+        },
+    }
+    return pv, pvc
+
+
 def sandbox_target() -> Target:
     """Bring the sandbox up and describe it."""
     cfg = sandbox.SandboxConfig.from_env(sandbox.find_repo())
@@ -204,29 +240,7 @@ def kind_target() -> Target:
     console.rule("[bold]2. namespace, shared volume, API key")
     ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": KIND_NAMESPACE}}
     target.run_kubectl("apply", "-f", "-", stdin=yaml.safe_dump(ns))
-    pv = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolume",
-        "metadata": {"name": f"{KIND_NAMESPACE}-shared"},
-        "spec": {
-            "capacity": {"storage": "5Gi"},
-            "accessModes": ["ReadWriteMany"],
-            "storageClassName": "",
-            "hostPath": {"path": KIND_SHARED_DIR, "type": "Directory"},
-            "claimRef": {"namespace": KIND_NAMESPACE, "name": "shared"},
-        },
-    }
-    pvc = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": {"name": "shared"},
-        "spec": {
-            "accessModes": ["ReadWriteMany"],
-            "storageClassName": "",
-            "volumeName": f"{KIND_NAMESPACE}-shared",
-            "resources": {"requests": {"storage": "5Gi"}},
-        },
-    }
+    pv, pvc = shared_claim(KIND_NAMESPACE, KIND_SHARED_DIR)
     target.run_kubectl("apply", "-f", "-", stdin=yaml.safe_dump(pv))
     target.apply(pvc)
     existing = target.run_kubectl(

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
+from llmray.demo import shared_claim
 from tests.kube import Kube
 from tests.waiting import wait_for
 
@@ -170,30 +171,7 @@ def tenant(kind: Kind) -> Iterator[str]:
     kind.kubectl("label", "namespace", ns, "llmray.io/test=kind")
     sub = f"{SHARED_HOST_DIR}/{ns}"
     kind.node_exec("bash", "-c", f"mkdir -p {sub} && chmod 1777 {sub}")
-    pv = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolume",
-        "metadata": {"name": f"{ns}-shared", "labels": {"llmray.io/test": "kind"}},
-        "spec": {
-            "capacity": {"storage": "5Gi"},
-            "accessModes": ["ReadWriteMany"],
-            "persistentVolumeReclaimPolicy": "Retain",
-            "storageClassName": "",
-            "hostPath": {"path": sub, "type": "Directory"},
-            "claimRef": {"namespace": ns, "name": "shared"},
-        },
-    }
-    pvc = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": {"name": "shared"},
-        "spec": {
-            "accessModes": ["ReadWriteMany"],
-            "storageClassName": "",
-            "volumeName": f"{ns}-shared",
-            "resources": {"requests": {"storage": "5Gi"}},
-        },
-    }
+    pv, pvc = shared_claim(ns, sub, labels={"llmray.io/test": "kind"})
     kind.apply(ns, pv)
     kind.apply(ns, pvc)
     try:
