@@ -147,8 +147,6 @@ def test_pending_gpu_demand_adds_and_removes_gpu_workers(e2e: E2E) -> None:
         interval=1,
     )
     # The pass that deletes the pod writes the status right after: wait for it, not assume it.
-    wait_for(
-        lambda: status(e2e, name)["workers"]["desired"] == 0, timeout=30, what="workers.desired 0", interval=0.5
-    )
+    wait_for(lambda: status(e2e, name)["workers"]["desired"] == 0, timeout=30, what="desired 0", interval=0.5)
     e2e.delete(KIND, name)
     wait_for(lambda: f"{e2e.namespace}-{name}" not in e2e.serve_apps(), timeout=60, what="Serve app removed")
