@@ -12,7 +12,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "llmray.io"
@@ -198,6 +198,58 @@ class PodCounts(StatusModel):
 def condition_list_schema() -> dict[str, Any]:
     """Schema extras for a conditions list: a map keyed by type, as the API conventions ask."""
     return {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
+
+
+# Fields both resources share, spelled once. Each kind lists them in its own order (the CRD schema
+# keeps the order of the model's fields), so they are annotated types rather than a base class.
+DEFAULT_IMAGE = "llmray/ray-runtime:0.1.0"
+Image = Annotated[str, Field(min_length=1, max_length=512, description="Ray runtime image for every pod.")]
+ImagePullPolicy = Annotated[
+    Literal["Always", "IfNotPresent", "Never"], Field(description="Image pull policy of every pod.")
+]
+Conditions = Annotated[
+    list[ConditionStatus], Field(default_factory=list, json_schema_extra=condition_list_schema())
+]
+ObservedGeneration = Annotated[int, Field(description="The .metadata.generation last acted on.")]
+StatusMessage = Annotated[str, Field(description="What is happening now, or what went wrong and what to do.")]
+
+
+def cel_rule(
+    rule: str, message: str, field_path: str | None = None, reason: str = "FieldValueInvalid"
+) -> Any:
+    """One ``x-kubernetes-validations`` entry: a CEL rule the API server enforces, and its message."""
+    out = {"rule": rule, "message": message}
+    if field_path is not None:
+        out["fieldPath"] = field_path
+    return {**out, "reason": reason}
+
+
+def with_cel_rules(*rules: Any) -> ConfigDict:
+    """:class:`ApiModel`'s config plus CEL rules on the object (pydantic validators mirror them)."""
+    return ConfigDict(**ApiModel.model_config, json_schema_extra={"x-kubernetes-validations": list(rules)})
+
+
+def replica_bounds(path: str) -> tuple[ConfigDict, Any]:
+    """Config and validator of an object with ``minReplicas <= maxReplicas`` (at ``path`` in a spec)."""
+    message = f"{path}.minReplicas must be <= {path}.maxReplicas"
+
+    def check(model: Any) -> Any:
+        if model.min_replicas > model.max_replicas:
+            raise ValueError(message)
+        return model
+
+    config = with_cel_rules(cel_rule("self.minReplicas <= self.maxReplicas", message, ".minReplicas"))
+    return config, model_validator(mode="after")(check)
+
+
+def printer_column(name: str, type_: str, json_path: str, **extra: Any) -> dict[str, Any]:
+    """A ``kubectl get`` column (``extra``: description, priority)."""
+    return {"name": name, "type": type_, "jsonPath": json_path, **extra}
+
+
+PHASE_COLUMN = printer_column("Phase", "string", ".status.phase")
+WORKERS_COLUMN = printer_column("Workers", "integer", ".status.workers.ready", priority=1)
+AGE_COLUMN = printer_column("Age", "date", ".metadata.creationTimestamp")
 
 
 _PVC_RE = re.compile(r"^pvc://(?P<claim>[a-z0-9]([-a-z0-9]*[a-z0-9])?)(?P<path>/.*)?$")

@@ -8,6 +8,7 @@ subset the API server accepts, keeping descriptions, defaults, enums, bounds and
 from __future__ import annotations
 
 import copy
+from types import ModuleType
 from typing import Any
 
 import yaml
@@ -114,22 +115,16 @@ def _strip_defaults(node: Any) -> Any:
     return {k: _strip_defaults(v) for k, v in node.items() if k != "default"}
 
 
-def _crd(
-    *,
-    kind: str,
-    plural: str,
-    short: str,
-    spec_model: type[BaseModel],
-    status_model: type[BaseModel],
-    columns: list[dict[str, Any]],
-    description: str,
-) -> dict[str, Any]:
+def _crd(api: ModuleType, spec_model: type[BaseModel], status_model: type[BaseModel]) -> dict[str, Any]:
+    """The CRD of the kind an API module defines (KIND, PLURAL, SHORT_NAME, DESCRIPTION, PRINTER_COLUMNS)."""
+    kind: str = api.KIND
+    plural: str = api.PLURAL
     spec_schema = structural(spec_model)
     spec_schema.pop("default", None)
     status_schema = _strip_defaults(structural(status_model))
     schema = {
         "type": "object",
-        "description": description,
+        "description": api.DESCRIPTION,
         "required": ["spec"],
         "x-kubernetes-validations": NAME_RULES,
         "properties": {
@@ -158,7 +153,7 @@ def _crd(
                 "listKind": f"{kind}List",
                 "plural": plural,
                 "singular": kind.lower(),
-                "shortNames": [short],
+                "shortNames": [api.SHORT_NAME],
                 "categories": ["llmray"],
             },
             "versions": [
@@ -168,7 +163,7 @@ def _crd(
                     "storage": True,
                     "schema": {"openAPIV3Schema": schema},
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": columns,
+                    "additionalPrinterColumns": api.PRINTER_COLUMNS,
                 }
             ],
         },
@@ -177,30 +172,12 @@ def _crd(
 
 def training_crd() -> dict[str, Any]:
     """The LLMTrainingJob CustomResourceDefinition."""
-    return _crd(
-        kind=training.KIND,
-        plural=training.PLURAL,
-        short="ltj",
-        spec_model=training.LLMTrainingJobSpec,
-        status_model=training.LLMTrainingJobStatus,
-        columns=training.PRINTER_COLUMNS,
-        description="LLMTrainingJob fine-tunes a language model on a dataset with distributed Ray Train "
-        "workers, mirroring progress into its status and writing the trained model to spec.output.uri.",
-    )
+    return _crd(training, training.LLMTrainingJobSpec, training.LLMTrainingJobStatus)
 
 
 def deployment_crd() -> dict[str, Any]:
     """The LLMDeployment CustomResourceDefinition."""
-    return _crd(
-        kind=deployment.KIND,
-        plural=deployment.PLURAL,
-        short="llmd",
-        spec_model=deployment.LLMDeploymentSpec,
-        status_model=deployment.LLMDeploymentStatus,
-        columns=deployment.PRINTER_COLUMNS,
-        description="LLMDeployment serves a language model behind an OpenAI-compatible API on Ray Serve, "
-        "autoscaling replicas on load and GPU worker pods on pending demand.",
-    )
+    return _crd(deployment, deployment.LLMDeploymentSpec, deployment.LLMDeploymentStatus)
 
 
 def render_crds() -> dict[str, str]:

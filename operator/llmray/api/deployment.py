@@ -7,22 +7,37 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, WithJsonSchema, model_validator
 
 from .common import (
+    AGE_COLUMN,
+    DEFAULT_IMAGE,
+    PHASE_COLUMN,
+    WORKERS_COLUMN,
     ApiModel,
-    ConditionStatus,
+    Conditions,
     HeadSpec,
+    Image,
+    ImagePullPolicy,
+    ObservedGeneration,
     Placement,
     PodCounts,
     RayClusterStatus,
     Resources,
     SecretKeyRef,
+    StatusMessage,
     StatusModel,
     StorageURI,
-    condition_list_schema,
+    cel_rule,
+    printer_column,
+    replica_bounds,
+    with_cel_rules,
 )
 
 KIND = "LLMDeployment"
 PLURAL = "llmdeployments"
-DEFAULT_IMAGE = "llmray/ray-runtime:0.1.0"
+SHORT_NAME = "llmd"
+DESCRIPTION = (
+    "LLMDeployment serves a language model behind an OpenAI-compatible API on Ray Serve, "
+    "autoscaling replicas on load and GPU worker pods on pending demand."
+)
 SERVE_PORT = 8000
 
 Phase = Literal["Pending", "Deploying", "Ready", "Degraded", "Failed"]
@@ -31,17 +46,12 @@ Phase = Literal["Pending", "Deploying", "Ready", "Degraded", "Failed"]
 class ServedModel(ApiModel):
     """Which model to serve: a URI, or the output of an LLMTrainingJob."""
 
-    model_config = ApiModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [
-                {
-                    "rule": "has(self.uri) != has(self.fromTrainingJob)",
-                    "message": "set exactly one of spec.model.uri and spec.model.fromTrainingJob",
-                    "reason": "FieldValueInvalid",
-                }
-            ]
-        }
-    }
+    model_config = with_cel_rules(
+        cel_rule(
+            "has(self.uri) != has(self.fromTrainingJob)",
+            "set exactly one of spec.model.uri and spec.model.fromTrainingJob",
+        )
+    )
 
     uri: StorageURI | None = Field(
         None, description="hf://org/name, file:///path or pvc://claim/path. Exclusive with fromTrainingJob."
@@ -146,18 +156,7 @@ class EngineArgs(ApiModel):
 class Autoscaling(ApiModel):
     """Ray Serve replica autoscaling."""
 
-    model_config = ApiModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [
-                {
-                    "rule": "self.minReplicas <= self.maxReplicas",
-                    "message": "spec.autoscaling.minReplicas must be <= spec.autoscaling.maxReplicas",
-                    "fieldPath": ".minReplicas",
-                    "reason": "FieldValueInvalid",
-                }
-            ]
-        }
-    }
+    model_config, _bounds = replica_bounds("spec.autoscaling")
 
     min_replicas: int = Field(1, ge=0, le=1024, description="Fewest Serve replicas (0 scales to zero).")
     max_replicas: int = Field(1, ge=1, le=1024, description="Most Serve replicas.")
@@ -170,12 +169,6 @@ class Autoscaling(ApiModel):
     downscale_delay_seconds: float = Field(
         60.0, ge=0.0, le=86_400.0, description="Load must stay low this long to remove replicas."
     )
-
-    @model_validator(mode="after")
-    def _bounds(self) -> Autoscaling:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError("spec.autoscaling.minReplicas must be <= spec.autoscaling.maxReplicas")
-        return self
 
 
 class RequestLimits(ApiModel):
@@ -199,18 +192,7 @@ class RequestLimits(ApiModel):
 class WorkerPool(Placement):
     """Ray worker pods, added on pending demand and removed when idle (like Ray's autoscaler)."""
 
-    model_config = Placement.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [
-                {
-                    "rule": "self.minReplicas <= self.maxReplicas",
-                    "message": "spec.workers.minReplicas must be <= spec.workers.maxReplicas",
-                    "fieldPath": ".minReplicas",
-                    "reason": "FieldValueInvalid",
-                }
-            ]
-        }
-    }
+    model_config, _bounds = replica_bounds("spec.workers")
 
     min_replicas: int = Field(0, ge=0, le=1024, description="Worker pods kept even when idle.")
     max_replicas: int = Field(4, ge=0, le=1024, description="Most worker pods.")
@@ -220,12 +202,6 @@ class WorkerPool(Placement):
     idle_timeout_seconds: int = Field(
         60, ge=0, le=86_400, description="Idle time before a worker is removed."
     )
-
-    @model_validator(mode="after")
-    def _bounds(self) -> WorkerPool:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError("spec.workers.minReplicas must be <= spec.workers.maxReplicas")
-        return self
 
 
 NetworkPeer = Annotated[
@@ -243,25 +219,20 @@ NetworkPeer = Annotated[
 class ServiceSpec(ApiModel):
     """The ``<name>-serve`` Service in front of the OpenAI endpoint."""
 
-    model_config = ConfigDict(
-        **ApiModel.model_config,
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "!has(self.nodePort) || self.type != 'ClusterIP'",
-                    "message": "spec.service.nodePort needs spec.service.type NodePort or LoadBalancer",
-                    "fieldPath": ".nodePort",
-                    "reason": "FieldValueForbidden",
-                },
-                {
-                    "rule": "!has(self.allowFrom) || self.type == 'ClusterIP'",
-                    "message": "spec.service.allowFrom applies to a ClusterIP Service only (a NodePort or "
-                    "LoadBalancer Service is reached from outside the cluster)",
-                    "fieldPath": ".allowFrom",
-                    "reason": "FieldValueForbidden",
-                },
-            ]
-        },
+    model_config = with_cel_rules(
+        cel_rule(
+            "!has(self.nodePort) || self.type != 'ClusterIP'",
+            "spec.service.nodePort needs spec.service.type NodePort or LoadBalancer",
+            ".nodePort",
+            "FieldValueForbidden",
+        ),
+        cel_rule(
+            "!has(self.allowFrom) || self.type == 'ClusterIP'",
+            "spec.service.allowFrom applies to a ClusterIP Service only (a NodePort or "
+            "LoadBalancer Service is reached from outside the cluster)",
+            ".allowFrom",
+            "FieldValueForbidden",
+        ),
     )
 
     type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field("ClusterIP", description="Service type.")
@@ -297,43 +268,34 @@ class ServiceSpec(ApiModel):
 class LLMDeploymentSpec(ApiModel):
     """Serve a model behind an OpenAI-compatible HTTP API on Ray Serve."""
 
-    model_config = ApiModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [
-                {
-                    "rule": "self.engine != 'vllm' || "
-                    "self.resourcesPerReplica.gpu >= self.engineArgs.tensorParallelSize",
-                    "message": "engine vllm needs spec.resourcesPerReplica.gpu >= "
-                    "spec.engineArgs.tensorParallelSize",
-                    "fieldPath": ".resourcesPerReplica.gpu",
-                    "reason": "FieldValueInvalid",
-                },
-                {
-                    "rule": "self.resourcesPerReplica.gpu <= self.workers.resources.gpu",
-                    "message": "a replica must fit on one worker pod: spec.resourcesPerReplica.gpu must be "
-                    "<= spec.workers.resources.gpu",
-                    "fieldPath": ".resourcesPerReplica.gpu",
-                    "reason": "FieldValueInvalid",
-                },
-                {
-                    "rule": "self.service.type == 'ClusterIP' || has(self.apiKeySecretRef) || "
-                    "self.service.allowUnauthenticated",
-                    "message": "spec.service.type NodePort or LoadBalancer exposes the endpoint outside the "
-                    "cluster: set spec.apiKeySecretRef, or spec.service.allowUnauthenticated: true to serve "
-                    "it without a key",
-                    "fieldPath": ".service.type",
-                    "reason": "FieldValueForbidden",
-                },
-                {
-                    "rule": "self.autoscaling.minReplicas == 0 || self.workers.maxReplicas >= 1",
-                    "message": "replicas run on worker pods: spec.workers.maxReplicas must be >= 1 when "
-                    "spec.autoscaling.minReplicas > 0",
-                    "fieldPath": ".workers.maxReplicas",
-                    "reason": "FieldValueInvalid",
-                },
-            ]
-        }
-    }
+    model_config = with_cel_rules(
+        cel_rule(
+            "self.engine != 'vllm' || self.resourcesPerReplica.gpu >= self.engineArgs.tensorParallelSize",
+            "engine vllm needs spec.resourcesPerReplica.gpu >= spec.engineArgs.tensorParallelSize",
+            ".resourcesPerReplica.gpu",
+        ),
+        cel_rule(
+            "self.resourcesPerReplica.gpu <= self.workers.resources.gpu",
+            "a replica must fit on one worker pod: spec.resourcesPerReplica.gpu must be "
+            "<= spec.workers.resources.gpu",
+            ".resourcesPerReplica.gpu",
+        ),
+        cel_rule(
+            "self.service.type == 'ClusterIP' || has(self.apiKeySecretRef) || "
+            "self.service.allowUnauthenticated",
+            "spec.service.type NodePort or LoadBalancer exposes the endpoint outside the "
+            "cluster: set spec.apiKeySecretRef, or spec.service.allowUnauthenticated: true to serve "
+            "it without a key",
+            ".service.type",
+            "FieldValueForbidden",
+        ),
+        cel_rule(
+            "self.autoscaling.minReplicas == 0 || self.workers.maxReplicas >= 1",
+            "replicas run on worker pods: spec.workers.maxReplicas must be >= 1 when "
+            "spec.autoscaling.minReplicas > 0",
+            ".workers.maxReplicas",
+        ),
+    )
 
     model: ServedModel = Field(..., description="The model to serve.")
     engine: Literal["transformers", "vllm"] = Field(
@@ -351,12 +313,8 @@ class LLMDeploymentSpec(ApiModel):
     head: HeadSpec = Field(
         default_factory=HeadSpec, description="The Ray head pod (also runs the HTTP proxy)."
     )
-    image: str = Field(
-        DEFAULT_IMAGE, min_length=1, max_length=512, description="Ray runtime image for every pod."
-    )
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
-        "IfNotPresent", description="Image pull policy of every pod."
-    )
+    image: Image = DEFAULT_IMAGE
+    image_pull_policy: ImagePullPolicy = "IfNotPresent"
     api_key_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret with the API key clients must send as 'Authorization: Bearer <key>'."
     )
@@ -401,30 +359,21 @@ class LLMDeploymentStatus(StatusModel):
     """Observed state of an LLMDeployment."""
 
     phase: Phase = Field("Pending", description="Pending, Deploying, Ready, Degraded or Failed.")
-    conditions: list[ConditionStatus] = Field(
-        default_factory=list,
-        description="Conditions per Kubernetes API conventions.",
-        json_schema_extra=condition_list_schema(),
-    )
-    observed_generation: int = Field(0, description="The .metadata.generation last acted on.")
+    conditions: Conditions = Field(description="Conditions per Kubernetes API conventions.")
+    observed_generation: ObservedGeneration = 0
     replicas: PodCounts = Field(default_factory=PodCounts, description="Serve replicas ready / desired.")
     workers: PodCounts = Field(default_factory=PodCounts, description="Ray worker pods ready / desired.")
     endpoint: str = Field("", description="OpenAI base URL inside the cluster.")
     model: ServedModelStatus = Field(default_factory=ServedModelStatus, description="The served model.")
     ray_cluster: RayClusterStatus = Field(default_factory=RayClusterStatus, description="The Ray cluster.")
-    message: str = Field("", description="What is happening now, or what went wrong and what to do.")
+    message: StatusMessage = ""
 
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
-    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-    {
-        "name": "Ready",
-        "type": "integer",
-        "jsonPath": ".status.replicas.ready",
-        "description": "ready replicas",
-    },
-    {"name": "Desired", "type": "integer", "jsonPath": ".status.replicas.desired"},
-    {"name": "Workers", "type": "integer", "jsonPath": ".status.workers.ready", "priority": 1},
-    {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
-    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    PHASE_COLUMN,
+    printer_column("Ready", "integer", ".status.replicas.ready", description="ready replicas"),
+    printer_column("Desired", "integer", ".status.replicas.desired"),
+    WORKERS_COLUMN,
+    printer_column("Endpoint", "string", ".status.endpoint"),
+    AGE_COLUMN,
 ]

@@ -5,25 +5,39 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, JsonValue, model_validator
+from pydantic import Field, model_validator
 
 from .common import (
+    AGE_COLUMN,
+    DEFAULT_IMAGE,
+    PHASE_COLUMN,
+    WORKERS_COLUMN,
     ApiModel,
-    ConditionStatus,
+    Conditions,
     HeadSpec,
+    Image,
+    ImagePullPolicy,
+    ObservedGeneration,
     Placement,
     PodCounts,
     RayClusterStatus,
     Resources,
     SecretKeyRef,
+    StatusMessage,
     StatusModel,
     StorageURI,
-    condition_list_schema,
+    cel_rule,
+    printer_column,
+    with_cel_rules,
 )
 
 KIND = "LLMTrainingJob"
 PLURAL = "llmtrainingjobs"
-DEFAULT_IMAGE = "llmray/ray-runtime:0.1.0"
+SHORT_NAME = "ltj"
+DESCRIPTION = (
+    "LLMTrainingJob fine-tunes a language model on a dataset with distributed Ray Train "
+    "workers, mirroring progress into its status and writing the trained model to spec.output.uri."
+)
 
 Phase = Literal["Pending", "Provisioning", "Running", "Succeeded", "Failed", "Suspended"]
 TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed"})
@@ -165,39 +179,31 @@ class FailurePolicy(ApiModel):
     )
 
 
-_CEL_RULES: list[JsonValue] = [
-    {
-        "rule": "self.method == 'lora' || !has(self.lora)",
-        "message": "spec.lora may only be set when spec.method is lora",
-        "fieldPath": ".lora",
-        "reason": "FieldValueForbidden",
-    },
-    {
-        "rule": "self.dataset.format == 'text' || !self.dataset.packing",
-        "message": "spec.dataset.packing is only supported with format text",
-        "fieldPath": ".dataset.packing",
-        "reason": "FieldValueInvalid",
-    },
-    {
-        "rule": "self.distributed.strategy != 'fsdp' || self.workers.replicas >= 2",
-        "message": "spec.distributed.strategy fsdp needs spec.workers.replicas >= 2",
-        "fieldPath": ".distributed.strategy",
-        "reason": "FieldValueInvalid",
-    },
-    {
-        "rule": "self.hyperparameters.precision != 'fp16' || self.workers.resources.gpu > 0",
-        "message": "spec.hyperparameters.precision fp16 needs GPU workers (spec.workers.resources.gpu > 0)",
-        "fieldPath": ".hyperparameters.precision",
-        "reason": "FieldValueInvalid",
-    },
-]
-
-
 class LLMTrainingJobSpec(ApiModel):
     """Fine-tune a causal language model on a dataset with distributed Ray Train workers."""
 
-    model_config = ConfigDict(
-        **ApiModel.model_config, json_schema_extra={"x-kubernetes-validations": _CEL_RULES}
+    model_config = with_cel_rules(
+        cel_rule(
+            "self.method == 'lora' || !has(self.lora)",
+            "spec.lora may only be set when spec.method is lora",
+            ".lora",
+            "FieldValueForbidden",
+        ),
+        cel_rule(
+            "self.dataset.format == 'text' || !self.dataset.packing",
+            "spec.dataset.packing is only supported with format text",
+            ".dataset.packing",
+        ),
+        cel_rule(
+            "self.distributed.strategy != 'fsdp' || self.workers.replicas >= 2",
+            "spec.distributed.strategy fsdp needs spec.workers.replicas >= 2",
+            ".distributed.strategy",
+        ),
+        cel_rule(
+            "self.hyperparameters.precision != 'fp16' || self.workers.resources.gpu > 0",
+            "spec.hyperparameters.precision fp16 needs GPU workers (spec.workers.resources.gpu > 0)",
+            ".hyperparameters.precision",
+        ),
     )
 
     model: ModelSource = Field(..., description="The base model to fine-tune.")
@@ -214,12 +220,8 @@ class LLMTrainingJobSpec(ApiModel):
     )
     workers: TrainingWorkers = Field(default_factory=TrainingWorkers, description="Training worker pods.")
     head: HeadSpec = Field(default_factory=HeadSpec, description="The Ray head pod.")
-    image: str = Field(
-        DEFAULT_IMAGE, min_length=1, max_length=512, description="Ray runtime image for every pod."
-    )
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
-        "IfNotPresent", description="Image pull policy of every pod."
-    )
+    image: Image = DEFAULT_IMAGE
+    image_pull_policy: ImagePullPolicy = "IfNotPresent"
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing.")
     output: OutputSpec = Field(..., description="Where the trained model is written.")
     failure_policy: FailurePolicy = Field(default_factory=FailurePolicy, description="Restart policy.")
@@ -294,12 +296,8 @@ class LLMTrainingJobStatus(StatusModel):
     phase: Phase = Field(
         "Pending", description="Pending, Provisioning, Running, Succeeded, Failed or Suspended."
     )
-    conditions: list[ConditionStatus] = Field(
-        default_factory=list,
-        description="Ready-style conditions per Kubernetes API conventions.",
-        json_schema_extra=condition_list_schema(),
-    )
-    observed_generation: int = Field(0, description="The .metadata.generation last acted on.")
+    conditions: Conditions = Field(description="Ready-style conditions per Kubernetes API conventions.")
+    observed_generation: ObservedGeneration = 0
     ray_cluster: RayClusterStatus = Field(
         default_factory=RayClusterStatus, description="The job's Ray cluster."
     )
@@ -318,22 +316,17 @@ class LLMTrainingJobStatus(StatusModel):
     )
     start_time: datetime | None = Field(None, description="When the first attempt started.")
     completion_time: datetime | None = Field(None, description="When the job Succeeded or Failed.")
-    message: str = Field("", description="What is happening now, or what went wrong and what to do.")
+    message: StatusMessage = ""
 
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
-    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-    {
-        "name": "Progress",
-        "type": "integer",
-        "jsonPath": ".status.progress.percent",
-        "description": "percent done",
-    },
-    {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step"},
-    {"name": "Loss", "type": "string", "jsonPath": ".status.progress.loss"},
-    {"name": "Tokens/s", "type": "integer", "jsonPath": ".status.progress.tokensPerSecond", "priority": 1},
-    {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta", "priority": 1},
-    {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
-    {"name": "Workers", "type": "integer", "jsonPath": ".status.workers.ready", "priority": 1},
-    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    PHASE_COLUMN,
+    printer_column("Progress", "integer", ".status.progress.percent", description="percent done"),
+    printer_column("Step", "integer", ".status.progress.step"),
+    printer_column("Loss", "string", ".status.progress.loss"),
+    printer_column("Tokens/s", "integer", ".status.progress.tokensPerSecond", priority=1),
+    printer_column("ETA", "string", ".status.progress.eta", priority=1),
+    printer_column("Restarts", "integer", ".status.restarts"),
+    WORKERS_COLUMN,
+    AGE_COLUMN,
 ]
