@@ -86,6 +86,17 @@ def load_api_client(kubeconfig: str | None = None) -> client.ApiClient:
     return config.new_client_from_config(config_file=kubeconfig)
 
 
+def status_patch_body(patch: dict[str, Any], resource_version: str | None) -> dict[str, Any]:
+    """The merge-patch body of a status write; with ``resource_version`` it is conditional.
+
+    The API server refuses it with 409 Conflict when the object's resourceVersion moved on.
+    """
+    body: dict[str, Any] = {"status": patch}
+    if resource_version:
+        body["metadata"] = {"resourceVersion": resource_version}
+    return body
+
+
 _CORE_PLURALS = {
     "Pod": "pods",
     "Service": "services",
@@ -234,9 +245,7 @@ class Kube:
         answers 409 Conflict when the object changed since, so a status computed from a stale view
         never overwrites a newer one.
         """
-        body: dict[str, Any] = {"status": patch}
-        if resource_version:
-            body["metadata"] = {"resourceVersion": resource_version}
+        body = status_patch_body(patch, resource_version)
         resp = await self._call(
             "patch", f"{plural}/status", f"{plural} {namespace}/{name} status",
             self.custom.patch_namespaced_custom_object_status,

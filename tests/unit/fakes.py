@@ -31,7 +31,7 @@ from llmray.controllers.runtime import Gate
 from llmray.controllers.settings import Settings
 from llmray.controllers.store import Expectations, Key, Store
 from llmray.controllers.training import TrainingController
-from llmray.kube import AlreadyExists, KubeError
+from llmray.kube import AlreadyExists, KubeError, status_patch_body
 from llmray.ray import RayAuthError, RayHeadUnavailable, RayNode, RayNotFound
 from llmray.ray.cluster import ClusterStatus
 from llmray.ray.jobs import JobInfo, JobStatus, Submission
@@ -147,9 +147,11 @@ class FakeKube:
         kind = PLURAL_KIND[plural]
         self._check("patch_status", kind)
         found = self.objects[(kind, namespace, name)]
-        if resource_version and found["metadata"]["resourceVersion"] != resource_version:
+        body = status_patch_body(patch, resource_version)  # what the real client sends
+        expected = body.pop("metadata", {}).get("resourceVersion")
+        if expected and found["metadata"]["resourceVersion"] != expected:
             raise KubeError(409, "Conflict", "the object has been modified", "patch", name)
-        merge(found.setdefault("status", {}), patch)
+        merge(found.setdefault("status", {}), body["status"])
         self._stamp(found)
         return copy.deepcopy(found)
 

@@ -534,11 +534,32 @@ def worker_pod(cluster: ClusterSpec, index: int, auth_secret_uid: str) -> dict[s
 # --- from the resources' specs -------------------------------------------------------------------
 
 
+def _cluster(
+    owner: Owner,
+    spec: Any,
+    secrets: list[tuple[str, SecretKeyRef | None]],
+    pvcs: tuple[PvcMount, ...],
+    serve: ServiceSpec | None = None,
+) -> ClusterSpec:
+    """A cluster from the fields both kinds' specs share (image, head, workers).
+
+    ``secrets``: (env variable, Secret key) pairs; the unset ones are left out.
+    """
+    return ClusterSpec(
+        owner=owner,
+        image=spec.image,
+        image_pull_policy=spec.image_pull_policy,
+        head=spec.head,
+        worker_resources=spec.workers.resources,
+        worker_placement=spec.workers,
+        env=tuple((var, ref) for var, ref in secrets if ref is not None),
+        pvcs=pvcs,
+        serve=serve,
+    )
+
+
 def training_cluster(owner: Owner, spec: Any) -> ClusterSpec:
     """Cluster of an LLMTrainingJob (``spec``: LLMTrainingJobSpec)."""
-    env: list[tuple[str, SecretKeyRef]] = []
-    if spec.model.secret_ref is not None:
-        env.append((HF_TOKEN_ENV, spec.model.secret_ref))
     pvcs = pvc_mounts(
         [
             (spec.model.uri, True),
@@ -547,33 +568,10 @@ def training_cluster(owner: Owner, spec: Any) -> ClusterSpec:
             (spec.checkpoint_uri(), False),
         ]
     )
-    return ClusterSpec(
-        owner=owner,
-        image=spec.image,
-        image_pull_policy=spec.image_pull_policy,
-        head=spec.head,
-        worker_resources=spec.workers.resources,
-        worker_placement=spec.workers,
-        env=tuple(env),
-        pvcs=pvcs,
-    )
+    return _cluster(owner, spec, [(HF_TOKEN_ENV, spec.model.secret_ref)], pvcs)
 
 
 def deployment_cluster(owner: Owner, spec: Any, model_uri: str | None) -> ClusterSpec:
     """Cluster of an LLMDeployment (``spec``: LLMDeploymentSpec); ``model_uri``: the resolved model."""
-    env: list[tuple[str, SecretKeyRef]] = []
-    if spec.model.secret_ref is not None:
-        env.append((HF_TOKEN_ENV, spec.model.secret_ref))
-    if spec.api_key_secret_ref is not None:
-        env.append((API_KEY_ENV, spec.api_key_secret_ref))
-    return ClusterSpec(
-        owner=owner,
-        image=spec.image,
-        image_pull_policy=spec.image_pull_policy,
-        head=spec.head,
-        worker_resources=spec.workers.resources,
-        worker_placement=spec.workers,
-        env=tuple(env),
-        pvcs=pvc_mounts([(model_uri, True)]),
-        serve=spec.service,
-    )
+    secrets = [(HF_TOKEN_ENV, spec.model.secret_ref), (API_KEY_ENV, spec.api_key_secret_ref)]
+    return _cluster(owner, spec, secrets, pvc_mounts([(model_uri, True)]), spec.service)
