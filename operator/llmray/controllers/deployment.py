@@ -98,7 +98,6 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
     plural: ClassVar[str] = PLURAL
     spec_model = LLMDeploymentSpec
     status_model = LLMDeploymentStatus
-    workers_field = "spec.workers"
 
     def __init__(self, deps: Deps, clock: Any = time.time) -> None:
         super().__init__(deps)

@@ -84,7 +84,6 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
     plural: ClassVar[str] = PLURAL
     spec_model = LLMTrainingJobSpec
     status_model = LLMTrainingJobStatus
-    workers_field = "spec.workers"
 
     def __init__(self, deps: Deps) -> None:
         super().__init__(deps)

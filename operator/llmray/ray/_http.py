@@ -29,7 +29,7 @@ import random
 import zlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx
 
@@ -180,6 +180,17 @@ async def _read_capped(response: httpx.Response, limit: int, *, tail: bool) -> t
                 del buf[: len(buf) - limit]
                 truncated = True
     return buf, truncated
+
+
+class HTTPOptions(TypedDict, total=False):
+    """Keyword options of :class:`RayHTTP`, passed through unchanged by :class:`~llmray.ray.RayClient`."""
+
+    timeout: httpx.Timeout
+    retry: RetryPolicy
+    transport: httpx.AsyncBaseTransport | None
+    client: httpx.AsyncClient | None
+    deadline_s: float
+    max_body_bytes: int
 
 
 class RayHTTP:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from types import TracebackType
+from typing import Unpack
 
-import httpx
-
-from ._http import DEFAULT_DEADLINE_S, DEFAULT_MAX_BODY, DEFAULT_RETRY, DEFAULT_TIMEOUT, RayHTTP, RetryPolicy
+from ._http import HTTPOptions, RayHTTP
 from .cluster import ClusterAPI
 from .jobs import JobsAPI
 from .serve import ServeAPI
@@ -23,22 +22,9 @@ class RayClient:
     closing this object then leaves the shared pool open.
     """
 
-    def __init__(
-        self,
-        dashboard_url: str,
-        token: str | None,
-        *,
-        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
-        retry: RetryPolicy = DEFAULT_RETRY,
-        transport: httpx.AsyncBaseTransport | None = None,
-        client: httpx.AsyncClient | None = None,
-        deadline_s: float = DEFAULT_DEADLINE_S,
-        max_body_bytes: int = DEFAULT_MAX_BODY,
-    ) -> None:
-        self.http = RayHTTP(
-            dashboard_url, token, timeout=timeout, retry=retry, transport=transport, client=client,
-            deadline_s=deadline_s, max_body_bytes=max_body_bytes,
-        )  # fmt: skip
+    def __init__(self, dashboard_url: str, token: str | None, **options: Unpack[HTTPOptions]) -> None:
+        """``options``: timeout, retry, transport or a shared client, deadline_s, max_body_bytes."""
+        self.http = RayHTTP(dashboard_url, token, **options)
         self.jobs = JobsAPI(self.http)
         self.serve = ServeAPI(self.http)
         self.cluster = ClusterAPI(self.http)
