@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
 
 GROUP = "llmray.io"
 VERSION = "v1alpha1"
@@ -216,17 +217,17 @@ StatusMessage = Annotated[str, Field(description="What is happening now, or what
 
 def cel_rule(
     rule: str, message: str, field_path: str | None = None, reason: str = "FieldValueInvalid"
-) -> Any:
+) -> JsonDict:
     """One ``x-kubernetes-validations`` entry: a CEL rule the API server enforces, and its message."""
-    out = {"rule": rule, "message": message}
+    out: JsonDict = {"rule": rule, "message": message}
     if field_path is not None:
         out["fieldPath"] = field_path
     return {**out, "reason": reason}
 
 
-def with_cel_rules(*rules: Any) -> ConfigDict:
+def with_cel_rules(*rules: JsonDict) -> ConfigDict:
     """:class:`ApiModel`'s config plus CEL rules on the object (pydantic validators mirror them)."""
-    return ConfigDict(**ApiModel.model_config, json_schema_extra={"x-kubernetes-validations": list(rules)})
+    return ConfigDict(**ApiModel.model_config, json_schema_extra={"x-kubernetes-validations": [*rules]})
 
 
 def replica_bounds(path: str) -> tuple[ConfigDict, Any]:
