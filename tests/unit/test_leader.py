@@ -261,3 +261,22 @@ async def test_halted_loop_consumes_nothing_and_resumes_on_start() -> None:
 async def _until(check: Any) -> None:
     while not check():
         await asyncio.sleep(0.005)
+
+
+def test_cli_flags_build_the_election_settings() -> None:
+    from llmray.cli import build_parser, settings_from_args
+
+    def settings(*argv: str, env: dict[str, str] | None = None) -> Any:
+        args = build_parser().parse_args(["operator", *argv])
+        return settings_from_args(args, env or {}).leader_election
+
+    assert settings() is None  # off by default: the sandbox and the tests run one operator
+    cfg = settings("--leader-elect", "--operator-namespace", "ops", env={"POD_NAME": "op-0"})
+    assert cfg == ElectionConfig("llmray-operator", "ops", "op-0", 15.0, 10.0, 2.0)
+    cfg = settings("--leader-elect", "--lease-name", "x", "--lease-namespace", "y", "--lease-duration", "30")
+    assert (cfg.name, cfg.namespace, cfg.lease_duration) == ("x", "y", 30.0)
+    assert cfg.identity  # hostname_pid outside a pod
+    with pytest.raises(ValueError, match="lease-namespace"):
+        settings("--leader-elect")
+    with pytest.raises(ValueError, match="renew-deadline"):
+        settings("--leader-elect", "--lease-namespace", "y", "--renew-deadline", "20")
