@@ -125,3 +125,36 @@ def test_standby_takes_over_within_the_lease_duration_with_one_set_of_children(
     assert _holder(kube, namespace) == "op-b"
     for name in [*names, "lead-4"]:
         _assert_one_set(kube, namespace, name)
+
+
+def test_a_leader_shut_down_cleanly_hands_over_at_once(
+    kube: Kube, namespace: str, operator_factory: Any
+) -> None:
+    """A rolling update: SIGTERM releases the Lease, the standby acquires it at its next read."""
+    flags = ("--leader-elect", "--lease-name", LEASE, "--lease-namespace", namespace)
+    first = operator_factory(namespace, *flags, env={"POD_NAME": "op-a"}).start()
+    wait_for(lambda: _holder(kube, namespace) == "op-a", timeout=30, what="op-a holds the Lease")
+    second = operator_factory(namespace, *flags, env={"POD_NAME": "op-b"}).start()
+    assert second.metric("llmray_leader") == 0
+    apply(kube, _job("roll"), namespace)
+    wait_cluster_ready(kube, "LLMTrainingJob", namespace, "roll", 2, timeout=120)
+    stopping = time.monotonic()
+    first.stop()
+    wait_for(
+        lambda: _holder(kube, namespace) == "op-b", timeout=15, interval=0.1, what="op-b holds the Lease"
+    )
+    handover = time.monotonic() - stopping
+    print(f"handover after SIGTERM of the leader: {handover:.1f}s")
+    assert handover < DURATION, handover  # released, not expired
+    victim = pods_of(kube, namespace, "roll", "worker")[0]
+    client.CoreV1Api(kube.api_client).delete_namespaced_pod(victim.metadata.name, namespace)
+    wait_for(
+        lambda: (
+            victim.metadata.uid not in {p.metadata.uid for p in pods_of(kube, namespace, "roll", "worker")}
+            and len(pods_of(kube, namespace, "roll", "worker")) == 2
+        ),
+        timeout=60,
+        what="the deleted worker replaced by the new leader",
+    )
+    _assert_one_set(kube, namespace, "roll")
+    assert second.metric("llmray_leader") == 1
