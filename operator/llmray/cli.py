@@ -21,6 +21,7 @@ DASHBOARD_URL_ENV = "LLMRAY_RAY_DASHBOARD_URL"
 SERVE_URL_ENV = "LLMRAY_RAY_SERVE_URL"
 SHARED_TOKEN_ENV = "LLMRAY_SANDBOX_RAY_TOKEN"
 AUTH_KEY_FILE_ENV = "LLMRAY_AUTH_KEY_FILE"
+POD_NAMESPACE_ENV = "POD_NAMESPACE"
 
 
 def _crds(args: argparse.Namespace) -> int:
@@ -72,7 +73,23 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Sett
             "no --auth-key-file: Ray auth tokens derive from a per-process key and do not survive a "
             "restart (the Helm chart always mounts one)"
         )
+    election = None
+    if args.leader_elect:
+        from llmray.leader import ElectionConfig, default_identity
+
+        namespace = args.lease_namespace or args.operator_namespace or env.get(POD_NAMESPACE_ENV) or ""
+        if not namespace:
+            raise ValueError("--leader-elect needs --lease-namespace (or --operator-namespace)")
+        election = ElectionConfig(
+            name=args.lease_name,
+            namespace=namespace,
+            identity=default_identity(env),
+            lease_duration=args.lease_duration,
+            renew_deadline=args.renew_deadline,
+            retry_period=args.retry_period,
+        )
     return Settings(
+        leader_election=election,
         unschedulable_timeout=args.unschedulable_timeout,
         resync_seconds=args.resync,
         workers=args.workers,
@@ -198,6 +215,35 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="k=v,... labels selecting the operator's pods in --operator-namespace (NetworkPolicies)",
     )
+    elect = op.add_argument_group(
+        "Leader election",
+        "with several replicas, only the holder of a coordination.k8s.io Lease reconciles (docs/operator.md)",
+    )
+    elect.add_argument(
+        "--leader-elect",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="reconcile only while holding the Lease (the Helm chart turns it on)",
+    )
+    elect.add_argument("--lease-name", default="llmray-operator", help="name of the Lease")
+    elect.add_argument(
+        "--lease-namespace",
+        default="",
+        help=f"namespace of the Lease (default: --operator-namespace, else ${POD_NAMESPACE_ENV})",
+    )
+    elect.add_argument(
+        "--lease-duration",
+        type=float,
+        default=15.0,
+        help="seconds a standby waits, after the Lease last changed, before taking it over",
+    )
+    elect.add_argument(
+        "--renew-deadline",
+        type=float,
+        default=10.0,
+        help="seconds the leader keeps reconciling without a successful renewal",
+    )
+    elect.add_argument("--retry-period", type=float, default=2.0, help="seconds between Lease reads/renewals")
     ray = op.add_argument_group(
         "Ray topology",
         "default: each resource has its own head at <name>-head.<ns>.svc (token from its Secret). "

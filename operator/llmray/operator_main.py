@@ -7,7 +7,9 @@ invokes no handler before every index is fully listed), Kubernetes Events and th
 endpoint. Watch events only enqueue keys; :mod:`llmray.controllers.runtime` reconciles them.
 
 No finalizers, no annotations on the resources, no peering objects: deleting a resource works
-even while the operator is down, and children go with it through owner references.
+even while the operator is down, and children go with it through owner references. With
+``--leader-elect`` (:mod:`llmray.leader`) every replica watches and keeps its caches warm, but only
+the one holding the Lease runs reconcile passes.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from llmray.controllers.settings import Settings
 from llmray.controllers.store import Expectations, Key, Store
 from llmray.controllers.training import TrainingController
 from llmray.kube import Kube, load_api_client
+from llmray.leader import LeaderElector
 
 logger = logging.getLogger("llmray.operator")
 
@@ -52,6 +55,14 @@ class App:
     ray: PooledRay = field(default_factory=PooledRay)
     loop: ReconcileLoop[Key] | None = None
     controllers: dict[str, ClusterController[Any, Any]] = field(default_factory=dict)
+    elector: LeaderElector | None = None
+    indexed: bool = False
+    """Every index has been listed (Kopf delivered the first watch event)."""
+
+    @property
+    def leading(self) -> bool:
+        """This replica may reconcile: it holds the Lease, or leader election is off."""
+        return self.elector is None or self.elector.leading
 
     def build(self, indices: dict[str, Any]) -> None:
         """Caches, clients, controllers and the loop (in the running event loop).
@@ -68,18 +79,7 @@ class App:
         # The operator only creates the auth Secret (see ClusterController.step_auth_secret).
         if self.kube is None:
             self.kube = Kube(load_api_client(self.kubeconfig), max_workers=max(4, self.settings.workers))
-        deps = Deps(
-            kube=self.kube,
-            store=self.store,
-            settings=self.settings,
-            heads=Heads(self.settings.topology, self.ray, self.settings.auth_key),
-            expectations=Expectations(),
-            ray_gate=Gate(self.settings.ray_slots),
-        )
-        self.controllers = {
-            TRAINING_KIND: TrainingController(deps),
-            DEPLOYMENT_KIND: DeploymentController(deps),
-        }
+        self.controllers = self._controllers()
         self.loop = ReconcileLoop(
             self.reconcile,
             keys=self.store.keys,
@@ -88,11 +88,53 @@ class App:
             pass_timeout=self.settings.pass_timeout,
             label=lambda key: key[0],
         )
+        election = self.settings.leader_election
+        if election is not None and self.elector is None:
+            self.elector = LeaderElector(
+                self.kube.api_client, election, on_started=self._lead, on_stopped=self._follow
+            )
+            self.elector.start()
+
+    def _controllers(self) -> dict[str, ClusterController[Any, Any]]:
+        assert self.kube is not None
+        deps = Deps(
+            kube=self.kube,
+            store=self.store,
+            settings=self.settings,
+            heads=Heads(self.settings.topology, self.ray, self.settings.auth_key),
+            expectations=Expectations(),
+            ray_gate=Gate(self.settings.ray_slots),
+        )
+        return {
+            TRAINING_KIND: TrainingController(deps),
+            DEPLOYMENT_KIND: DeploymentController(deps),
+        }
+
+    def maybe_start(self) -> None:
+        """Start the loop once every index is listed and this replica leads (idempotent)."""
+        if self.loop is not None and self.indexed and self.leading and not self.loop.running:
+            self.loop.start()
+            for key in list(self.store.keys()):  # a new leader looks at everything once
+                self.loop.queue.add(key)
+
+    def _lead(self) -> None:
+        # Fresh in-memory state: whatever a previous term remembered may be stale now.
+        self.controllers = self._controllers()
+        self.maybe_start()
+
+    def _follow(self) -> None:
+        """Lost the Lease: stop reconciling now (passes are cancelled at their next await)."""
+        if self.loop is not None:
+            self.loop.halt()
 
     async def reconcile(self, key: Key) -> float | None:
         return await self.controllers[key[0]].reconcile(key)
 
     async def close(self) -> None:
+        if self.loop is not None:
+            self.loop.halt()
+        if self.elector is not None:
+            await self.elector.stop()  # releases the Lease: a standby takes over at once
         if self.loop is not None:
             await self.loop.stop()
         await self.ray.aclose()
@@ -136,6 +178,12 @@ def probe(memo: kopf.Memo, **_: Any) -> int:
     """Liveness detail: how many keys wait for a reconcile."""
     loop = _app(memo).loop
     return len(loop.queue) if loop is not None else 0
+
+
+@kopf.on.probe(id="leader")
+def leader_probe(memo: kopf.Memo, **_: Any) -> bool:
+    """Liveness detail: whether this replica reconciles (a standby is healthy too)."""
+    return _app(memo).leading
 
 
 @kopf.on.probe(id="reconcile_stuck_seconds", errors=kopf.ErrorsMode.PERMANENT)
@@ -187,11 +235,15 @@ async def llmray_services(body: kopf.Body, **_: Any) -> Any:
 
 
 def _started(memo: Any) -> App | None:
-    """The app, with its loop started (idempotent): on the first event every index is listed."""
+    """The app, its loop started if it leads (idempotent): on the first event every index is listed.
+
+    A standby still queues keys (deduplicated: at most one per resource); it consumes none.
+    """
     app = _app(memo)
     if app.loop is None:
         return None
-    app.loop.start()
+    app.indexed = True
+    app.maybe_start()
     return app
 
 
@@ -203,7 +255,7 @@ def _enqueue(app: App, key: Key, event_type: str | None) -> None:
     if event_type == "DELETED" and app.store.resource(*key) is None:
         app.loop.queue.forget(key)
         controller = app.controllers.get(key[0])
-        if controller is not None:
+        if controller is not None and app.leading:
             controller.forget(key)  # in-memory state, and best-effort cleanup on Ray
         return
     app.loop.queue.add(key)

@@ -51,6 +51,15 @@ def test_values_schema_rejects_bad_values(kube: Kube) -> None:
         assert "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
 
 
+def test_two_replicas_without_leader_election_are_refused(kube: Kube) -> None:
+    proc = _helm(kube, "template", "x", str(CHART), "--set", "leaderElection.enabled=false", check=False)
+    assert proc.returncode != 0 and "needs leaderElection.enabled" in proc.stderr, proc.stderr
+    one = _helm(kube, "template", "x", str(CHART), "--set", "leaderElection.enabled=false,replicas=1").stdout
+    deployment = next(d for d in _docs(one) if d["kind"] == "Deployment")
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert "--leader-elect" not in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
 @pytest.mark.parametrize("scope", ["cluster", "namespaced"])
 def test_rendered_manifests_are_accepted_by_the_api_server(kube: Kube, namespace: str, scope: str) -> None:
     args = ["template", f"r{uuid.uuid4().hex[:6]}", str(CHART), "--namespace", namespace, "--include-crds"]
@@ -61,7 +70,8 @@ def test_rendered_manifests_are_accepted_by_the_api_server(kube: Kube, namespace
     kinds = sorted({d["kind"] for d in docs})
     expected = {"CustomResourceDefinition", "Deployment", "Service", "ServiceAccount", "Secret"}
     expected |= {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
-    expected |= {"ClusterRole", "ClusterRoleBinding"} if scope == "cluster" else {"Role", "RoleBinding"}
+    expected |= {"Role", "RoleBinding"}  # the leader-election Lease, in the release namespace
+    expected |= {"ClusterRole", "ClusterRoleBinding"} if scope == "cluster" else set()
     assert set(kinds) == expected, kinds
     kube.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=rendered)
 
@@ -76,7 +86,20 @@ def test_rendered_manifests_are_accepted_by_the_api_server(kube: Kube, namespace
     assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
     assert sc["capabilities"] == {"drop": ["ALL"]}
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    # two replicas, one leader: a rolling update is safe, replicas spread over nodes where possible
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert "--leader-elect" in container["args"]
+    assert f"--lease-namespace={namespace}" in container["args"]
+    anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    election = next(
+        d for d in docs if d["kind"] == "Role" and d["metadata"]["name"].endswith("-leader-election")
+    )
+    assert election["metadata"]["namespace"] == namespace
+    lease_rules = [r for r in election["rules"] if "leases" in r["resources"]]
+    assert sorted(v for r in lease_rules for v in r["verbs"]) == ["create", "get", "update"]
+    assert all(r["apiGroups"] == ["coordination.k8s.io"] for r in election["rules"])
     # the key the Ray tokens derive from: mounted by the kubelet, never read through the API
     key = next(d for d in docs if d["kind"] == "Secret")
     assert key["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
@@ -85,7 +108,11 @@ def test_rendered_manifests_are_accepted_by_the_api_server(kube: Kube, namespace
     assert volume["secret"]["secretName"] == key["metadata"]["name"]
     assert "--auth-key-file=/var/run/llmray/auth-key/key" in container["args"]
     assert f"--operator-namespace={namespace}" in container["args"]
-    rules = next(d for d in docs if d["kind"] in ("Role", "ClusterRole"))["rules"]
+    rules = next(
+        d
+        for d in docs
+        if d["kind"] in ("Role", "ClusterRole") and not d["metadata"]["name"].endswith("-election")
+    )["rules"]
     secrets = [r for r in rules if "secrets" in r["resources"]]
     assert [r["verbs"] for r in secrets] == [["create"]]
 
@@ -112,7 +139,7 @@ def test_install_and_uninstall(kube: Kube, namespace: str, crds: None) -> None:
         out = kube.kubectl(
             "get", "deploy", release, "-n", namespace, "-o", "jsonpath={.status.readyReplicas}"
         ).stdout
-        assert out == "1"
+        assert out == "2"
         notes = _helm(kube, "get", "notes", release, "--namespace", namespace).stdout
         assert "kubectl get llmray" in notes
     finally:

@@ -89,7 +89,9 @@ def test_operator_works_with_exactly_the_charts_permissions(
 ) -> None:
     apply(kube, _chart_rbac(kube, namespace), namespace)
     kubeconfig = _token_kubeconfig(kube, namespace, tmp_path / "sa.kubeconfig")
-    op = operator_factory(namespace, kubeconfig=kubeconfig).start()
+    # with leader election as the chart runs it: the Lease rules suffice
+    election = ("--leader-elect", "--lease-name", RELEASE, "--lease-namespace", namespace)
+    op = operator_factory(namespace, *election, kubeconfig=kubeconfig).start()
 
     # the whole job: training + deployment (with an API key Secret), repair, in-place Service change
     apply(kube, example("training-tiny-cpu.yaml"), namespace)

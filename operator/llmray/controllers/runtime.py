@@ -156,6 +156,7 @@ class ReconcileLoop(Generic[K]):
         self._label = label
         self._pass_timeout = pass_timeout
         self._tasks: list[asyncio.Task[None]] = []
+        self._halted: list[asyncio.Task[None]] = []
         self._started: dict[K, float] = {}
         """Keys being reconciled now, and since when (monotonic)."""
 
@@ -167,11 +168,23 @@ class ReconcileLoop(Generic[K]):
             self._tasks.append(asyncio.create_task(self._worker(), name=f"llmray-worker-{i}"))
         self._tasks.append(asyncio.create_task(self._resync_loop(), name="llmray-resync"))
 
-    async def stop(self) -> None:
-        for task in self._tasks:
+    @property
+    def running(self) -> bool:
+        return bool(self._tasks)
+
+    def halt(self) -> None:
+        """Stop consuming now (leadership lost): cancel the workers and the resync; the queue
+        keeps its keys, so :meth:`start` later resumes where it stopped."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        self._halted = tasks
+        self._started.clear()
+
+    async def stop(self) -> None:
+        self.halt()
+        await asyncio.gather(*self._halted, return_exceptions=True)
+        self._halted = []
 
     def stuck_for(self) -> float:
         """Seconds the longest pass now running has been running (0 when none runs)."""

@@ -10,6 +10,8 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmray.leader import ElectionConfig
+
 from .topology import PerResourceHeads, Topology
 
 
@@ -36,6 +38,8 @@ class Settings:
     """Key the Ray auth tokens are derived from (the chart mounts a stable one, ``--auth-key-file``)."""
     operator_peer: dict[str, Any] | None = None
     """NetworkPolicy peer selecting the operator's pods (None: it runs outside the cluster)."""
+    leader_election: ElectionConfig | None = None
+    """Reconcile only while holding this Lease (None: always; one replica only)."""
 
     @property
     def ray_slots(self) -> int:

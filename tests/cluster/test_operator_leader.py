@@ -1,0 +1,160 @@
+"""Leader election: two operators against one control plane, the leader killed with SIGKILL.
+
+Exactly one of them reconciles; the standby takes over once the Lease has not been renewed for
+its duration, no child is ever made twice, and the resources keep reconciling under the new leader.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from tests.kube import Kube, wait_for
+
+from .test_operator_fixtures import (
+    apply,
+    crds_fixture,  # noqa: F401 - fixture
+    example,
+    operator_factory_fixture,  # noqa: F401 - fixture
+    owned_children,
+    pods_of,
+    running_ready,
+    wait_cluster_ready,
+)
+
+pytestmark = pytest.mark.cluster
+
+LEASE = "llmray-test-leader"
+DURATION, RENEW, RETRY = 15.0, 10.0, 2.0  # the chart's defaults
+TAKEOVER_BOUND = DURATION + 2 * RETRY + 3  # lease duration + two retry periods (jittered) + slack
+
+
+def _job(name: str) -> dict[str, Any]:
+    (job,) = example("training-tiny-cpu.yaml")
+    job["metadata"]["name"] = name
+    job["spec"]["workers"] = {"replicas": 2, "resources": {"cpu": "10m", "memory": "16Mi"}}
+    job["spec"]["head"] = {"resources": {"cpu": "10m", "memory": "16Mi"}}
+    return job
+
+
+def _holder(kube: Kube, namespace: str) -> str | None:
+    try:
+        lease = client.CoordinationV1Api(kube.api_client).read_namespaced_lease(LEASE, namespace)
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return lease.spec.holder_identity
+
+
+def _assert_one_set(kube: Kube, namespace: str, name: str) -> None:
+    children = owned_children(kube, namespace, name)
+    assert children["services"] == [f"{name}-head"], children
+    assert children["secrets"] == [f"{name}-ray-auth"], children
+    pods = pods_of(kube, namespace, name)
+    heads = [p for p in pods if p.metadata.labels["ray.io/node-type"] == "head"]
+    workers = [p for p in pods if p.metadata.labels["ray.io/node-type"] == "worker"]
+    assert len(heads) == 1 and len(workers) == 2, sorted(p.metadata.name for p in pods)
+    assert len(children["pods"]) == 3, children  # nothing terminating either
+
+
+def test_standby_takes_over_within_the_lease_duration_with_one_set_of_children(
+    kube: Kube, namespace: str, operator_factory: Any
+) -> None:
+    flags = (
+        "--leader-elect", "--lease-name", LEASE, "--lease-namespace", namespace,
+        "--lease-duration", str(DURATION), "--renew-deadline", str(RENEW), "--retry-period", str(RETRY),
+    )  # fmt: skip
+    first = operator_factory(namespace, *flags, env={"POD_NAME": "op-a"}).start()
+    wait_for(lambda: _holder(kube, namespace) == "op-a", timeout=30, what="op-a holds the Lease")
+    second = operator_factory(namespace, *flags, env={"POD_NAME": "op-b"}).start()  # healthy as standby
+    assert second.metric("llmray_leader") == 0 and first.metric("llmray_leader") == 1
+
+    names = ["lead-1", "lead-2", "lead-3"]
+    for name in names:
+        apply(kube, _job(name), namespace)
+    for name in names:
+        wait_cluster_ready(kube, "LLMTrainingJob", namespace, name, 2, timeout=120)
+    assert second.metric("llmray_reconciles_total") == 0, "the standby reconciled"
+    assert _holder(kube, namespace) == "op-a"
+
+    first.kill()
+    killed = time.monotonic()
+    wait_for(
+        lambda: _holder(kube, namespace) == "op-b" and second.metric("llmray_leader") == 1,
+        timeout=TAKEOVER_BOUND + 10,
+        interval=0.1,
+        what="op-b takes the Lease over",
+    )
+    takeover = time.monotonic() - killed
+    print(f"takeover after SIGKILL of the leader: {takeover:.1f}s (lease duration {DURATION:g}s)")
+    assert takeover <= TAKEOVER_BOUND, takeover
+
+    # the new leader reconciles: a deleted worker comes back, a new resource gets its cluster
+    wait_for(
+        lambda: second.metric("llmray_reconciles_total", result="ok") > 0, timeout=30, what="op-b passes"
+    )
+    victim = pods_of(kube, namespace, "lead-1", "worker")[0]
+    client.CoreV1Api(kube.api_client).delete_namespaced_pod(victim.metadata.name, namespace)
+    wait_for(
+        lambda: (
+            victim.metadata.uid not in {p.metadata.uid for p in pods_of(kube, namespace, "lead-1", "worker")}
+            and len(pods_of(kube, namespace, "lead-1", "worker")) == 2
+            and all(running_ready(p) for p in pods_of(kube, namespace, "lead-1", "worker"))
+        ),
+        timeout=60,
+        what="the deleted worker replaced by the new leader",
+    )
+    apply(kube, _job("lead-4"), namespace)
+    wait_cluster_ready(kube, "LLMTrainingJob", namespace, "lead-4", 2, timeout=120)
+    for name in [*names, "lead-4"]:
+        _assert_one_set(kube, namespace, name)
+
+    # the old leader comes back: it stays standby, still one set of children
+    first.start()
+    done = second.metric("llmray_reconciles_total", result="ok")
+    wait_for(
+        lambda: second.metric("llmray_reconciles_total", result="ok") >= done + 8,
+        timeout=30,
+        what="a resync under op-b",
+    )
+    assert first.metric("llmray_leader") == 0 and first.metric("llmray_reconciles_total") == 0
+    assert _holder(kube, namespace) == "op-b"
+    for name in [*names, "lead-4"]:
+        _assert_one_set(kube, namespace, name)
+
+
+def test_a_leader_shut_down_cleanly_hands_over_at_once(
+    kube: Kube, namespace: str, operator_factory: Any
+) -> None:
+    """A rolling update: SIGTERM releases the Lease, the standby acquires it at its next read."""
+    flags = ("--leader-elect", "--lease-name", LEASE, "--lease-namespace", namespace)
+    first = operator_factory(namespace, *flags, env={"POD_NAME": "op-a"}).start()
+    wait_for(lambda: _holder(kube, namespace) == "op-a", timeout=30, what="op-a holds the Lease")
+    second = operator_factory(namespace, *flags, env={"POD_NAME": "op-b"}).start()
+    assert second.metric("llmray_leader") == 0
+    apply(kube, _job("roll"), namespace)
+    wait_cluster_ready(kube, "LLMTrainingJob", namespace, "roll", 2, timeout=120)
+    stopping = time.monotonic()
+    first.stop()
+    wait_for(
+        lambda: _holder(kube, namespace) == "op-b", timeout=15, interval=0.1, what="op-b holds the Lease"
+    )
+    handover = time.monotonic() - stopping
+    print(f"handover after SIGTERM of the leader: {handover:.1f}s")
+    assert handover < DURATION, handover  # released, not expired
+    victim = pods_of(kube, namespace, "roll", "worker")[0]
+    client.CoreV1Api(kube.api_client).delete_namespaced_pod(victim.metadata.name, namespace)
+    wait_for(
+        lambda: (
+            victim.metadata.uid not in {p.metadata.uid for p in pods_of(kube, namespace, "roll", "worker")}
+            and len(pods_of(kube, namespace, "roll", "worker")) == 2
+        ),
+        timeout=60,
+        what="the deleted worker replaced by the new leader",
+    )
+    _assert_one_set(kube, namespace, "roll")
+    assert second.metric("llmray_leader") == 1
