@@ -153,14 +153,65 @@ def test_sandbox_workers_without_ray_node_absorb_demand_then_idle() -> None:
     """Shared head: a Ready worker pod with no Ray node is capacity on its way while demand is
     pending, and idle since the demand was last seen once it is gone."""
     from llmray.builders.observe import PodView
-    from llmray.controllers.deployment import sandbox_worker_states
+    from llmray.controllers.deployment import joined_worker_states
 
     seen: dict[str, float] = {}
     workers = [PodView(name="x-worker-gpu-aaaaa", ready=True), PodView(name="x-worker-gpu-bbbbb")]
-    with_demand = sandbox_worker_states(workers, [], seen, has_demand=True, shared=True, now=100.0)
+    with_demand = joined_worker_states(workers, [], seen, has_demand=True, shared=True, now=100.0)
     assert [(w.in_ray, w.idle_seconds) for w in with_demand] == [(False, None), (False, None)]
-    idle = sandbox_worker_states(workers, [], seen, has_demand=False, shared=True, now=103.0)
+    idle = joined_worker_states(workers, [], seen, has_demand=False, shared=True, now=103.0)
     assert idle[0].in_ray and idle[0].idle_seconds == 3.0
     assert not idle[1].in_ray  # not Ready yet: still starting
-    own_head = sandbox_worker_states(workers, [], seen, has_demand=False, shared=False, now=104.0)
+    own_head = joined_worker_states(workers, [], seen, has_demand=False, shared=False, now=104.0)
     assert not any(w.in_ray for w in own_head)  # a real cluster never guesses: no node, not in Ray
+
+
+def test_own_head_worker_without_a_replica_is_idle_since_first_seen_so() -> None:
+    """Own head (real pods): Ray keeps a worker ACTIVE with no idle time while Serve's actors linger,
+    so a joined worker that hosts no replica while nothing is pending is idle since the last pass
+    that saw it busy (a replica on it, or demand pending) (found on kind)."""
+    from llmray.builders.observe import PodView
+    from llmray.controllers.deployment import joined_worker_states
+    from llmray.ray.cluster import RayNode
+
+    pod = PodView(name="x-worker-cpu-aaaaa", ready=True, pod_ip="10.244.0.9")
+    ip = "10.244.0.9"
+    node = RayNode(node_id="n1", ip=ip, is_head=False, alive=True, idle_seconds=None, start_time_s=0.0)
+    seen: dict[str, float] = {}
+
+    def idle(now: float, **kw: object) -> float | None:
+        args: dict[str, object] = {"has_demand": False, "shared": False, "now": now, **kw}
+        (state,) = joined_worker_states([pod], [node], seen, **args)  # type: ignore[arg-type]
+        assert state.in_ray
+        return state.idle_seconds
+
+    assert idle(100.0, replica_ips=frozenset({"10.244.0.9"})) is None  # hosts a replica: busy
+    assert idle(110.0) == 10.0  # the replica is gone: idle since the last pass that saw it busy
+    assert idle(140.0) == 40.0
+    assert idle(141.0, has_demand=True) is None  # demand pending: busy again
+    assert idle(150.0) == 9.0
+
+
+def test_serve_details_list_the_nodes_that_host_replicas() -> None:
+    from llmray.ray.serve import parse_serve_details
+
+    inst = parse_serve_details(
+        {
+            "applications": {
+                "a": {
+                    "status": "RUNNING",
+                    "deployments": {
+                        "LLMServer": {
+                            "status": "HEALTHY",
+                            "replicas": [
+                                {"state": "RUNNING", "node_ip": "10.0.0.2"},
+                                {"state": "STARTING", "node_ip": "10.0.0.3"},
+                                {"state": "RUNNING", "node_ip": 7},
+                            ],
+                        }
+                    },
+                }
+            }
+        }
+    )
+    assert inst.applications["a"].replica_ips == frozenset({"10.0.0.2", "10.0.0.3"})

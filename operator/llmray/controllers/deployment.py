@@ -53,7 +53,7 @@ class _App:
     app_name: str
 
 
-def sandbox_worker_states(
+def joined_worker_states(
     workers: list[PodView],
     nodes: list[RayNode],
     ready_since: dict[str, float],
@@ -61,13 +61,17 @@ def sandbox_worker_states(
     has_demand: bool,
     shared: bool,
     now: float,
+    replica_ips: frozenset[str] = frozenset(),
 ) -> list[WorkerState]:
-    """Worker pods joined with Ray nodes (see :func:`llmray.autoscaling.worker_states`).
+    """Worker pods joined with Ray nodes (see :func:`llmray.autoscaling.worker_states`), with idle time.
 
-    On a shared head (the sandbox) worker pods are simulated and never join Ray: a Ready pod with
-    no Ray node counts as capacity on its way while demand is pending (so it absorbs that demand
-    once), and as idle since it became Ready (or since demand was last seen) otherwise, so it is
-    removed after idleTimeoutSeconds. ``ready_since`` (pod name -> time) is updated in place.
+    Own head: a worker node that hosts no Serve replica while nothing is pending is idle since the
+    last pass that saw it busy (Ray itself keeps such a node ACTIVE while Serve's actors linger, and
+    reports no idle time). On a shared head (the sandbox) worker pods are simulated and never join
+    Ray: a Ready pod with no Ray node counts as capacity on its way while demand is pending (so it
+    absorbs that demand once), and as idle since it became Ready (or since demand was last seen)
+    otherwise. Either way it is removed after idleTimeoutSeconds. ``ready_since`` (pod name ->
+    time the idle clock started) is updated in place.
     """
     live = [w for w in workers if not w.deleting]
     states = worker_states([(w.name, w.pod_ip or None) for w in live], nodes, now=now)
@@ -75,7 +79,17 @@ def sandbox_worker_states(
     for name in [n for n in ready_since if n not in ready]:
         del ready_since[name]
     if not shared:
-        return states
+        own: list[WorkerState] = []
+        for pod, state in zip(live, states, strict=True):
+            if not state.in_ray or state.idle_seconds is not None:
+                own.append(state)
+            elif has_demand or pod.pod_ip in replica_ips:
+                ready_since[pod.name] = now
+                own.append(state)
+            else:
+                since = ready_since.setdefault(pod.name, now)
+                own.append(WorkerState(pod.name, in_ray=True, idle_seconds=now - since))
+        return own
     out: list[WorkerState] = []
     for pod, state in zip(live, states, strict=True):
         matched = bool(pod.pod_ip) and any(n.ip == pod.pod_ip and n.alive and not n.is_head for n in nodes)
@@ -237,14 +251,16 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
         if not cluster.reported:
             return  # a fresh head: no report yet, so an empty demand means nothing
         nodes = await ray.cluster.nodes()
+        replica_ips = p.serve_app.replica_ips if p.serve_app is not None else frozenset()
         offer = worker_offer(pool.resources.cpu, pool.resources.gpu, pool.resources.memory)
-        states = sandbox_worker_states(
+        states = joined_worker_states(
             p.workers,
             nodes,
             self.ready_since.setdefault(p.key, {}),
             has_demand=cluster.has_demand,
             shared=shared,
             now=self._clock(),
+            replica_ips=replica_ips,
         )
         decision = decide(
             [*cluster.demand, *cluster.requested],

@@ -36,6 +36,8 @@ class DeploymentStatus:
     target_replicas: int | None = None
     running_replicas: int = 0
     replica_states: dict[str, int] = field(default_factory=dict)
+    replica_ips: frozenset[str] = frozenset()
+    """IPs of the Ray nodes that host a replica (any state): a worker pod without one is idle."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,11 @@ class ServeApplication:
     def target_replicas(self) -> int:
         return sum(d.target_replicas or 0 for d in self.deployments.values())
 
+    @property
+    def replica_ips(self) -> frozenset[str]:
+        """IPs of the nodes that host a replica of this application."""
+        return frozenset(ip for d in self.deployments.values() for ip in d.replica_ips)
+
 
 @dataclass(frozen=True)
 class ServeInstance:
@@ -72,10 +79,19 @@ class ServeInstance:
     http_options: dict[str, Any] = field(default_factory=dict)
     proxy_location: str | None = None
 
+    @property
+    def replica_ips(self) -> frozenset[str]:
+        """IPs of every node that hosts a replica of any application."""
+        return frozenset(
+            ip for a in self.applications.values() for d in a.deployments.values() for ip in d.replica_ips
+        )
+
 
 MAX_REPLICAS_REPORTED = 100_000
 """Replica counts a head reports are clamped to this (it ends up in status)."""
 MAX_MESSAGE = 2_000
+MAX_REPLICAS_LISTED = 10_000
+"""Replica entries read per deployment (an untrusted head could list millions)."""
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:
@@ -91,10 +107,14 @@ def _replica_count(value: Any) -> int | None:
 
 def _parse_deployment(name: str, data: Mapping[str, Any]) -> DeploymentStatus:
     states: dict[str, int] = {}
+    ips: set[str] = set()
     replicas = data.get("replicas")
-    for replica in replicas if isinstance(replicas, list) else []:
+    for replica in (replicas if isinstance(replicas, list) else [])[:MAX_REPLICAS_LISTED]:
         state = str(_mapping(replica).get("state", "UNKNOWN"))[:64]
         states[state] = states.get(state, 0) + 1
+        ip = _mapping(replica).get("node_ip")
+        if isinstance(ip, str) and ip:
+            ips.add(ip[:64])
     return DeploymentStatus(
         name=str(data.get("name") or name),
         status=str(data.get("status") or "UNKNOWN")[:64],
@@ -102,6 +122,7 @@ def _parse_deployment(name: str, data: Mapping[str, Any]) -> DeploymentStatus:
         target_replicas=_replica_count(data.get("target_num_replicas")),
         running_replicas=states.get("RUNNING", 0),
         replica_states=states,
+        replica_ips=frozenset(ips),
     )
 
 
