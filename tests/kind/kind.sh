@@ -316,11 +316,16 @@ project_images() {
   local ca=() tag
   [ -f /etc/ssl/certs/ca-certificates.crt ] && ca=(--secret id=pip-ca,src=/etc/ssl/certs/ca-certificates.crt)
   for tag in operator ray-runtime; do
-    local file=operator
+    local file=operator old
     [ "$tag" = ray-runtime ] && file=runtime
+    old="$(d image inspect -f '{{.Id}}' "llmray/$tag:0.1.0" 2>/dev/null || true)"
     log "docker build llmray/$tag:0.1.0"
     d build -q "${ca[@]}" --build-arg "PYTHON=$python_image" -t "llmray/$tag:0.1.0" \
       -f "$repo/docker/Dockerfile.$file" "$repo" >/dev/null
+    # The image this build replaced (its layers shared with the new one stay): no dangling copies.
+    if [ -n "$old" ] && [ "$old" != "$(d image inspect -f '{{.Id}}' "llmray/$tag:0.1.0")" ]; then
+      d rmi "$old" >/dev/null 2>&1 || true
+    fi
   done
 }
 
