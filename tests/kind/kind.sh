@@ -366,12 +366,13 @@ cmd_down() {
     # What dockerd leaves on the host: its bridge, its nft tables (iptables-nft), overlay mounts.
     ip link delete docker0 2>/dev/null || true
     local table
-    nft list tables 2>/dev/null | sort | comm -13 "$state/nft-before" - 2>/dev/null | while read -r table; do
-      # shellcheck disable=SC2086
-      nft delete $table 2>/dev/null || true
-    done
-    grep -F " $data_root" /proc/mounts | awk '{print $2}' | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
-    grep -F " /run/docker" /proc/mounts | awk '{print $2}' | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+    { nft list tables 2>/dev/null | sort | comm -13 "$state/nft-before" - 2>/dev/null || true; } |
+      while read -r table; do
+        # shellcheck disable=SC2086
+        nft delete $table 2>/dev/null || true
+      done
+    { grep -F -e " $data_root" -e " /run/docker" /proc/mounts || true; } | awk '{print $2}' | sort -r |
+      while read -r m; do umount -l "$m" 2>/dev/null || true; done
     rm -f "$state/dockerd.pid" "$state/nft-before"
   fi
   rm -f "$kubeconfig"
