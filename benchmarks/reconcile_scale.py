@@ -140,10 +140,17 @@ def _statuses_ready(custom: client.CustomObjectsApi, namespace: str) -> int:
     return n
 
 
-def _metric(port: int, name: str) -> float:
+def _metric_series(port: int, name: str) -> dict[str, float]:
+    """Every labelled series of one metric, keyed by its label text."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+    series = (line.rsplit(" ", 1) for line in text.splitlines() if line.startswith(name + "{"))
+    return {labels[len(name) :]: float(value) for labels, value in series}
+
+
+def _series_delta(after: dict[str, float], before: dict[str, float]) -> dict[str, int]:
+    """Which requests were made between two scrapes (non-zero deltas only)."""
+    return {k: int(v - before.get(k, 0.0)) for k, v in after.items() if v - before.get(k, 0.0) > 0}
 
 
 def _peak_rss_mib(pid: int) -> float:
@@ -198,11 +205,13 @@ def run_operator(
         t_pods = _wait(lambda: _pods_ready(core, namespace), pods, timeout, "pods Running")
         _wait(lambda: _statuses_ready(custom, namespace), len(objs), timeout, "statuses ready")
         elapsed = time.monotonic() - t0
-        requests_ready = _metric(metrics_port, "llmray_kube_requests_total")
+        series_ready = _metric_series(metrics_port, "llmray_kube_requests_total")
+        requests_ready = sum(series_ready.values())
         events = _count_events(core, namespace)
         # two idle resync periods (15 s each): a converged operator should make ~no requests
         time.sleep(32)
-        requests_idle = _metric(metrics_port, "llmray_kube_requests_total") - requests_ready
+        series_idle = _metric_series(metrics_port, "llmray_kube_requests_total")
+        requests_idle = sum(series_idle.values()) - requests_ready
         rss = _peak_rss_mib(proc.pid)
         return {
             "namespace": namespace,
@@ -214,6 +223,7 @@ def run_operator(
             "events_posted": events,
             "requests_per_resource": round((requests_ready + events) / len(objs), 2),
             "requests_in_2_idle_resyncs": int(requests_idle),
+            "idle_requests_by_kind": _series_delta(series_idle, series_ready),
         }
     finally:
         proc.send_signal(signal.SIGTERM)

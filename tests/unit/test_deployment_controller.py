@@ -196,6 +196,22 @@ async def test_unreachable_head_is_reported() -> None:
     assert world.phase(key) == "Deploying"
 
 
+async def test_busy_ray_slots_keep_the_last_ray_message_and_write_nothing() -> None:
+    """At scale every Ray slot can be busy; a pass that skips Ray must not flap the message."""
+    world = World(ray_slots=1)
+    key = await up(world)
+    world.head_of(key).down = True
+    await world.reconcile(key)
+    message = world.kube.status(key)["message"]
+    assert "cannot reach the Ray head" in message
+    gate = world.deps.ray_gate
+    assert gate is not None and gate.try_acquire()  # a slow head elsewhere holds the only slot
+    writes = sum(1 for c in world.kube.calls if c[0] == "patch_status")
+    await world.reconcile(key)
+    assert world.kube.status(key)["message"] == message
+    assert sum(1 for c in world.kube.calls if c[0] == "patch_status") == writes
+
+
 async def test_shared_head_routes_by_namespace_and_reports_its_url() -> None:
     world = World(Settings(topology=SharedHead("http://127.0.0.1:8265", "http://127.0.0.1:8000")))
     key = await up(world)

@@ -143,6 +143,8 @@ class Pass(Generic[SpecT, StatusT]):
     serve_seen: bool = False
     """Deployments: the pass read the Serve application's status (``serve_app``)."""
     serve_app: ServeApplication | None = None
+    ray_skipped: bool = False
+    """The Ray steps were skipped (every Ray slot busy): nothing new is known from the head."""
     requeue_after: float | None = None
     events: list[tuple[str, str, str]] = field(default_factory=list)
 
@@ -317,6 +319,10 @@ class ClusterController(Generic[SpecT, StatusT]):
         self.observe_cluster(p)
         await self.step_ray(p)
         self.apply(p, self.decide(p))
+        if p.ray_skipped and p.status.phase == old_status.phase:
+            # Without fresh word from the head, the last Ray-informed message still holds; writing
+            # the generic one would flap the status (and cost a write) on every busy resync.
+            p.status.message = old_status.message
         try:
             await self.write(p, old_status)
         except KubeError as err:
@@ -337,6 +343,7 @@ class ClusterController(Generic[SpecT, StatusT]):
             return
         gate = self.deps.ray_gate
         if gate is not None and not gate.try_acquire():
+            p.ray_skipped = True
             p.requeue(RAY_BUSY_REQUEUE_S)
             return
         try:
@@ -705,6 +712,7 @@ class ClusterController(Generic[SpecT, StatusT]):
         after = p.status.to_wire()
         patch = merge_patch(before, after)
         if patch:
+            logger.debug("status patch of %s: %s", p.key, patch)
             # Conditional on the version the pass started from: if the resource changed meanwhile
             # (a user, another writer, or our cache lagging), 409 -> retried on a fresh view.
             obj = await self.kube.patch_status(
