@@ -10,7 +10,9 @@ What it does, in one run (about 2-3 minutes on an H100 after the venv exists):
 3. **through Ray Serve**: starts its own Ray head on 127.0.0.1 (token auth, ``--num-gpus=1``),
    deploys the same app the operator deploys (1 replica, 1 GPU) and measures TTFT (streaming)
    and tokens/s over HTTP on loopback;
-4. the same through vLLM (Ray Serve LLM) when ``vllm`` is importable, else says it skipped.
+4. the same through vLLM (Ray Serve LLM) when ``vllm`` is importable, else says it skipped;
+   both apps run with an API key, and each first proves that a request without it (or with a
+   wrong one) gets 401 and one with it gets 200 (the shipped vLLM example's configuration).
 
 ``--cpu`` runs the same flow with the tiny model on CPU (to prove the script itself works).
 Exit status 0 only if every step that ran produced tokens.
@@ -36,6 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # for tests.ray_cluster (the loopback Ray head helper)
 
 PROMPT = "The lighthouse keeper climbed the stairs and"
+API_KEY_ENV = "LLMRAY_SMOKE_API_KEY"
+API_KEY = "smoke-key-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 GPU_MODEL: dict[str, Any] = {
     "hidden_size": 1024,
     "intermediate_size": 2816,
@@ -175,7 +180,7 @@ async def http_level(url: str, model: str, concurrency: int, max_tokens: int, na
                     tokens = event["usage"]["completion_tokens"]
         return first, tokens
 
-    async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+    async with httpx.AsyncClient(timeout=300, limits=limits, headers=AUTH) as http:
         await asyncio.gather(*(one(http) for _ in range(min(concurrency, 4))))
         started = time.perf_counter()
         results = await asyncio.gather(*(one(http) for _ in range(concurrency)))
@@ -183,18 +188,39 @@ async def http_level(url: str, model: str, concurrency: int, max_tokens: int, na
     return report(name, [r[0] for r in results], sum(r[1] for r in results), seconds, concurrency)
 
 
+def key_check(url: str) -> dict[str, Any]:
+    """The app refuses requests without the API key (OpenAI's 401 shape) and accepts it."""
+    import httpx
+
+    body = {"model": "smoke", "prompt": PROMPT, "max_tokens": 4}
+    codes = {}
+    for label, headers in (("none", {}), ("wrong", {"Authorization": "Bearer wrong"}), ("key", AUTH)):
+        response = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=120)
+        codes[label] = response.status_code
+    ok = codes == {"none": 401, "wrong": 401, "key": 200}
+    print(f"API key check at {url}: {codes} -> {'OK' if ok else 'FAILED'}", flush=True)
+    return {"name": "api key check", "codes": codes, "ok": ok}
+
+
 def serve_levels(
     model_dir: Path, gpu: bool, max_tokens: int, levels: tuple[int, ...]
-) -> list[dict[str, Any]]:
-    """Start a loopback Ray head, deploy transformers (and vLLM if available), measure over HTTP."""
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Start a loopback Ray head, deploy transformers (and vLLM if available), measure over HTTP.
+
+    Both apps run with an API key, as the shipped examples do; the key is checked first.
+    """
     from tests.ray_cluster import free_port, start_local_ray, stop_local_ray
 
     # Ray starts workers (hence Serve replicas) at nice 15; the in-process side runs at nice 0. On a
     # shared machine that alone skews the comparison, so this benchmark's own cluster runs them at 0.
     os.environ["RAY_worker_niceness"] = "0"  # noqa: SIM112 - Ray reads this exact name
+    # As in a Ray pod (the key comes from the Secret into the pod's environment), every replica of
+    # either engine inherits the key from the node's environment.
+    os.environ[API_KEY_ENV] = API_KEY
     local = start_local_ray(num_cpus=8, extra_args=["--num-gpus=1"] if gpu else None)
     os.environ.update(local.env)  # before ray is imported: it reads RAY_AUTH_MODE once
     rows: list[dict[str, Any]] = []
+    checks: list[dict[str, Any]] = []
     try:
         import httpx
 
@@ -217,16 +243,20 @@ def serve_levels(
             spec: dict[str, Any] = {
                 "model": {"uri": f"file://{model_dir}", "name": "smoke"},
                 "engine": engine,
-                "engineArgs": {"maxNumSeqs": 64, "maxModelLen": 1024},
+                "engineArgs": {"maxNumSeqs": 64, "maxModelLen": 1024 if gpu else 512},
                 "resourcesPerReplica": {"cpu": "2", "gpu": 1 if gpu else 0, "memory": "8Gi"},
                 "limits": {"maxOngoingRequests": 64, "maxQueuedRequests": 128, "maxTokens": 1024},
             }
             if engine == "vllm":
                 spec["engineArgs"] |= {"gpuMemoryUtilization": 0.5, "dtype": "bfloat16"}
-            args = ServeAppArgs.model_validate({"name": f"smoke-{engine}", "spec": spec})
+            spec["apiKeySecretRef"] = {"name": "smoke-key", "key": "key"}
+            args = ServeAppArgs.model_validate(
+                {"name": f"smoke-{engine}", "spec": spec, "apiKeyEnv": API_KEY_ENV}
+            )
             started = time.perf_counter()
             serve.run(build_app_from(args), name=args.name, route_prefix=f"/{engine}")
             print(f"{engine}: deployed in {time.perf_counter() - started:.0f}s", flush=True)
+            checks.append(key_check(f"{url}/{engine}") | {"engine": engine})
             for concurrency in levels:
                 name = f"{engine} via Serve HTTP"
                 rows.append(
@@ -238,7 +268,7 @@ def serve_levels(
 
         ray.shutdown()
         stop_local_ray(local)
-    return rows
+    return rows, checks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,15 +314,19 @@ def main(argv: list[str] | None = None) -> int:
         del engine
         if gpu:
             torch.cuda.empty_cache()
+        checks: list[dict[str, Any]] = []
         if not ns.skip_serve:
-            rows += serve_levels(model_dir, gpu, max_tokens, levels)
+            served, checks = serve_levels(model_dir, gpu, max_tokens, levels)
+            rows += served
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
     ok = padding_ok and all(row["tokens"] == row["concurrency"] * max_tokens for row in rows)
+    ok = ok and all(check["ok"] for check in checks)
     print(f"\n{'OK' if ok else 'FAILED'}: {len(rows)} measurements, max_tokens={max_tokens}", flush=True)
     if ns.json:
-        ns.json.write_text(json.dumps({"gpu": gpu, "max_tokens": max_tokens, "rows": rows}, indent=2))
+        result = {"gpu": gpu, "max_tokens": max_tokens, "rows": rows, "checks": checks}
+        ns.json.write_text(json.dumps(result, indent=2))
     return 0 if ok else 1
 
 

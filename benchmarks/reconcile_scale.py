@@ -181,7 +181,11 @@ def _create_all(custom: client.CustomObjectsApi, namespace: str, objs: list[dict
 
 
 def run_operator(
-    api: client.ApiClient, kubeconfig: str, objs: list[dict[str, Any]], timeout: float
+    api: client.ApiClient,
+    kubeconfig: str,
+    objs: list[dict[str, Any]],
+    timeout: float,
+    log_level: str = "warning",
 ) -> dict[str, Any]:
     core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
     namespace = f"bench-op-{uuid.uuid4().hex[:6]}"
@@ -191,7 +195,7 @@ def run_operator(
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "llmray.cli", "operator", "-n", namespace,
-            "--kubeconfig", kubeconfig, "--log-level", "warning",
+            "--kubeconfig", kubeconfig, "--log-level", log_level, "--log-format", "plain",
             "--metrics-port", str(metrics_port), "--liveness", f"http://127.0.0.1:{health_port}/healthz",
         ],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO / "operator")},
@@ -318,6 +322,11 @@ def main() -> int:
     parser.add_argument("--kubeconfig", help="use this cluster instead of starting one")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--operator-log-level",
+        default="warning",
+        help="the operator's log level (debug logs every status patch); its log is /tmp/<namespace>.log",
+    )
     args = parser.parse_args()
     kubeconfig = _ensure_cluster(args)
     os.environ["KUBECONFIG"] = kubeconfig
@@ -329,7 +338,7 @@ def main() -> int:
     results = []
     for n in args.resources:
         objs = _resources(n)
-        operator = run_operator(api, kubeconfig, objs, args.timeout)
+        operator = run_operator(api, kubeconfig, objs, args.timeout, args.operator_log_level)
         direct = run_direct(api, objs, args.timeout)
         row = {
             "resources": n,

@@ -139,7 +139,8 @@ def stop_local_ray_process(process: subprocess.Popen[bytes]) -> None:
 
 def stop_local_ray(ray: LocalRay) -> None:
     stop_local_ray_process(ray.process)
-    shutil.rmtree(ray.temp_dir, ignore_errors=True)
+    if not os.environ.get("LLMRAY_KEEP_RAY_LOGS"):
+        shutil.rmtree(ray.temp_dir, ignore_errors=True)
 
 
 def local_ray_session() -> Iterator[LocalRay]:
