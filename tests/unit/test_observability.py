@@ -89,9 +89,10 @@ async def test_ray_calls_count_by_endpoint_and_outcome() -> None:
     await client.get_object("/api/jobs/def")
     with pytest.raises(Exception):  # noqa: B017 - RayNotFound; the metric is what is tested
         await client.get_object("/api/jobs/missing")
-    assert sample("llmray_ray_requests_total", endpoint="/api/jobs/{id}", method="GET", outcome="2xx") == ok + 2
-    assert sample("llmray_ray_requests_total", endpoint="/api/jobs/{id}", method="GET", outcome="4xx") == bad + 1
-    assert sample("llmray_ray_request_seconds_count", endpoint="/api/jobs/{id}", method="GET") == timed + 3
+    job = {"endpoint": "/api/jobs/{id}", "method": "GET"}
+    assert sample("llmray_ray_requests_total", **job, outcome="2xx") == ok + 2
+    assert sample("llmray_ray_requests_total", **job, outcome="4xx") == bad + 1
+    assert sample("llmray_ray_request_seconds_count", **job) == timed + 3
 
 
 async def test_unreachable_head_counts_as_unreachable() -> None:
@@ -101,7 +102,8 @@ async def test_unreachable_head_counts_as_unreachable() -> None:
     before = sample("llmray_ray_requests_total", endpoint="/api/cluster_status", outcome="unreachable")
     with pytest.raises(RayHeadUnavailable):
         await http(handler).get_object("/api/cluster_status")
-    assert sample("llmray_ray_requests_total", endpoint="/api/cluster_status", outcome="unreachable") == before + 1
+    after = sample("llmray_ray_requests_total", endpoint="/api/cluster_status", outcome="unreachable")
+    assert after == before + 1
 
 
 # --- the work queue ------------------------------------------------------------------------------------
@@ -134,7 +136,8 @@ async def test_children_created_and_deleted_are_counted_per_kind() -> None:
     await world.reconcile(key)
     assert sample("llmray_children_created_total", kind="LLMTrainingJob", child="Pod") == created + 3
     assert sample("llmray_children_created_total", kind="LLMTrainingJob", child="Service") >= 1
-    world.kube.apply(tr.KIND, tr.NS, "ft", tr.spec(workers={"replicas": 1, "resources": {"cpu": "1", "memory": "2Gi"}}))
+    one = {"replicas": 1, "resources": {"cpu": "1", "memory": "2Gi"}}  # fewer pods, same template
+    world.kube.apply(tr.KIND, tr.NS, "ft", tr.spec(workers=one))
     await world.reconcile(key)
     assert sample("llmray_children_deleted_total", kind="LLMTrainingJob", child="Pod") == deleted + 1
 
@@ -190,7 +193,9 @@ async def test_oversized_or_malformed_stats_are_refused() -> None:
 
 
 def test_untrusted_figures_are_bounded() -> None:
-    hostile = ServingStats(requests_per_second=math.inf, ttft_p50_seconds=math.nan, running=-4, waiting=10**30)
+    hostile = ServingStats(
+        requests_per_second=math.inf, ttft_p50_seconds=math.nan, running=-4, waiting=10**30
+    )
     status = serving_status(hostile)
     assert (status.requests_per_second, status.ttft_p50_ms, status.running) == (0.0, None, 0)
     assert status.waiting == 10_000_000
@@ -207,7 +212,8 @@ async def test_deployment_status_mirrors_serving_and_raises_queue_full() -> None
     world = World()
     key = await dep.up(world, limits={"maxQueuedRequests": 10})
     world.head_of(key).set_app("chat", "RUNNING")
-    world.ray.stats[route_url(world)] = ServingStats(requests_per_second=4.0, ttft_p50_seconds=0.25, running=2)
+    stats = ServingStats(requests_per_second=4.0, ttft_p50_seconds=0.25, running=2)
+    world.ray.stats[route_url(world)] = stats
     await world.reconcile(key)
     status = world.kube.status(key)
     assert status["phase"] == "Ready"
@@ -280,7 +286,8 @@ def test_progress_report_carries_mfu_into_status() -> None:
     report = ProgressReport.model_validate(json.loads('{"step": 3, "totalSteps": 9, "mfu": 0.38}'))
     progress, _ = progress_status(report, Progress(), datetime.now(UTC))
     assert progress.mfu == "38.0%"
-    hostile = ProgressReport.model_validate(json.loads('{"step": 3, "tokensPerSecond": Infinity, "mfu": NaN}'))
+    line = '{"step": 3, "tokensPerSecond": Infinity, "mfu": NaN}'  # Python's json accepts these
+    hostile = ProgressReport.model_validate(json.loads(line))
     progress, _ = progress_status(hostile, Progress(), datetime.now(UTC))
     assert (progress.mfu, progress.tokens_per_second) == ("", 0)
 
