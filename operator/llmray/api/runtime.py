@@ -79,7 +79,6 @@ class ProgressReport(StatusModel):
     learning_rate: float | None = None
     tokens_per_second: float | None = None
     mfu: float | None = None
-    """Model FLOPs utilisation: the fraction 0..1 of the accelerators' peak FLOPs (None: unknown)."""
     elapsed_seconds: float | None = None
     checkpoint_path: str | None = None
     checkpoint_step: int | None = None
