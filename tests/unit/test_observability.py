@@ -371,3 +371,19 @@ def test_metrics_peer_may_scrape_only_the_metrics_port() -> None:
     scrape = [r for r in rules if r.get("from") == [peer]]
     assert scrape == [{"from": [peer], "ports": [{"port": 8080, "protocol": "TCP"}]}]
     assert not [r for r in network_policy(cluster, None)["spec"]["ingress"] if r.get("from") == [peer]]
+
+
+def test_cli_flags_reach_the_settings() -> None:
+    from llmray.cli import build_parser, settings_from_args
+
+    def settings(*argv: str) -> Settings:
+        return settings_from_args(build_parser().parse_args(["operator", *argv]), {})
+
+    default = settings()
+    assert (default.stalled_after, default.queue_full_ratio, default.metrics_peer) == (600.0, 0.9, None)
+    custom = settings(
+        "--stalled-after", "120", "--queue-full-ratio", "0.5",
+        "--metrics-scraper-namespace", "monitoring", "--metrics-scraper-pod-labels", "app=prometheus",
+    )  # fmt: skip
+    assert (custom.stalled_after, custom.queue_full_ratio) == (120.0, 0.5)
+    assert custom.metrics_peer == operator_peer("monitoring", "app=prometheus")
