@@ -387,3 +387,20 @@ def test_cli_flags_reach_the_settings() -> None:
     )  # fmt: skip
     assert (custom.stalled_after, custom.queue_full_ratio) == (120.0, 0.5)
     assert custom.metrics_peer == operator_peer("monitoring", "app=prometheus")
+
+
+def test_ray_pods_expose_the_metrics_port_the_pod_monitor_scrapes() -> None:
+    from llmray.builders.cluster import head_pod, worker_pod
+
+    owner = Owner(kind=tr.KIND, name="ft", namespace=tr.NS, uid="u1")
+    cluster = training_cluster(owner, training_api.LLMTrainingJobSpec.model_validate(tr.spec()))
+    for pod in (head_pod(cluster, "a"), worker_pod(cluster, 0, "a")):
+        container = pod["spec"]["containers"][0]
+        assert {"name": "metrics", "containerPort": 8080} in [
+            {"name": p["name"], "containerPort": p["containerPort"]} for p in container["ports"]
+        ]
+        command = " ".join(container.get("command", []) + container.get("args", []))
+        assert "--metrics-export-port=8080" in command
+        labels = pod["metadata"]["labels"]  # what charts/llmray/templates/monitoring.yaml selects
+        assert labels["app.kubernetes.io/managed-by"] == "llmray-operator"
+        assert labels["ray.io/node-type"] in ("head", "worker")
