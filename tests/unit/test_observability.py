@@ -404,3 +404,28 @@ def test_ray_pods_expose_the_metrics_port_the_pod_monitor_scrapes() -> None:
         labels = pod["metadata"]["labels"]  # what charts/llmray/templates/monitoring.yaml selects
         assert labels["app.kubernetes.io/managed-by"] == "llmray-operator"
         assert labels["ray.io/node-type"] in ("head", "worker")
+
+
+async def test_pooled_provider_polls_stats_over_the_shared_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmray.controllers import rayconn
+
+    seen: list[tuple[str, str | None]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((str(request.url), request.headers.get("authorization")))
+        return httpx.Response(200, json={"running": 1})
+
+    monkeypatch.setattr(
+        rayconn, "pooled_client", lambda: httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    )
+    provider = rayconn.PooledRay()
+    try:
+        stats = await provider.serving("http://127.0.0.1:8000/team/chat", "k").stats()
+        assert stats == ServingStats(running=1)
+        await provider.serving("http://127.0.0.1:8000/team/other", None).stats()
+        assert seen == [
+            ("http://127.0.0.1:8000/team/chat/llmray/stats", "Bearer k"),
+            ("http://127.0.0.1:8000/team/other/llmray/stats", None),
+        ]
+    finally:
+        await provider.aclose()
