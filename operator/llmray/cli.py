@@ -97,6 +97,9 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Sett
         stuck_after=args.stuck_after,
         topology=topology,
         operator_peer=operator_peer(args.operator_namespace, args.operator_pod_labels),
+        metrics_peer=operator_peer(args.metrics_scraper_namespace, args.metrics_scraper_pod_labels),
+        stalled_after=args.stalled_after,
+        queue_full_ratio=args.queue_full_ratio,
         **extra,
     )
 
@@ -199,6 +202,28 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=Settings.stuck_after,
         help="liveness fails when a reconcile pass has been running this long",
+    )
+    op.add_argument(
+        "--stalled-after",
+        type=float,
+        default=Settings.stalled_after,
+        help="seconds without a new progress report before a Running training job is marked Stalled",
+    )
+    op.add_argument(
+        "--queue-full-ratio",
+        type=float,
+        default=Settings.queue_full_ratio,
+        help="a deployment is QueueFull when waiting requests reach this share of limits.maxQueuedRequests",
+    )
+    op.add_argument(
+        "--metrics-scraper-namespace",
+        default="",
+        help="namespace whose pods may scrape the Ray pods' metrics port (NetworkPolicies; '': none)",
+    )
+    op.add_argument(
+        "--metrics-scraper-pod-labels",
+        default="",
+        help="k=v,... labels selecting the scraper pods in --metrics-scraper-namespace ('': all its pods)",
     )
     op.add_argument(
         "--auth-key-file",

@@ -38,6 +38,7 @@ from llmray.controllers.store import Expectations, Key, Store
 from llmray.controllers.training import TrainingController
 from llmray.kube import Kube, load_api_client
 from llmray.leader import LeaderElector
+from llmray.metrics import RESOURCES
 
 logger = logging.getLogger("llmray.operator")
 
@@ -75,6 +76,7 @@ class App:
         self.store.deployments_by_job = indices["llmray_deployments_by_job"]
         self.store.pods = indices["llmray_pods"]
         self.store.services = indices["llmray_services"]
+        RESOURCES.source = self.store.phase_counts
         # Secrets are neither listed nor watched: that would read every Secret of every namespace.
         # The operator only creates the auth Secret (see ClusterController.step_auth_secret).
         if self.kube is None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from llmray.api.deployment import KIND as DEPLOYMENT_KIND
 from llmray.api.deployment import PLURAL as DEPLOYMENT_PLURAL
+from llmray.api.telemetry import ServingStats
 from llmray.api.training import KIND as TRAINING_KIND
 from llmray.api.training import PLURAL as TRAINING_PLURAL
 from llmray.builders.observe import ChildView, PodView, owner_key
@@ -344,12 +345,32 @@ class _Client:
         return list(self._call("nodes").ray_nodes)
 
 
+@dataclass
+class _FakeServing:
+    ray: FakeRay
+    url: str
+    api_key: str | None
+
+    async def stats(self) -> ServingStats | None:
+        self.ray.stats_calls.append((self.url, self.api_key))
+        answer = self.ray.stats.get(self.url)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
 class FakeRay:
     """A :class:`~llmray.controllers.rayconn.RayProvider` over in-memory heads (by dashboard URL)."""
 
     def __init__(self) -> None:
         self.heads: dict[str, FakeHead] = {}
         self.forgotten: list[Key] = []
+        self.stats: dict[str, ServingStats | Exception | None] = {}
+        """Serve route URL -> what its stats route answers (absent/None: 404)."""
+        self.stats_calls: list[tuple[str, str | None]] = []
+
+    def serving(self, url: str, api_key: str | None) -> _FakeServing:
+        return _FakeServing(self, url, api_key)
 
     def head(self, url: str) -> FakeHead:
         return self.heads.setdefault(url, FakeHead(url))

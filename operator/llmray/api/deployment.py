@@ -355,6 +355,15 @@ class ServedModelStatus(StatusModel):
     name: str = Field("", description="Model name clients use.")
 
 
+class ServingStatus(StatusModel):
+    """Live serving figures, polled from the Serve application (all replicas, last minute)."""
+
+    requests_per_second: float = Field(0.0, description="Requests completed per second.")
+    ttft_p50_ms: int | None = Field(None, description="Median time to first token, in milliseconds.")
+    running: int = Field(0, description="Sequences being generated now.")
+    waiting: int = Field(0, description="Requests waiting for a replica.")
+
+
 class LLMDeploymentStatus(StatusModel):
     """Observed state of an LLMDeployment."""
 
@@ -365,6 +374,9 @@ class LLMDeploymentStatus(StatusModel):
     workers: PodCounts = Field(default_factory=PodCounts, description="Ray worker pods ready / desired.")
     endpoint: str = Field("", description="OpenAI base URL inside the cluster.")
     model: ServedModelStatus = Field(default_factory=ServedModelStatus, description="The served model.")
+    serving: ServingStatus | None = Field(
+        None, description="Live serving figures (absent when the serving engine reports none)."
+    )
     ray_cluster: RayClusterStatus = Field(default_factory=RayClusterStatus, description="The Ray cluster.")
     message: StatusMessage = ""
 
@@ -374,6 +386,9 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     printer_column("Ready", "integer", ".status.replicas.ready", description="ready replicas"),
     printer_column("Desired", "integer", ".status.replicas.desired"),
     WORKERS_COLUMN,
+    printer_column("Req/s", "number", ".status.serving.requestsPerSecond", priority=1),
+    printer_column("TTFT-ms", "integer", ".status.serving.ttftP50Ms", priority=1, description="p50 TTFT"),
+    printer_column("Waiting", "integer", ".status.serving.waiting", priority=1),
     printer_column("Endpoint", "string", ".status.endpoint"),
     AGE_COLUMN,
 ]

@@ -78,6 +78,7 @@ class ProgressReport(StatusModel):
     eval_loss: float | None = None
     learning_rate: float | None = None
     tokens_per_second: float | None = None
+    mfu: float | None = None
     elapsed_seconds: float | None = None
     checkpoint_path: str | None = None
     checkpoint_step: int | None = None

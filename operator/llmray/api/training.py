@@ -273,6 +273,11 @@ class Progress(StatusModel):
     eval_loss: str = Field("", description="Latest evaluation loss.")
     learning_rate: str = Field("", description="Current learning rate.")
     tokens_per_second: int = Field(0, description="Training throughput over all workers.")
+    mfu: str = Field(
+        "",
+        description="Model FLOPs utilisation: share of the accelerators' peak FLOPs, e.g. 41.3% (empty: "
+        "unknown, e.g. on CPU).",
+    )
     eta: str = Field("", description="Estimated time left, e.g. 3m20s.")
     updated_at: datetime | None = Field(None, description="When the job last reported progress.")
 
@@ -325,6 +330,9 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     printer_column("Step", "integer", ".status.progress.step"),
     printer_column("Loss", "string", ".status.progress.loss"),
     printer_column("Tokens/s", "integer", ".status.progress.tokensPerSecond", priority=1),
+    printer_column(
+        "MFU", "string", ".status.progress.mfu", priority=1, description="model FLOPs utilisation"
+    ),
     printer_column("ETA", "string", ".status.progress.eta", priority=1),
     printer_column("Restarts", "integer", ".status.restarts"),
     WORKERS_COLUMN,

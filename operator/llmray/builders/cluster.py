@@ -262,13 +262,17 @@ def operator_peer(namespace: str, labels: str) -> dict[str, Any] | None:
     }
 
 
-def network_policy(cluster: ClusterSpec, operator_peer: dict[str, Any] | None) -> dict[str, Any]:
+def network_policy(
+    cluster: ClusterSpec, operator_peer: dict[str, Any] | None, metrics_peer: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The ``<name>-ray`` NetworkPolicy over every pod of the cluster.
 
     - any port from the cluster's own pods (Ray nodes talk on many ports: GCS, raylets, object
       managers, workers);
     - the dashboard/REST port (and the serve port) from the operator, ``operator_peer`` (a
       NetworkPolicy peer selecting the operator's pods; None when it runs outside the cluster);
+    - Ray's metrics port (8080, ``ray start --metrics-export-port``) from ``metrics_peer`` (the
+      monitoring namespace's Prometheus, set with ``--metrics-scraper-namespace``; None: nobody);
     - the serve port (LLMDeployment) from everywhere when the serve Service is a NodePort or
       LoadBalancer, else from ``spec.service.allowFrom`` (default: every pod of the namespace).
 
@@ -283,6 +287,8 @@ def network_policy(cluster: ClusterSpec, operator_peer: dict[str, Any] | None) -
                 "ports": [{"port": p, "protocol": "TCP"} for p in (DASHBOARD_PORT, SERVE_PORT)],
             }
         )
+    if metrics_peer:
+        ingress.append({"from": [metrics_peer], "ports": [{"port": METRICS_PORT, "protocol": "TCP"}]})
     if cluster.serve is not None:
         serve_port = [{"port": SERVE_PORT, "protocol": "TCP"}]
         if cluster.serve.type != "ClusterIP":

@@ -32,6 +32,7 @@ from pydantic import ValidationError
 
 from llmray.api.common import ConditionStatus, SecretKeyRef
 from llmray.api.deployment import LLMDeploymentSpec, LLMDeploymentStatus
+from llmray.api.telemetry import ServingStats
 from llmray.api.training import LLMTrainingJobSpec, LLMTrainingJobStatus
 from llmray.builders import cluster as b
 from llmray.builders.common import (
@@ -65,11 +66,11 @@ from llmray.kube import AlreadyExists, KubeError
 from llmray.ray.serve import ServeApplication
 
 from .decisions import TrainingStep
-from .machines import Next, RayProblem
+from .machines import Alarm, Next, RayProblem
 from .rayconn import Heads
 from .runtime import Gate
 from .settings import Settings
-from .store import Expectations, Key, KubeAPI, Store
+from .store import CountingKube, Expectations, Key, KubeAPI, Store
 
 logger = logging.getLogger("llmray.controllers")
 
@@ -145,6 +146,9 @@ class Pass(Generic[SpecT, StatusT]):
     serve_app: ServeApplication | None = None
     ray_skipped: bool = False
     """The Ray steps were skipped (every Ray slot busy): nothing new is known from the head."""
+    serving_seen: bool = False
+    """Deployments: the pass polled the app's stats route (``serving`` None: it has none)."""
+    serving: ServingStats | None = None
     requeue_after: float | None = None
     events: list[tuple[str, str, str]] = field(default_factory=list)
 
@@ -217,7 +221,7 @@ class ClusterController(Generic[SpecT, StatusT]):
 
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
-        self.kube = deps.kube
+        self.kube: KubeAPI = CountingKube(deps.kube, self.kind)
         self.store = deps.store
         self.settings = deps.settings
         self.expectations = deps.expectations
@@ -511,7 +515,7 @@ class ClusterController(Generic[SpecT, StatusT]):
     async def step_network_policy(self, p: Pass[SpecT, StatusT]) -> bool:
         """Create (or patch to the spec) the cluster's NetworkPolicy; no watch needed."""
         assert p.cluster is not None
-        policy = b.network_policy(p.cluster, self.settings.operator_peer)
+        policy = b.network_policy(p.cluster, self.settings.operator_peer, self.settings.metrics_peer)
         wanted = policy["metadata"]["annotations"][b.ANNOTATION_TEMPLATE_HASH]
         slot = (p.key, "netpol")
         if self._ensured.get(slot) == (p.uid, wanted):
@@ -701,6 +705,20 @@ class ClusterController(Generic[SpecT, StatusT]):
             p.status.message = nxt.message
         if nxt.cluster is not None:
             p.condition(COND_CLUSTER_READY, *nxt.cluster)
+
+    def alarm(self, p: Pass[SpecT, StatusT], alarm: Alarm | None, type_: str) -> None:
+        """Set (or, for None, remove) a threshold condition; a Warning Event when it turns on, a
+        Normal one when it clears."""
+        previous = get_condition(p.status.conditions, type_)
+        if alarm is None:
+            p.status.conditions = [c for c in p.status.conditions if c.type != type_]
+            return
+        p.condition(alarm.type, alarm.active, alarm.reason, alarm.message)
+        was = previous is not None and previous.status == "True"
+        if alarm.active and not was:
+            p.event("Warning", alarm.reason, alarm.message)
+        elif was and not alarm.active:
+            p.event("Normal", alarm.reason, f"{alarm.type} cleared: {alarm.message}")
 
     def previous_cluster_condition(self, p: Pass[SpecT, StatusT]) -> ConditionStatus | None:
         return get_condition(p.status.conditions, COND_CLUSTER_READY)

@@ -177,6 +177,21 @@ def _num(value: float | None, fmt: str) -> str:
     return "" if value is None or not math.isfinite(value) else format(value, fmt)
 
 
+def bounded(value: float | None, cap: float) -> float:
+    """An untrusted figure as a finite number in [0, cap] (NaN, None and negatives: 0)."""
+    if value is None or not math.isfinite(value) or value < 0:
+        return 0.0
+    return min(float(value), cap)
+
+
+def mfu_text(value: float | None) -> str:
+    """MFU for status, as a percentage with one decimal; "" when unknown or impossible (the report
+    is untrusted: NaN, negative or above 100% of peak are not shown)."""
+    if value is None or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        return ""
+    return f"{value * 100:.1f}%"
+
+
 def _uri(path: str) -> str:
     return f"file://{path}" if path.startswith("/") else path
 
@@ -205,7 +220,8 @@ def progress_status(
         loss=_num(report.loss, ".4f"),
         eval_loss=_num(report.eval_loss, ".4f"),
         learning_rate=_num(report.learning_rate, ".2e"),
-        tokens_per_second=int(report.tokens_per_second or 0),
+        tokens_per_second=int(bounded(report.tokens_per_second, 1e12)),
+        mfu=mfu_text(report.mfu),
         eta=eta,
         updated_at=previous.updated_at,
     )

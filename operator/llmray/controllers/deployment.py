@@ -27,11 +27,13 @@ from llmray.builders.common import SERVE_PORT
 from llmray.builders.model import resolve_model
 from llmray.builders.observe import PodView
 from llmray.builders.status import COND_MODEL_RESOLVED, R_MODEL_RESOLVED
+from llmray.kube import KubeError
 from llmray.ray import RayAuthError, RayError, RayNode, serve_route
+from llmray.ray.serving import serving_status
 
 from .cluster import ClusterController, Deps, Pass
 from .decisions import serve_app_config
-from .machines import DeploymentSeen, Next, deployment_next
+from .machines import COND_QUEUE_FULL, DeploymentSeen, Next, deployment_next, queue_full
 from .rayconn import Head, RayAPI, ray_problem
 from .store import Key
 
@@ -190,6 +192,15 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
             p.condition(COND_SERVE, "Unknown", p.ray_problem.reason, p.ray_problem.message)
         if verdict is not None and nxt.phase != "Ready":
             p.requeue(POLL_DEPLOYING_S)
+        if p.serving_seen:
+            status.serving = serving_status(p.serving) if p.serving is not None else None
+        if nxt.phase not in ("Ready", "Degraded"):
+            status.serving = None
+        if status.serving is None or spec is None:
+            self.alarm(p, None, COND_QUEUE_FULL)
+        else:
+            waiting, limit = status.serving.waiting, spec.limits.max_queued_requests
+            self.alarm(p, queue_full(waiting, limit, self.settings.queue_full_ratio), COND_QUEUE_FULL)
 
     # --- Ray half ----------------------------------------------------------------------------------
 
@@ -236,12 +247,34 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
                 p.event("Normal", "DeployedServeApp", f"deployed Serve application {route.app_name}")
             p.serve_app = await ray.serve.get_application(route.app_name)
             p.serve_seen = True
+            if p.serve_app is not None and p.serve_app.status == "RUNNING":
+                await self._poll_stats(p, route.url, api_key if head.shared else None)
             await self._autoscale(p, ray, head.shared)
         except RayError as exc:
             if isinstance(exc, RayAuthError):
                 self.heads.refused(p.key)
             p.ray_problem = ray_problem(exc, head)
             p.requeue(UNREACHABLE_REQUEUE_S)
+
+    async def _poll_stats(self, p: DeploymentPass, url: str, api_key: str | None) -> None:
+        """The app's live figures (status.serving, QueueFull); no stats route (404) means none.
+
+        Best effort: an error is logged and the figures are dropped (stale numbers mislead), but it
+        is no problem of the deployment. The API key is sent when the operator may read it.
+        """
+        if api_key is None and p.parsed.api_key_secret_ref is not None and self._user_secrets_readable:
+            try:
+                api_key = await self._api_key(p)
+            except KubeError as err:
+                if err.status != 403:
+                    raise
+                self._user_secrets_readable = False
+        try:
+            p.serving = await self.heads.serving(url, api_key).stats()
+        except RayError as exc:
+            logger.debug("%s/%s: no serving stats: %s", p.namespace, p.name, exc)
+            p.serving = None
+        p.serving_seen = True
 
     async def _autoscale(self, p: DeploymentPass, ray: RayAPI, shared: bool) -> None:
         """Worker pods from Ray's pending demand, within spec.workers min/max; idle ones removed."""

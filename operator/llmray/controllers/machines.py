@@ -10,6 +10,7 @@ is decided by the pure functions of :mod:`llmray.controllers.decisions` (``decid
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from llmray.api.training import TERMINAL_PHASES
 from llmray.builders.status import R_FINISHED, R_SUSPENDED, R_UNSCHEDULABLE, Blocker, ClusterHealth
@@ -162,3 +163,54 @@ def deployment_next(s: DeploymentSeen) -> Next:
     if s.ray_problem is not None:
         message = s.ray_problem.message
     return Next(base, message, cluster)
+
+
+# --- thresholds a user must act on (a condition and an Event each) -------------------------------
+
+COND_STALLED = "Stalled"
+COND_QUEUE_FULL = "QueueFull"
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """A threshold condition: ``active`` True means the user should act (Warning Event)."""
+
+    type: str
+    active: bool
+    reason: str
+    message: str
+
+
+def training_stalled(phase: str, last_progress: datetime | None, at: datetime, after: float) -> Alarm | None:
+    """``Stalled`` of a training job: Running, and no new progress report for ``after`` seconds.
+
+    ``last_progress`` is when the report last changed (or the job started, before any report).
+    None: not applicable (not Running, or nothing submitted yet): the condition is removed.
+    """
+    if phase != "Running" or last_progress is None or after <= 0:
+        return None
+    quiet = (at - last_progress).total_seconds()
+    if quiet >= after:
+        return Alarm(
+            COND_STALLED,
+            True,
+            "NoProgress",
+            f"no new progress report for {int(quiet // 60)}m{int(quiet % 60):02d}s (threshold "
+            f"{int(after)}s): check the Ray job's logs (`ray job logs`) or the workers' pods",
+        )
+    return Alarm(COND_STALLED, False, "Progressing", "progress reports keep coming")
+
+
+def queue_full(waiting: int, max_queued: int, ratio: float) -> Alarm:
+    """``QueueFull`` of a deployment: waiting requests at ``ratio`` of spec.limits.maxQueuedRequests
+    (past the limit, clients get 503)."""
+    limit = max(1, int(max_queued * ratio)) if max_queued > 0 else 1
+    if waiting >= limit:
+        return Alarm(
+            COND_QUEUE_FULL,
+            True,
+            "Saturated",
+            f"{waiting} requests waiting (limit {max_queued}): raise spec.autoscaling.maxReplicas or "
+            "spec.workers.maxReplicas, or spec.limits.maxQueuedRequests",
+        )
+    return Alarm(COND_QUEUE_FULL, False, "BelowLimit", f"{waiting} requests waiting (limit {max_queued})")

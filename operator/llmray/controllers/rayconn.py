@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from llmray.api.telemetry import ServingStats
 from llmray.builders.cluster import derive_auth_token
 from llmray.builders.common import Owner
 from llmray.ray import (
@@ -31,10 +32,12 @@ from llmray.ray import (
     pooled_client,
     serve_route,
 )
+from llmray.ray._http import RayHTTP
 from llmray.ray.cluster import ClusterStatus
 from llmray.ray.endpoints import HeadEndpoints, ServeRoute
 from llmray.ray.jobs import JobInfo, Submission
 from llmray.ray.serve import ServeApplication
+from llmray.ray.serving import fetch_serving_stats, stats_http
 
 from .machines import RayProblem
 from .store import Key
@@ -92,10 +95,20 @@ class RayAPI(Protocol):
     def cluster(self) -> ClusterAPI: ...
 
 
+class ServingAPI(Protocol):
+    """One Serve application's stats route."""
+
+    async def stats(self) -> ServingStats | None: ...
+
+
 class RayProvider(Protocol):
     """Hands out a :class:`RayAPI` per head; drops it when the head refuses its token."""
 
     def client(self, key: Key, head: Head) -> RayAPI: ...
+    def serving(self, url: str, api_key: str | None) -> ServingAPI:
+        """The stats route of the Serve app at ``url`` (its route's base URL), with its API key."""
+        ...
+
     def forget(self, key: Key) -> None: ...
     async def aclose(self) -> None: ...
 
@@ -151,6 +164,11 @@ class PooledRay:
             self._clients[target] = found
         return found
 
+    def serving(self, url: str, api_key: str | None) -> ServingAPI:
+        if self._http is None:
+            self._http = pooled_client()
+        return _Serving(stats_http(url, api_key, self._http))
+
     def forget(self, key: Key) -> None:
         previous = self._users.pop(key, None)
         if previous is not None:
@@ -169,6 +187,14 @@ class PooledRay:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
+
+
+@dataclass(frozen=True)
+class _Serving:
+    http: RayHTTP
+
+    async def stats(self) -> ServingStats | None:
+        return await fetch_serving_stats(self.http)
 
 
 class Heads:
@@ -190,6 +216,9 @@ class Heads:
 
     def client(self, key: Key, head: Head) -> RayAPI:
         return self.provider.client(key, head)
+
+    def serving(self, url: str, api_key: str | None) -> ServingAPI:
+        return self.provider.serving(url, api_key)
 
     def refused(self, key: Key) -> None:
         """The head answered 401/403: drop its client (the next pass reconnects)."""

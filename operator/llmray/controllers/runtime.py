@@ -20,8 +20,9 @@ import asyncio
 import logging
 import random
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Hashable, Iterable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import kopf
 from prometheus_client import Counter, Gauge, Histogram
@@ -38,6 +39,13 @@ RECONCILE_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 QUEUE_DEPTH = Gauge("llmray_queue_depth", "Keys waiting to be reconciled")
+QUEUE_OLDEST = Gauge(
+    "llmray_queue_oldest_seconds",
+    "Seconds the longest-waiting key has waited for a worker (0 when none waits): a growing value "
+    "means the workers cannot keep up",
+)
+_QUEUES: weakref.WeakSet[WorkQueue[Any]] = weakref.WeakSet()
+QUEUE_OLDEST.set_function(lambda: max((q.oldest_wait() for q in list(_QUEUES)), default=0.0))
 
 
 class PassTimeout(Exception):
@@ -73,6 +81,13 @@ class WorkQueue(Generic[K]):
         self._dirty: set[K] = set()
         self._processing: set[K] = set()
         self._timers: dict[K, tuple[float, asyncio.TimerHandle]] = {}
+        self._since: dict[K, float] = {}
+        """Keys in the queue, and since when (monotonic) they wait for a worker."""
+        _QUEUES.add(self)
+
+    def oldest_wait(self) -> float:
+        """Seconds the longest-waiting key has been in the queue (0 when it is empty)."""
+        return time.monotonic() - min(self._since.values()) if self._since else 0.0
 
     def add(self, key: K) -> None:
         """Queue ``key`` now (no-op if it is already waiting)."""
@@ -80,8 +95,7 @@ class WorkQueue(Generic[K]):
             return
         self._dirty.add(key)
         if key not in self._processing:
-            self._queue.put_nowait(key)
-            QUEUE_DEPTH.inc()
+            self._put(key)
 
     def add_after(self, key: K, delay: float) -> None:
         """Queue ``key`` after ``delay`` seconds; an earlier pending wake-up wins."""
@@ -111,6 +125,7 @@ class WorkQueue(Generic[K]):
     async def get(self) -> K:
         key = await self._queue.get()
         QUEUE_DEPTH.dec()
+        self._since.pop(key, None)
         self._processing.add(key)
         self._dirty.discard(key)
         return key
@@ -119,8 +134,12 @@ class WorkQueue(Generic[K]):
         """Mark ``key`` processed; if it was re-added meanwhile, queue it again."""
         self._processing.discard(key)
         if key in self._dirty:
-            self._queue.put_nowait(key)
-            QUEUE_DEPTH.inc()
+            self._put(key)
+
+    def _put(self, key: K) -> None:
+        self._queue.put_nowait(key)
+        self._since.setdefault(key, time.monotonic())
+        QUEUE_DEPTH.inc()
 
     def __len__(self) -> int:
         return self._queue.qsize()

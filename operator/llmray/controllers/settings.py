@@ -33,6 +33,15 @@ class Settings:
     ray_concurrency: int = 0
     """Passes that may talk to Ray heads at once (0: workers - 2, at least 1), so slow heads
     cannot take every worker from Kubernetes work."""
+    stalled_after: float = 600.0
+    """Seconds a Running training job may go without a new progress report before it is marked
+    ``Stalled`` (a condition and a Warning Event; the job keeps running)."""
+    queue_full_ratio: float = 0.9
+    """A deployment is ``QueueFull`` when its waiting requests reach this share of
+    ``spec.limits.maxQueuedRequests`` (beyond the limit clients get 503)."""
+    metrics_peer: dict[str, Any] | None = None
+    """NetworkPolicy peer (e.g. the monitoring namespace) allowed to scrape the Ray pods' metrics
+    port (None: nobody outside the cluster's own pods)."""
     topology: Topology = field(default_factory=PerResourceHeads)
     auth_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False, compare=False)
     """Key the Ray auth tokens are derived from (the chart mounts a stable one, ``--auth-key-file``)."""

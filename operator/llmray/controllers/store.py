@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from llmray.builders.observe import ChildView, PodView
+from llmray.metrics import CHILDREN_CREATED, CHILDREN_DELETED, RESOURCES, count_phases
 
 Key = tuple[str, str, str]
 """(kind, namespace, name) of an LLMTrainingJob or LLMDeployment."""
@@ -43,6 +44,42 @@ class KubeAPI(Protocol):
     ) -> dict[str, Any]: ...
 
 
+class CountingKube:
+    """A :class:`KubeAPI` that counts the children one kind's controller creates and deletes
+    (``llmray_children_created_total`` / ``..._deleted_total``), whatever step made the call."""
+
+    def __init__(self, kube: KubeAPI, kind: str) -> None:
+        self.inner = kube
+        self.kind = kind
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        created = await self.inner.create(obj)
+        CHILDREN_CREATED.labels(self.kind, str(obj.get("kind") or "")).inc()
+        return created
+
+    async def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self.inner.read(kind, namespace, name)
+
+    async def delete(self, kind: str, namespace: str, name: str, uid: str | None = None) -> bool:
+        deleted = await self.inner.delete(kind, namespace, name, uid)
+        if deleted:
+            CHILDREN_DELETED.labels(self.kind, kind).inc()
+        return deleted
+
+    async def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return await self.inner.patch(kind, namespace, name, patch)
+
+    async def patch_status(
+        self,
+        plural: str,
+        namespace: str,
+        name: str,
+        patch: dict[str, Any],
+        resource_version: str | None = None,
+    ) -> dict[str, Any]:
+        return await self.inner.patch_status(plural, namespace, name, patch, resource_version)
+
+
 @dataclass
 class Store:
     """The operator's caches: custom resources by kind, and children by owner key."""
@@ -61,6 +98,11 @@ class Store:
             return None
         values = index.get((namespace, name))
         return next(iter(values), None) if values is not None else None
+
+    def phase_counts(self) -> dict[tuple[str, str], int]:
+        """(kind, phase) -> how many resources the caches hold (``llmray_resources``)."""
+        bodies = [(key[0], body) for key in self.keys() if (body := self.resource(*key)) is not None]
+        return count_phases(bodies, RESOURCES.phases)
 
     def keys(self) -> list[Key]:
         """Every custom resource the watches know."""

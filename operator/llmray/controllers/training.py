@@ -45,7 +45,7 @@ from .decisions import (
     progress_status,
     training_entrypoint,
 )
-from .machines import Next, TrainingSeen, training_next
+from .machines import COND_STALLED, Next, TrainingSeen, training_next, training_stalled
 from .rayconn import Head, RayAPI, ray_problem, short
 from .store import Key
 
@@ -150,6 +150,8 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
             status.completion_time = None
         if nxt.finished:
             status.completion_time = status.completion_time or p.at
+        last = status.progress.updated_at or status.start_time if status.job_id else None
+        self.alarm(p, training_stalled(status.phase, last, p.at, self.settings.stalled_after), COND_STALLED)
 
     # --- Ray half ----------------------------------------------------------------------------------
 

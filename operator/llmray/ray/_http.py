@@ -26,6 +26,7 @@ import asyncio
 import json as jsonlib
 import logging
 import random
+import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -33,7 +34,16 @@ from typing import Any, TypedDict
 
 import httpx
 
-from .errors import RayBadResponse, RayDeadlineExceeded, RayHeadUnavailable, RayResponseTooLarge, api_error
+from llmray.metrics import RAY_REQUEST_SECONDS, RAY_REQUESTS, endpoint_label, status_class
+
+from .errors import (
+    RayAPIError,
+    RayBadResponse,
+    RayDeadlineExceeded,
+    RayHeadUnavailable,
+    RayResponseTooLarge,
+    api_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -254,16 +264,31 @@ class RayHTTP:
         budget = self.deadline_s if deadline_s is None else deadline_s
         url = f"{self.base_url}{path}"
         state: dict[str, str] = {}
+        endpoint = endpoint_label(path)
+        started = time.monotonic()
+        outcome = "error"
         try:
             async with asyncio.timeout(budget):
-                return await self._attempts(
+                response = await self._attempts(
                     method, url, state, json=json, params=params, timeout=timeout, final=final,
                     limit=self.max_body_bytes if max_bytes is None else max_bytes, tail=tail,
                 )  # fmt: skip
+            outcome = status_class(response.status_code)
+            return response
         except TimeoutError:
+            outcome = "deadline"
             last = f" (last failure: {state['last']})" if state.get("last") else ""
             reason = f"no complete answer to {method} {path} within {budget:g}s{last}"
             raise RayDeadlineExceeded(self.base_url, reason, budget) from None
+        except RayAPIError as exc:
+            outcome = "bad" if isinstance(exc, RayBadResponse) else status_class(exc.status)
+            raise
+        except RayHeadUnavailable:
+            outcome = "unreachable"
+            raise
+        finally:
+            RAY_REQUESTS.labels(endpoint, method, outcome).inc()
+            RAY_REQUEST_SECONDS.labels(endpoint, method).observe(time.monotonic() - started)
 
     async def _attempts(
         self,
