@@ -219,7 +219,7 @@ async def test_log_tail_of_a_200_mb_log_keeps_only_its_end(head: HostileHead) ->
     lines = b"".join(b'LLMRAY_PROGRESS {"step": %d}\n' % i for i in range(2000))
     block = lines[: lines.rindex(b"\n", 0, 64 * 1024) + 1]  # whole lines, ~64 KiB
     head.routes["/api/v0/logs/file"] = big_body(200 * MB // len(block) * len(block), block=block)
-    async with ray(head, deadline_s=20.0) as client:
+    async with ray(head, deadline_s=60.0) as client:
         outcome, elapsed, peak, ticks = await measured(
             lambda: client.jobs.tail("s", lines=120, driver_node_id="n1")
         )
