@@ -231,7 +231,12 @@ def run_operator(
         }
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # a measurement must not be lost to a slow shutdown
+            print(f"operator did not exit within 120 s of SIGTERM; killed (log /tmp/{namespace}.log)")
+            proc.kill()
+            proc.wait()
         log.close()
         core.delete_namespace(namespace, propagation_policy="Background")
 
