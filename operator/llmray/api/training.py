@@ -130,23 +130,43 @@ class Hyperparameters(ApiModel):
     logging_steps: int = Field(1, ge=1, le=100_000, description="Publish progress every N steps.")
 
 
+class FsdpSpec(ApiModel):
+    """FSDP2 settings (strategy fsdp, GPU workers; Hugging Face Trainer + accelerate)."""
+
+    sharding_strategy: Literal["full_shard", "shard_grad_op"] = Field(
+        "full_shard",
+        description="full_shard: parameters, gradients and optimizer state sharded, parameters "
+        "re-gathered for the backward pass (least memory); shard_grad_op: parameters stay gathered "
+        "between forward and backward (more memory, less communication; ZeRO-2-like).",
+    )
+    cpu_offload: bool = Field(
+        False,
+        description="Keep sharded parameters, gradients and optimizer state in CPU memory between uses "
+        "(fits larger models on the GPUs, at a large speed cost).",
+    )
+
+
 class DistributedSpec(ApiModel):
-    """How workers share the model."""
+    """How workers share the model. A worker pod with N GPUs runs N workers, one per GPU."""
 
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="ddp: replicate the model on each worker; fsdp: shard parameters, grads and "
-        "optimizer state across workers (large models).",
+        "optimizer state across workers (large models; GPU workers only, CPU workers fall back to ddp).",
     )
+    fsdp: FsdpSpec = Field(default_factory=FsdpSpec, description="FSDP settings (strategy fsdp).")
 
 
 class TrainingWorkers(Placement):
     """The Ray Train worker pods: one Ray worker pod per training worker."""
 
-    replicas: int = Field(1, ge=1, le=1024, description="Training workers (one pod each).")
+    replicas: int = Field(
+        1, ge=1, le=1024, description="Worker pods (each runs one training worker per GPU, or one on CPU)."
+    )
     resources: Resources = Field(
         default=Resources(cpu="4", memory="16Gi"),
-        description="Resources of each worker pod; gpu > 0 trains on GPUs.",
+        description="Resources of each worker pod; gpu > 0 trains on GPUs, one Ray Train worker per GPU "
+        "with an equal share of the pod's CPUs.",
     )
 
 
@@ -179,6 +199,12 @@ class FailurePolicy(ApiModel):
     )
 
 
+FSDP_WORKERS_MESSAGE = (
+    "spec.distributed.strategy fsdp needs at least 2 workers: spec.workers.replicas >= 2, or "
+    "spec.workers.resources.gpu >= 2 (one worker per GPU)"
+)
+
+
 class LLMTrainingJobSpec(ApiModel):
     """Fine-tune a causal language model on a dataset with distributed Ray Train workers."""
 
@@ -195,8 +221,9 @@ class LLMTrainingJobSpec(ApiModel):
             ".dataset.packing",
         ),
         cel_rule(
-            "self.distributed.strategy != 'fsdp' || self.workers.replicas >= 2",
-            "spec.distributed.strategy fsdp needs spec.workers.replicas >= 2",
+            "self.distributed.strategy != 'fsdp' || self.workers.replicas >= 2 || "
+            "self.workers.resources.gpu >= 2",
+            FSDP_WORKERS_MESSAGE,
             ".distributed.strategy",
         ),
         cel_rule(
@@ -243,13 +270,17 @@ class LLMTrainingJobSpec(ApiModel):
             raise ValueError("spec.lora may only be set when spec.method is lora")
         if self.dataset.packing and self.dataset.format != "text":
             raise ValueError("spec.dataset.packing is only supported with format text")
-        if self.distributed.strategy == "fsdp" and self.workers.replicas < 2:
-            raise ValueError("spec.distributed.strategy fsdp needs spec.workers.replicas >= 2")
+        if self.distributed.strategy == "fsdp" and self.train_workers() < 2:
+            raise ValueError(FSDP_WORKERS_MESSAGE)
         if self.hyperparameters.precision == "fp16" and self.workers.resources.gpu == 0:
             raise ValueError(
                 "spec.hyperparameters.precision fp16 needs GPU workers (spec.workers.resources.gpu > 0)"
             )
         return self
+
+    def train_workers(self) -> int:
+        """Ray Train workers: one per GPU of every worker pod (one per pod on CPU pods)."""
+        return self.workers.replicas * max(1, self.workers.resources.gpu)
 
     def effective_lora(self) -> LoraSpec | None:
         """LoRA settings in force: the given ones, defaults for method lora, None for full."""
