@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 
 from llmray.builders.common import cpu_count
-
 from llmray_workloads.train.config import (
     ConfigError,
     check_capacity,

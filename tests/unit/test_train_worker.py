@@ -93,7 +93,11 @@ def test_fsdp_sharding_strategy_and_cpu_offload_reach_accelerate(tiny: Path, tmp
     # What accelerate's FullyShardedDataParallelPlugin is built from (no GPU needed to parse it).
     args = TrainingArguments(output_dir=str(tmp_path / "args"), use_cpu=True, report_to="none", **kwargs)
     plugin = args.fsdp_plugin_args
-    assert (plugin["fsdp_version"], plugin["reshard_after_forward"], plugin["cpu_offload"]) == (2, False, True)
+    assert (plugin["fsdp_version"], plugin["reshard_after_forward"], plugin["cpu_offload"]) == (
+        2,
+        False,
+        True,
+    )
 
 
 def test_resuming_a_finished_run_does_no_extra_step(tiny: Path, tmp_path: Path) -> None:

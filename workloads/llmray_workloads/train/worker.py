@@ -134,7 +134,9 @@ def use_fsdp(run: TrainingRun, cuda: bool) -> bool:
     return run.spec.distributed.strategy == "fsdp" and cuda
 
 
-def fsdp_arguments(model: Any, activation_checkpointing: bool, fsdp: FsdpSpec | None = None) -> dict[str, Any]:
+def fsdp_arguments(
+    model: Any, activation_checkpointing: bool, fsdp: FsdpSpec | None = None
+) -> dict[str, Any]:
     """TrainingArguments for FSDP2: shard per transformer block, full state dict on save.
 
     FULL_STATE_DICT keeps checkpoints loadable at any world size and lets ``save_model`` write a
