@@ -197,6 +197,14 @@ class FailurePolicy(ApiModel):
         le=100,
         description="Times the job is resubmitted (from the latest checkpoint) after a failure.",
     )
+    backoff_seconds: int = Field(
+        0,
+        ge=0,
+        le=3600,
+        description="Wait before resubmitting after a failure, doubling with each restart "
+        "(backoffSeconds x 2^(restart-1), at most 1 hour); the Ray pods stay up meanwhile and "
+        "status.message says 'restarting in Ns'. 0 resubmits at once.",
+    )
 
 
 FSDP_WORKERS_MESSAGE = (
@@ -255,6 +263,14 @@ class LLMTrainingJobSpec(ApiModel):
     suspend: bool = Field(
         False,
         description="true stops the job and removes its Ray pods; false resumes from the latest checkpoint.",
+    )
+    active_deadline_seconds: int | None = Field(
+        None,
+        ge=1,
+        le=31_536_000,
+        description="Longest the job may run, counted from status.startTime (its first Ray job "
+        "submission) across restarts; beyond it the job is stopped and Failed with reason "
+        "DeadlineExceeded. Suspending stops the clock; resuming starts it afresh.",
     )
     ttl_seconds_after_finished: int | None = Field(
         None,
@@ -350,7 +366,14 @@ class LLMTrainingJobStatus(StatusModel):
     output: OutputStatus = Field(
         default_factory=OutputStatus, description="The trained model, once Succeeded."
     )
-    start_time: datetime | None = Field(None, description="When the first attempt started.")
+    start_time: datetime | None = Field(
+        None,
+        description="When the first attempt was submitted (reset on resume after a suspension); "
+        "spec.activeDeadlineSeconds counts from it.",
+    )
+    next_attempt_at: datetime | None = Field(
+        None, description="When the next attempt is submitted, while backing off after a failure."
+    )
     completion_time: datetime | None = Field(None, description="When the job Succeeded or Failed.")
     message: StatusMessage = ""
 
