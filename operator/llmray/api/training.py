@@ -23,6 +23,7 @@ from .common import (
     RayClusterStatus,
     Resources,
     SecretKeyRef,
+    SharedPodTemplate,
     StatusMessage,
     StatusModel,
     StorageURI,
@@ -257,6 +258,7 @@ class LLMTrainingJobSpec(ApiModel):
     head: HeadSpec = Field(default_factory=HeadSpec, description="The Ray head pod.")
     image: Image = DEFAULT_IMAGE
     image_pull_policy: ImagePullPolicy = "IfNotPresent"
+    pod_template: SharedPodTemplate = None
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing.")
     output: OutputSpec = Field(..., description="Where the trained model is written.")
     failure_policy: FailurePolicy = Field(default_factory=FailurePolicy, description="Restart policy.")
