@@ -242,3 +242,20 @@ def test_template_changes_recreate_pods_and_no_template_keeps_the_old_hash() -> 
     template = PodTemplate.model_construct(labels={LABEL_RAY_CLUSTER: "evil"})
     forced = b.ClusterSpec(**{**plain.__dict__, "pod_template": template})
     assert b.worker_pod(forced, 0, "auth")["metadata"]["labels"][LABEL_RAY_CLUSTER] == "ft"
+
+
+def test_deployment_pods_get_their_templates_too() -> None:
+    spec = LLMDeploymentSpec.model_validate(
+        {
+            "model": {"uri": "hf://org/m"},
+            "podTemplate": {"imagePullSecrets": [{"name": "registry"}], "labels": {"team": "chat"}},
+            "workers": {"podTemplate": {"priorityClassName": "serving-high"}},
+        }
+    )
+    owner = Owner("LLMDeployment", "chat", "ml", "9c1b7e43-aaaa-bbbb-cccc-ddddeeeeffff")
+    cluster = b.deployment_cluster(owner, spec, spec.model.uri)
+    head, worker = b.head_pod(cluster, "auth"), b.worker_pod(cluster, 0, "auth")
+    for pod in (head, worker):
+        assert pod["spec"]["imagePullSecrets"] == [{"name": "registry"}]
+        assert pod["metadata"]["labels"]["team"] == "chat"
+    assert worker["spec"]["priorityClassName"] == "serving-high" and "priorityClassName" not in head["spec"]
