@@ -18,3 +18,6 @@ echo "train rc=${PIPESTATUS[0]}"
 serve_flag=""; python3 -c "import ray.serve" 2>/dev/null || serve_flag="--skip-serve"
 timeout 240 python3 benchmarks/gpu_serve_smoke.py $serve_flag --json "$out/serve.json" 2>&1 | tee "$out/serve.log" | tail -n 25
 echo "serve rc=${PIPESTATUS[0]}"
+# Multi-GPU pod (issue 13 item 4): one training worker per GPU, each GPU does work (skips on 1 GPU).
+timeout 300 python3 benchmarks/gpu_multi_smoke.py $ray_flag 2>&1 | tee "$out/multi.log" | tail -n 12
+echo "multi rc=${PIPESTATUS[0]}"

@@ -139,7 +139,7 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
     (
         "fsdp-one-worker",
         _set(_t("spec.distributed.strategy", "fsdp"), "spec.workers.replicas", 1),
-        ["spec.distributed.strategy", "fsdp needs spec.workers.replicas >= 2"],
+        ["spec.distributed.strategy", "fsdp needs at least 2 workers"],
     ),
     ("fp16-on-cpu", _t("spec.hyperparameters.precision", "fp16"), ["spec.hyperparameters.precision", "GPU"]),
     (

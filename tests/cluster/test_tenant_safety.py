@@ -93,6 +93,69 @@ ESCALATIONS: list[tuple[str, dict[str, Any], str]] = [
     ),
 ]
 
+
+def _secret_volume(name: str) -> dict[str, Any]:
+    return {
+        "volumes": [{"name": "v", "secret": {"secretName": name}}],
+        "volumeMounts": [{"name": "v", "mountPath": "/s"}],
+    }
+
+
+DB, DB_KEY = {"name": "db-password"}, {"name": "db-password", "key": "key"}
+CLAIM, CSI = {"claimName": "finance-data"}, {"driver": "secrets-store.csi.k8s.io"}
+
+# Pod templates (issue 13): every Secret and claim they reference, the ServiceAccount, csi volumes.
+ESCALATIONS += [
+    (
+        "template-env-secret",
+        _with(TRAINING, "spec.podTemplate", {"env": [{"name": "DB", "valueFrom": {"secretKeyRef": DB_KEY}}]}),
+        "spec.podTemplate.env",
+    ),
+    (
+        "worker-envfrom-secret",
+        _with(
+            TRAINING, "spec.workers.podTemplate", {"envFrom": [{"secretRef": {"name": "victim-ray-auth"}}]}
+        ),
+        "spec.workers.podTemplate.envFrom",
+    ),
+    (
+        "head-secret-volume",
+        _with(DEPLOYMENT, "spec.head.podTemplate", _secret_volume("db-password")),
+        "spec.head.podTemplate.volumes",
+    ),
+    (
+        "projected-secret",
+        _with(
+            TRAINING,
+            "spec.podTemplate",
+            {"volumes": [{"name": "p", "projected": {"sources": [{"secret": DB}]}}]},
+        ),
+        "spec.podTemplate.volumes",
+    ),
+    (
+        "image-pull-secret",
+        _with(DEPLOYMENT, "spec.podTemplate", {"imagePullSecrets": [{"name": "db-password"}]}),
+        "spec.podTemplate.imagePullSecrets",
+    ),
+    (
+        "template-claim",
+        _with(
+            TRAINING, "spec.workers.podTemplate", {"volumes": [{"name": "d", "persistentVolumeClaim": CLAIM}]}
+        ),
+        "spec.workers.podTemplate.volumes",
+    ),
+    (
+        "service-account",
+        _with(TRAINING, "spec.podTemplate", {"serviceAccountName": "deploy-bot"}),
+        "spec.podTemplate.serviceAccountName",
+    ),
+    (
+        "csi-volume",
+        _with(DEPLOYMENT, "spec.head.podTemplate", {"volumes": [{"name": "c", "csi": CSI}]}),
+        "spec.head.podTemplate.volumes",
+    ),
+]
+
 # Allowed for Alice too: her own Secret, the project's image, a toleration that names its taint.
 HARMLESS: list[tuple[str, dict[str, Any]]] = [
     ("plain-training", TRAINING),
@@ -102,6 +165,29 @@ HARMLESS: list[tuple[str, dict[str, Any]]] = [
     (
         "keyed-toleration",
         _with(TRAINING, "spec.workers.tolerations", [{"key": "dedicated", "operator": "Exists"}]),
+    ),
+    (
+        "own-template-refs",
+        _with(
+            TRAINING,
+            "spec.podTemplate",
+            {
+                "labels": {"team": "nlp"},
+                "serviceAccountName": "default",
+                "imagePullSecrets": [{"name": "alice-key"}],
+                "priorityClassName": "training-high",
+                "env": [{"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "alice-key", "key": "key"}}}],
+                "envFrom": [{"secretRef": {"name": "alice-key"}}, {"configMapRef": {"name": "settings"}}],
+                "volumes": [
+                    {"name": "k", "secret": {"secretName": "alice-key"}},
+                    {"name": "s", "emptyDir": {"sizeLimit": "1Gi"}},
+                    {
+                        "name": "t",
+                        "projected": {"sources": [{"serviceAccountToken": {"path": "t", "audience": "a"}}]},
+                    },
+                ],
+            },
+        ),
     ),
 ]
 

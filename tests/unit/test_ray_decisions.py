@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -12,11 +12,13 @@ from llmray.api.deployment import LLMDeploymentSpec
 from llmray.api.runtime import API_KEY_ENV, SERVE_APP_IMPORT_PATH, ProgressReport, ServeAppArgs, TrainingRun
 from llmray.api.training import LLMTrainingJobSpec, Progress
 from llmray.controllers.decisions import (
+    deadline_left,
     decide_training,
     encode_training_run,
     failure_event,
     format_duration,
     progress_status,
+    restart_delay,
     serve_app_config,
     serve_verdict,
     training_entrypoint,
@@ -215,3 +217,40 @@ def test_serve_details_list_the_nodes_that_host_replicas() -> None:
         }
     )
     assert inst.applications["a"].replica_ips == frozenset({"10.0.0.2", "10.0.0.3"})
+
+
+@pytest.mark.parametrize(
+    ("backoff", "restart", "delay"),
+    [(0, 1, 0.0), (10, 1, 10.0), (10, 2, 20.0), (10, 3, 40.0), (600, 5, 3600.0), (10, 200, 3600.0)],
+)
+def test_restart_delay_doubles_up_to_an_hour(backoff: int, restart: int, delay: float) -> None:
+    assert restart_delay(backoff, restart) == delay
+
+
+def test_deadline_counts_from_start_with_the_clock_passed_in() -> None:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    assert deadline_left(None, 60, start) is None  # not started: no clock running
+    assert deadline_left(start, None, start) is None  # no deadline
+    assert deadline_left(start, 60, start + timedelta(seconds=45)) == 15.0
+    left = deadline_left(start, 60, start + timedelta(seconds=61))
+    assert left is not None and left < 0
+
+
+def test_backoff_holds_the_next_attempt_until_its_time() -> None:
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    failed = JobInfo(submission_id="a0", status=JobStatus.FAILED, message="oom")
+    step = decide_training(
+        attempt=0, restarts=0, max_restarts=2, job=failed, cluster_ready=True, submission_id="a0",
+        submitted=True, backoff_seconds=15, at=at,
+    )  # fmt: skip
+    assert (step.action, step.attempt, step.delay, step.reason) == ("restart", 1, 15.0, "BackingOff")
+    assert "restarting in 15s" in step.message and "oom" in step.message
+    not_before = at + timedelta(seconds=step.delay)
+    kwargs = {"attempt": 1, "restarts": 1, "max_restarts": 2, "job": None, "cluster_ready": True}
+    waiting = decide_training(
+        **kwargs, submission_id="a1", not_before=not_before, at=at + timedelta(seconds=5)
+    )
+    assert (waiting.action, waiting.requeue_after) == ("backoff", 10.0)
+    assert "restarting in 10s" in waiting.message
+    due = decide_training(**kwargs, submission_id="a1", not_before=not_before, at=not_before)
+    assert due.action == "submit"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from benchmarks import gpu_train_smoke, train_throughput
+from benchmarks import gpu_multi_smoke, gpu_train_smoke, train_throughput
 
 pytestmark = pytest.mark.unit
 
@@ -42,3 +42,21 @@ def test_throughput_helpers() -> None:
     )
     assert config["spec"]["hyperparameters"]["batchSizePerWorker"] == 4  # same global batch
     assert config["spec"]["workers"] == {"replicas": 2, "resources": {"cpu": "1"}}
+
+
+def _report(rank: int, uuid: str, mem: float, agree: bool = True) -> dict[str, object]:
+    return {"rank": rank, "device_uuid": uuid, "peak_mem_mb": mem, "weights_agree": agree}
+
+
+def test_multi_gpu_verdict_needs_every_gpu_to_work() -> None:
+    """The multi-GPU check fails unless each worker had its own GPU and allocated memory on it."""
+    good = [_report(0, "GPU-a", 300.0), _report(1, "GPU-b", 310.0)]
+    assert gpu_multi_smoke.verdict(good, 2, 2, use_gpu=True)[0]
+    shared = [_report(0, "GPU-a", 300.0), _report(1, "GPU-a", 310.0)]  # two workers, one GPU
+    assert not gpu_multi_smoke.verdict(shared, 2, 2, use_gpu=True)[0]
+    idle = [_report(0, "GPU-a", 300.0), _report(1, "GPU-b", 0.0)]  # a GPU that did nothing
+    assert not gpu_multi_smoke.verdict(idle, 2, 2, use_gpu=True)[0]
+    missing = [_report(0, "GPU-a", 300.0)]
+    assert not gpu_multi_smoke.verdict(missing, 2, 2, use_gpu=True)[0]
+    diverged = [_report(0, "GPU-a", 300.0), _report(1, "GPU-b", 300.0, agree=False)]
+    assert not gpu_multi_smoke.verdict(diverged, 2, 2, use_gpu=True)[0]

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from llmray.builders.common import cpu_count
 from llmray_workloads.train.config import (
     ConfigError,
     check_capacity,
@@ -77,10 +78,34 @@ def test_plan_paths_run_name_and_resources() -> None:
     assert plan.storage_path == "/mnt/pvc/models/out/run/checkpoints"  # default: output + /checkpoints
     assert plan.run_dir == "/mnt/pvc/models/out/run/checkpoints/team.job"
     assert plan.checkpoint_path("checkpoint-000010").endswith("team.job/checkpoint-000010")
-    # One Train worker per pod: the pod's CPUs as Ray counts them (500m -> 1).
-    assert plan.resources_per_worker == {"CPU": 1.0, "GPU": 2.0} and plan.use_gpu
-    assert plan.num_workers == 3
+    # One Train worker per GPU: 3 pods x 2 GPUs; the pod's one CPU (500m -> 1) split in two.
+    assert plan.resources_per_worker == {"CPU": 0.5, "GPU": 1.0} and plan.use_gpu
+    assert plan.num_workers == 6
     assert plan.max_failures == 0  # retries are the operator's (status.restarts)
+
+
+@pytest.mark.parametrize(
+    ("pods", "cpu", "gpu", "workers", "per_worker"),
+    [
+        (2, "4", 0, 2, {"CPU": 4.0}),  # CPU pods: one worker per pod, all its CPUs
+        (1, "500m", 0, 1, {"CPU": 1.0}),
+        (1, "8", 1, 1, {"CPU": 8.0, "GPU": 1.0}),
+        (2, "32", 8, 16, {"CPU": 4.0, "GPU": 1.0}),  # 8-GPU pods: 8 workers each, CPUs split
+        (3, "10", 4, 12, {"CPU": 2.0, "GPU": 1.0}),  # 10 // 4: whole CPUs, the rest unused
+        (1, "2", 4, 4, {"CPU": 0.5, "GPU": 1.0}),  # fewer CPUs than GPUs: fractional shares
+    ],
+)
+def test_one_train_worker_per_gpu_with_an_equal_cpu_share(
+    pods: int, cpu: str, gpu: int, workers: int, per_worker: dict[str, float]
+) -> None:
+    run = parse_run(json.dumps(run_dict(workers={"replicas": pods, "resources": {"cpu": cpu, "gpu": gpu}})))
+    plan = resolve_plan(run)
+    assert (plan.num_workers, plan.resources_per_worker) == (workers, per_worker)
+    # The pod's workers fit it exactly: what Ray sees on one worker pod holds all of them.
+    node = {"CPU": float(cpu_count(cpu)), "GPU": float(gpu)}  # what `ray start` advertises
+    assert workers_that_fit([node] * pods, plan.resources_per_worker) >= workers
+    if gpu:
+        assert workers_that_fit([node], plan.resources_per_worker) == gpu
 
 
 def test_checkpoints_belong_to_one_resource_incarnation() -> None:

@@ -79,6 +79,25 @@ def test_fsdp_only_on_gpus_and_wraps_decoder_layers(tiny: Path, tmp_path: Path) 
     config = fsdp_arguments(model, activation_checkpointing=True)["fsdp_config"]
     assert config["version"] == 2 and config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
     assert config["activation_checkpointing"] and config["state_dict_type"] == "FULL_STATE_DICT"
+    assert config["reshard_after_forward"] is True and config["cpu_offload"] is False  # full_shard
+
+
+def test_fsdp_sharding_strategy_and_cpu_offload_reach_accelerate(tiny: Path, tmp_path: Path) -> None:
+    from transformers import TrainingArguments
+
+    fsdp = {"strategy": "fsdp", "fsdp": {"shardingStrategy": "shard_grad_op", "cpuOffload": True}}
+    run = make_run(tiny, tmp_path, distributed=fsdp, workers={"replicas": 1, "resources": {"gpu": 2}})
+    model = load_model(run, resolve_plan(run))
+    kwargs = fsdp_arguments(model, False, run.spec.distributed.fsdp)
+    assert kwargs["fsdp_config"]["reshard_after_forward"] is False
+    # What accelerate's FullyShardedDataParallelPlugin is built from (no GPU needed to parse it).
+    args = TrainingArguments(output_dir=str(tmp_path / "args"), use_cpu=True, report_to="none", **kwargs)
+    plugin = args.fsdp_plugin_args
+    assert (plugin["fsdp_version"], plugin["reshard_after_forward"], plugin["cpu_offload"]) == (
+        2,
+        False,
+        True,
+    )
 
 
 def test_resuming_a_finished_run_does_no_extra_step(tiny: Path, tmp_path: Path) -> None:

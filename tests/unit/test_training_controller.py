@@ -9,7 +9,7 @@ from typing import Any
 import kopf
 import pytest
 
-from llmray.api.training import KIND
+from llmray.api.training import KIND, PLURAL
 from llmray.controllers.settings import Settings
 from llmray.controllers.topology import SharedHead
 from llmray.kube import KubeError
@@ -344,3 +344,98 @@ async def test_ray_gate_full_skips_ray_but_not_kubernetes_work() -> None:
     assert any(o["metadata"]["name"].startswith("ft-worker") for o in world.kube.pods(NS))
     assert len(world.head_of(key).calls) == calls  # Ray skipped this pass
     assert again is not None and again <= 1.0
+
+
+async def set_status(world: World, key: Any, **fields: Any) -> None:
+    """Write status fields as another pass would have (e.g. move a timestamp into the past)."""
+    await world.kube.patch_status(PLURAL, NS, key[2], fields)
+
+
+def ago(seconds: float) -> str:
+    return (datetime.now(UTC) - timedelta(seconds=seconds)).isoformat()
+
+
+async def test_backoff_waits_before_each_restart_and_doubles() -> None:
+    world = World()
+    key, uid = await running_job(world, failurePolicy={"maxRestarts": 2, "backoffSeconds": 30})
+    head = world.head_of(key)
+    head.set_job(sid(uid, 0), JobStatus.FAILED, "boom")
+    again = await world.reconcile(key)
+    status = world.kube.status(key)
+    assert (status["phase"], status["attempt"], status["restarts"], status["jobId"]) == ("Running", 1, 1, "")
+    assert "restarting in 30s" in status["message"] and status["nextAttemptAt"]
+    assert world.condition(key, "JobRunning")["reason"] == "BackingOff"
+    assert again is not None and 25 <= again <= 30  # woken when the backoff ends
+    assert sid(uid, 1) not in head.jobs_  # nothing submitted while backing off
+    again = await world.reconcile(key)
+    assert sid(uid, 1) not in head.jobs_
+    assert "restarting in 30s" in world.kube.status(key)["message"]
+    assert again is not None and again <= 30
+    await set_status(world, key, nextAttemptAt=ago(1))  # the backoff is over
+    await world.reconcile(key)
+    status = world.kube.status(key)
+    assert (status["jobId"], status.get("nextAttemptAt")) == (sid(uid, 1), None)
+    assert head.calls.count("submit") == 2
+    head.set_job(sid(uid, 1), JobStatus.FAILED, "boom again")
+    await world.reconcile(key)
+    assert "restarting in 60s" in world.kube.status(key)["message"]  # exponential: 30s x 2
+
+
+async def test_no_backoff_resubmits_at_once() -> None:
+    world = World()
+    key, uid = await running_job(world)
+    world.head_of(key).set_job(sid(uid, 0), JobStatus.FAILED, "boom")
+    await world.reconcile(key)
+    status = world.kube.status(key)
+    assert status["jobId"] == sid(uid, 1) and "nextAttemptAt" not in status
+
+
+async def test_active_deadline_fails_the_job_stops_it_and_deletes_the_pods() -> None:
+    world = World(Settings(topology=SharedHead("http://127.0.0.1:8265", "http://127.0.0.1:8000", "tok")))
+    key, uid = await running_job(world, activeDeadlineSeconds=600)
+    head = world.head_of(key)
+    head.set_job(sid(uid, 0), JobStatus.RUNNING)
+    again = await world.reconcile(key)
+    assert world.phase(key) == "Running"
+    assert again is not None  # polled; the deadline is 10 minutes away
+    await set_status(world, key, startTime=ago(601))
+    await world.reconcile(key)
+    status = world.kube.status(key)
+    assert status["phase"] == "Failed" and status["completionTime"]
+    assert "activeDeadlineSeconds (600s" in status["message"]
+    assert world.condition(key, "RayClusterReady")["reason"] == "DeadlineExceeded"
+    assert world.condition(key, "JobRunning")["reason"] == "StoppedAtDeadline"
+    assert head.jobs_[sid(uid, 0)].status == JobStatus.STOPPED
+    assert "DeadlineExceeded" in world.reasons()
+    await world.reconcile(key)  # finished: cleaned up as on any failure, the cause kept
+    assert world.kube.pods(NS) == [] and world.phase(key) == "Failed"
+    assert world.condition(key, "RayClusterReady")["reason"] == "DeadlineExceeded"
+
+
+async def test_active_deadline_counts_across_restarts_and_backoff() -> None:
+    world = World()
+    spec_ = {"activeDeadlineSeconds": 100, "failurePolicy": {"maxRestarts": 3, "backoffSeconds": 10}}
+    key, uid = await running_job(world, **spec_)
+    world.head_of(key).set_job(sid(uid, 0), JobStatus.FAILED, "boom")
+    await world.reconcile(key)
+    assert world.condition(key, "JobRunning")["reason"] == "BackingOff"
+    await set_status(world, key, startTime=ago(101))  # still backing off, but out of time
+    await world.reconcile(key)
+    assert world.phase(key) == "Failed"
+    assert world.condition(key, "RayClusterReady")["reason"] == "DeadlineExceeded"
+    assert world.head_of(key).calls.count("submit") == 1  # the backed-off attempt never ran
+
+
+async def test_suspension_stops_the_deadline_clock() -> None:
+    world = World(Settings(topology=SharedHead("http://127.0.0.1:8265", "http://127.0.0.1:8000", "tok")))
+    key, uid = await running_job(world, activeDeadlineSeconds=60)
+    await set_status(world, key, startTime=ago(59))
+    world.kube.apply(KIND, NS, "ft", spec(activeDeadlineSeconds=60, suspend=True))
+    await world.reconcile(key)
+    assert world.phase(key) == "Suspended" and "startTime" not in world.kube.status(key)
+    world.kube.apply(KIND, NS, "ft", spec(activeDeadlineSeconds=60, suspend=False))
+    await world.reconcile(key)
+    world.kube.run_pods(NS)
+    await world.reconcile(key)
+    status = world.kube.status(key)
+    assert status["phase"] == "Running" and status["jobId"] == sid(uid, 1)  # a fresh minute

@@ -76,6 +76,21 @@ class StatusModel(ApiModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
 
+def cel_rule(
+    rule: str, message: str, field_path: str | None = None, reason: str = "FieldValueInvalid"
+) -> JsonDict:
+    """One ``x-kubernetes-validations`` entry: a CEL rule the API server enforces, and its message."""
+    out: JsonDict = {"rule": rule, "message": message}
+    if field_path is not None:
+        out["fieldPath"] = field_path
+    return {**out, "reason": reason}
+
+
+def with_cel_rules(*rules: JsonDict) -> ConfigDict:
+    """:class:`ApiModel`'s config plus CEL rules on the object (pydantic validators mirror them)."""
+    return ConfigDict(**ApiModel.model_config, json_schema_extra={"x-kubernetes-validations": [*rules]})
+
+
 class Resources(ApiModel):
     """Compute resources of one Ray pod (or one serving replica)."""
 
@@ -136,8 +151,13 @@ class PodStorage(ApiModel):
     )
 
 
+# Placement carries a PodTemplate, whose module builds on the base models above.
+from .podtemplate import PodTemplate  # noqa: E402
+
+
 class Placement(ApiModel):
-    """Where Ray pods may run (passed through to every pod of the group), and their local disk."""
+    """Where Ray pods may run (passed through to every pod of the group), their local disk, and
+    what the platform adds to them (podTemplate)."""
 
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="Node labels the pods must match (Pod nodeSelector)."
@@ -149,6 +169,11 @@ class Placement(ApiModel):
     )
     affinity: Affinity | None = Field(None, description="Pod affinity rules, passed through unchanged.")
     storage: PodStorage = Field(default_factory=PodStorage, description="Local disk limits of each pod.")
+    pod_template: PodTemplate | None = Field(
+        None,
+        description="Additions to these pods only (labels, env, volumes, serviceAccountName, ...), merged "
+        "over spec.podTemplate; this role's entries win a clash.",
+    )
 
 
 class HeadSpec(Placement):
@@ -208,26 +233,19 @@ Image = Annotated[str, Field(min_length=1, max_length=512, description="Ray runt
 ImagePullPolicy = Annotated[
     Literal["Always", "IfNotPresent", "Never"], Field(description="Image pull policy of every pod.")
 ]
+SharedPodTemplate = Annotated[
+    PodTemplate | None,
+    Field(
+        description="Additions to every Ray pod (labels, annotations, serviceAccountName, "
+        "imagePullSecrets, env, envFrom, volumes, volumeMounts, priorityClassName, runtimeClassName, "
+        "schedulerName, topologySpreadConstraints); head.podTemplate and workers.podTemplate add to it."
+    ),
+]
 Conditions = Annotated[
     list[ConditionStatus], Field(default_factory=list, json_schema_extra=condition_list_schema())
 ]
 ObservedGeneration = Annotated[int, Field(description="The .metadata.generation last acted on.")]
 StatusMessage = Annotated[str, Field(description="What is happening now, or what went wrong and what to do.")]
-
-
-def cel_rule(
-    rule: str, message: str, field_path: str | None = None, reason: str = "FieldValueInvalid"
-) -> JsonDict:
-    """One ``x-kubernetes-validations`` entry: a CEL rule the API server enforces, and its message."""
-    out: JsonDict = {"rule": rule, "message": message}
-    if field_path is not None:
-        out["fieldPath"] = field_path
-    return {**out, "reason": reason}
-
-
-def with_cel_rules(*rules: JsonDict) -> ConfigDict:
-    """:class:`ApiModel`'s config plus CEL rules on the object (pydantic validators mirror them)."""
-    return ConfigDict(**ApiModel.model_config, json_schema_extra={"x-kubernetes-validations": [*rules]})
 
 
 def replica_bounds(path: str) -> tuple[ConfigDict, Any]:

@@ -22,6 +22,7 @@ from .common import (
     RayClusterStatus,
     Resources,
     SecretKeyRef,
+    SharedPodTemplate,
     StatusMessage,
     StatusModel,
     StorageURI,
@@ -315,6 +316,7 @@ class LLMDeploymentSpec(ApiModel):
     )
     image: Image = DEFAULT_IMAGE
     image_pull_policy: ImagePullPolicy = "IfNotPresent"
+    pod_template: SharedPodTemplate = None
     api_key_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret with the API key clients must send as 'Authorization: Bearer <key>'."
     )

@@ -23,6 +23,7 @@ from .common import (
     RayClusterStatus,
     Resources,
     SecretKeyRef,
+    SharedPodTemplate,
     StatusMessage,
     StatusModel,
     StorageURI,
@@ -130,23 +131,43 @@ class Hyperparameters(ApiModel):
     logging_steps: int = Field(1, ge=1, le=100_000, description="Publish progress every N steps.")
 
 
+class FsdpSpec(ApiModel):
+    """FSDP2 settings (strategy fsdp, GPU workers; Hugging Face Trainer + accelerate)."""
+
+    sharding_strategy: Literal["full_shard", "shard_grad_op"] = Field(
+        "full_shard",
+        description="full_shard: parameters, gradients and optimizer state sharded, parameters "
+        "re-gathered for the backward pass (least memory); shard_grad_op: parameters stay gathered "
+        "between forward and backward (more memory, less communication; ZeRO-2-like).",
+    )
+    cpu_offload: bool = Field(
+        False,
+        description="Keep sharded parameters, gradients and optimizer state in CPU memory between uses "
+        "(fits larger models on the GPUs, at a large speed cost).",
+    )
+
+
 class DistributedSpec(ApiModel):
-    """How workers share the model."""
+    """How workers share the model. A worker pod with N GPUs runs N workers, one per GPU."""
 
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="ddp: replicate the model on each worker; fsdp: shard parameters, grads and "
-        "optimizer state across workers (large models).",
+        "optimizer state across workers (large models; GPU workers only, CPU workers fall back to ddp).",
     )
+    fsdp: FsdpSpec = Field(default_factory=FsdpSpec, description="FSDP settings (strategy fsdp).")
 
 
 class TrainingWorkers(Placement):
     """The Ray Train worker pods: one Ray worker pod per training worker."""
 
-    replicas: int = Field(1, ge=1, le=1024, description="Training workers (one pod each).")
+    replicas: int = Field(
+        1, ge=1, le=1024, description="Worker pods (each runs one training worker per GPU, or one on CPU)."
+    )
     resources: Resources = Field(
         default=Resources(cpu="4", memory="16Gi"),
-        description="Resources of each worker pod; gpu > 0 trains on GPUs.",
+        description="Resources of each worker pod; gpu > 0 trains on GPUs, one Ray Train worker per GPU "
+        "with an equal share of the pod's CPUs.",
     )
 
 
@@ -177,6 +198,20 @@ class FailurePolicy(ApiModel):
         le=100,
         description="Times the job is resubmitted (from the latest checkpoint) after a failure.",
     )
+    backoff_seconds: int = Field(
+        0,
+        ge=0,
+        le=3600,
+        description="Wait before resubmitting after a failure, doubling with each restart "
+        "(backoffSeconds x 2^(restart-1), at most 1 hour); the Ray pods stay up meanwhile and "
+        "status.message says 'restarting in Ns'. 0 resubmits at once.",
+    )
+
+
+FSDP_WORKERS_MESSAGE = (
+    "spec.distributed.strategy fsdp needs at least 2 workers: spec.workers.replicas >= 2, or "
+    "spec.workers.resources.gpu >= 2 (one worker per GPU)"
+)
 
 
 class LLMTrainingJobSpec(ApiModel):
@@ -195,8 +230,9 @@ class LLMTrainingJobSpec(ApiModel):
             ".dataset.packing",
         ),
         cel_rule(
-            "self.distributed.strategy != 'fsdp' || self.workers.replicas >= 2",
-            "spec.distributed.strategy fsdp needs spec.workers.replicas >= 2",
+            "self.distributed.strategy != 'fsdp' || self.workers.replicas >= 2 || "
+            "self.workers.resources.gpu >= 2",
+            FSDP_WORKERS_MESSAGE,
             ".distributed.strategy",
         ),
         cel_rule(
@@ -222,12 +258,21 @@ class LLMTrainingJobSpec(ApiModel):
     head: HeadSpec = Field(default_factory=HeadSpec, description="The Ray head pod.")
     image: Image = DEFAULT_IMAGE
     image_pull_policy: ImagePullPolicy = "IfNotPresent"
+    pod_template: SharedPodTemplate = None
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing.")
     output: OutputSpec = Field(..., description="Where the trained model is written.")
     failure_policy: FailurePolicy = Field(default_factory=FailurePolicy, description="Restart policy.")
     suspend: bool = Field(
         False,
         description="true stops the job and removes its Ray pods; false resumes from the latest checkpoint.",
+    )
+    active_deadline_seconds: int | None = Field(
+        None,
+        ge=1,
+        le=31_536_000,
+        description="Longest the job may run, counted from status.startTime (its first Ray job "
+        "submission) across restarts; beyond it the job is stopped and Failed with reason "
+        "DeadlineExceeded. Suspending stops the clock; resuming starts it afresh.",
     )
     ttl_seconds_after_finished: int | None = Field(
         None,
@@ -243,13 +288,17 @@ class LLMTrainingJobSpec(ApiModel):
             raise ValueError("spec.lora may only be set when spec.method is lora")
         if self.dataset.packing and self.dataset.format != "text":
             raise ValueError("spec.dataset.packing is only supported with format text")
-        if self.distributed.strategy == "fsdp" and self.workers.replicas < 2:
-            raise ValueError("spec.distributed.strategy fsdp needs spec.workers.replicas >= 2")
+        if self.distributed.strategy == "fsdp" and self.train_workers() < 2:
+            raise ValueError(FSDP_WORKERS_MESSAGE)
         if self.hyperparameters.precision == "fp16" and self.workers.resources.gpu == 0:
             raise ValueError(
                 "spec.hyperparameters.precision fp16 needs GPU workers (spec.workers.resources.gpu > 0)"
             )
         return self
+
+    def train_workers(self) -> int:
+        """Ray Train workers: one per GPU of every worker pod (one per pod on CPU pods)."""
+        return self.workers.replicas * max(1, self.workers.resources.gpu)
 
     def effective_lora(self) -> LoraSpec | None:
         """LoRA settings in force: the given ones, defaults for method lora, None for full."""
@@ -319,7 +368,14 @@ class LLMTrainingJobStatus(StatusModel):
     output: OutputStatus = Field(
         default_factory=OutputStatus, description="The trained model, once Succeeded."
     )
-    start_time: datetime | None = Field(None, description="When the first attempt started.")
+    start_time: datetime | None = Field(
+        None,
+        description="When the first attempt was submitted (reset on resume after a suspension); "
+        "spec.activeDeadlineSeconds counts from it.",
+    )
+    next_attempt_at: datetime | None = Field(
+        None, description="When the next attempt is submitted, while backing off after a failure."
+    )
     completion_time: datetime | None = Field(None, description="When the job Succeeded or Failed.")
     message: StatusMessage = ""
 

@@ -10,7 +10,10 @@ it from a resource's spec, so both kinds get the same (KubeRay-style) pods:
   and the dashboard agent's ``/api/local_raylet_healthz`` (every node).
 - ``/dev/shm`` as a memory emptyDir (Ray's object store lives there).
 - The ``restricted`` Pod Security Standard: non-root uid 1000, no privilege escalation, all
-  capabilities dropped, RuntimeDefault seccomp, only emptyDir and PVC volumes.
+  capabilities dropped, RuntimeDefault seccomp, only volume types it allows.
+- Pod template overrides (``spec.podTemplate``, ``spec.head/workers.podTemplate``, see
+  :mod:`llmray.api.podtemplate`) merged on top: labels, annotations, env, envFrom, volumes and mounts
+  added after the operator's own (which win any clash), pod-level fields set.
 - Bounded local disk: ephemeral-storage request/limit and size-limited emptyDirs for TMPDIR, Ray's
   session directory (logs) and the model cache, from ``spec.*.storage``.
 - A NetworkPolicy: Ray's ports only from the cluster's own pods and the operator, the serve port
@@ -35,6 +38,7 @@ from llmray.api.common import (
     pvc_claim,
 )
 from llmray.api.deployment import ServiceSpec
+from llmray.api.podtemplate import PodTemplate, merge_templates
 from llmray.api.runtime import API_KEY_ENV, AUTH_TOKEN_ENV, HF_TOKEN_ENV
 
 from .common import (
@@ -108,6 +112,13 @@ class ClusterSpec:
     serve: ServiceSpec | None = None
     """The serve Service (LLMDeployment only)."""
     extra_labels: dict[str, str] = field(default_factory=dict)
+    pod_template: PodTemplate | None = None
+    """``spec.podTemplate``: additions to every pod (the roles' own templates add to it)."""
+
+    def template(self, node_type: str) -> PodTemplate | None:
+        """The pod template in force for the head or the workers (shared, then the role's)."""
+        role = self.head if node_type == NODE_TYPE_HEAD else self.worker_placement
+        return merge_templates(self.pod_template, role.pod_template)
 
     @property
     def name(self) -> str:
@@ -386,6 +397,43 @@ def _env(cluster: ClusterSpec) -> list[dict[str, Any]]:
     return env
 
 
+def _wire(items: list[Any] | None) -> list[dict[str, Any]]:
+    return [item.to_wire() for item in items or []]
+
+
+def _apply_template(spec: dict[str, Any], template: PodTemplate | None) -> None:
+    """Merge a pod template onto a built pod spec; the operator's own entries win any clash.
+
+    The API already refuses reserved names; dropping clashing entries here keeps the operator's
+    pod intact even for a spec that skipped validation.
+    """
+    if template is None:
+        return
+    container = spec["containers"][0]
+    taken_env = {e["name"] for e in container["env"]}
+    container["env"] += [e for e in _wire(template.env) if e["name"] not in taken_env]
+    if template.env_from:
+        container["envFrom"] = _wire(template.env_from)
+    taken_volumes = {v["name"] for v in spec["volumes"]}
+    spec["volumes"] += [v for v in _wire(template.volumes) if v["name"] not in taken_volumes]
+    taken_paths = {m["mountPath"] for m in container["volumeMounts"]}
+    container["volumeMounts"] += [
+        m for m in _wire(template.volume_mounts) if m["mountPath"] not in taken_paths
+    ]
+    for key, value in (
+        ("serviceAccountName", template.service_account_name),
+        ("priorityClassName", template.priority_class_name),
+        ("runtimeClassName", template.runtime_class_name),
+        ("schedulerName", template.scheduler_name),
+    ):
+        if value:
+            spec[key] = value
+    if template.image_pull_secrets:
+        spec["imagePullSecrets"] = _wire(template.image_pull_secrets)
+    if template.topology_spread_constraints:
+        spec["topologySpreadConstraints"] = _wire(template.topology_spread_constraints)
+
+
 def _probe(path: str, port: int, *, initial: int, period: int, failures: int) -> dict[str, Any]:
     return {
         "httpGet": {"path": path, "port": port},
@@ -488,7 +536,17 @@ def _pod_spec(cluster: ClusterSpec, node_type: str) -> dict[str, Any]:
         spec["tolerations"] = tolerations
     if placement.affinity:
         spec["affinity"] = placement.affinity
+    _apply_template(spec, cluster.template(node_type))
     return spec
+
+
+def _template_metadata(cluster: ClusterSpec, node_type: str) -> dict[str, dict[str, str]]:
+    """Labels and annotations the pod template adds (empty when none)."""
+    template = cluster.template(node_type)
+    if template is None:
+        return {}
+    out = {"labels": dict(template.labels or {}), "annotations": dict(template.annotations or {})}
+    return {k: v for k, v in out.items() if v}
 
 
 def pod_template_hash(cluster: ClusterSpec, node_type: str, auth_secret_uid: str) -> str:
@@ -500,7 +558,11 @@ def pod_template_hash(cluster: ClusterSpec, node_type: str, auth_secret_uid: str
     never restarts pods.
     """
     group = HEAD_GROUP if node_type == NODE_TYPE_HEAD else cluster.worker_group
-    return stable_hash({"spec": _pod_spec(cluster, node_type), "group": group, "auth": auth_secret_uid})
+    basis: dict[str, Any] = {"spec": _pod_spec(cluster, node_type), "group": group, "auth": auth_secret_uid}
+    extra = _template_metadata(cluster, node_type)
+    if extra:  # only when set: pods without a template keep their hash across this upgrade
+        basis["metadata"] = extra
+    return stable_hash(basis)
 
 
 def _pod(
@@ -514,7 +576,12 @@ def _pod(
         **labels,
         **cluster.extra_labels,
     )
-    meta["annotations"] = {ANNOTATION_TEMPLATE_HASH: pod_template_hash(cluster, node_type, auth_secret_uid)}
+    extra = _template_metadata(cluster, node_type)
+    meta["labels"] = {**extra.get("labels", {}), **meta["labels"]}  # the operator's labels win
+    meta["annotations"] = {
+        **extra.get("annotations", {}),
+        ANNOTATION_TEMPLATE_HASH: pod_template_hash(cluster, node_type, auth_secret_uid),
+    }
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": _pod_spec(cluster, node_type)}
 
 
@@ -561,6 +628,7 @@ def _cluster(
         env=tuple((var, ref) for var, ref in secrets if ref is not None),
         pvcs=pvcs,
         serve=serve,
+        pod_template=spec.pod_template,
     )
 
 

@@ -87,6 +87,7 @@ WARNING_REASONS = frozenset(
         R_FORBIDDEN,
         R_API_ERROR,
         "TrainingJobFailed",
+        "DeadlineExceeded",
         *STUCK_WAITING_REASONS,
     }
 )

@@ -42,7 +42,11 @@ META_NAME = "llmray.io/name"
 META_UID = "llmray.io/uid"
 META_ATTEMPT = "llmray.io/attempt"
 
-TrainingAction = Literal["wait", "submit", "poll", "succeed", "restart", "fail"]
+TrainingAction = Literal["wait", "backoff", "submit", "poll", "succeed", "restart", "fail"]
+MAX_BACKOFF_S = 3600.0
+"""Longest wait between restarts, whatever failurePolicy.backoffSeconds doubles to."""
+R_DEADLINE = "DeadlineExceeded"
+R_BACKING_OFF = "BackingOff"
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,38 @@ class TrainingStep:
     reason: str
     message: str
     requeue_after: float | None = None
+    delay: float = 0.0
+    """restart: seconds to wait before submitting the next attempt (failurePolicy.backoffSeconds)."""
+
+
+def restart_delay(backoff_seconds: int, restart: int) -> float:
+    """Wait before restart number ``restart`` (1, 2, ...): exponential, like a Job's pod backoff.
+
+    ``backoff_seconds`` x 2^(restart-1), at most :data:`MAX_BACKOFF_S`; 0 means no wait.
+    """
+    if backoff_seconds <= 0 or restart <= 0:
+        return 0.0
+    return float(min(MAX_BACKOFF_S, backoff_seconds * 2 ** min(restart - 1, 32)))
+
+
+def deadline_left(start: datetime | None, deadline_seconds: int | None, at: datetime) -> float | None:
+    """Seconds left before ``spec.activeDeadlineSeconds`` (<= 0: exceeded); None when it does not apply.
+
+    It counts from ``status.startTime`` (the first submission) and runs through restarts and
+    backoffs; a job not started yet has no deadline running.
+    """
+    if deadline_seconds is None or start is None:
+        return None
+    return deadline_seconds - (at - start).total_seconds()
+
+
+def deadline_message(deadline_seconds: int) -> str:
+    """status.message of a job stopped at its deadline."""
+    return (
+        f"the job ran longer than spec.activeDeadlineSeconds ({deadline_seconds}s, counted from "
+        "status.startTime across restarts): stopped; raise the deadline or lower the work "
+        "(e.g. hyperparameters.maxSteps) and re-create the job"
+    )
 
 
 def training_entrypoint() -> str:
@@ -78,6 +114,9 @@ def decide_training(
     cluster_ready: bool,
     submission_id: str,
     submitted: bool = False,
+    backoff_seconds: int = 0,
+    not_before: datetime | None = None,
+    at: datetime | None = None,
 ) -> TrainingStep:
     """The next step of one training job from what Ray says about attempt ``attempt``.
 
@@ -90,15 +129,36 @@ def decide_training(
     - PENDING/RUNNING: keep polling (progress mirrored by the caller);
     - SUCCEEDED: Succeeded;
     - FAILED/STOPPED: the next attempt while ``restarts < max_restarts`` (it resumes from the run's
-      checkpoints by itself), else Failed.
+      checkpoints by itself), else Failed. With ``backoff_seconds`` the restart carries a delay
+      (:func:`restart_delay`): the caller records ``not_before`` and submits nothing until then;
+      until ``at`` reaches it the step is ``backoff`` ("restarting in Ns").
     """
+    if job is None and not submitted and not_before is not None and at is not None and at < not_before:
+        left = math.ceil((not_before - at).total_seconds())
+        return TrainingStep(
+            "backoff",
+            attempt,
+            restarts,
+            "Running",
+            R_BACKING_OFF,
+            f"attempt {attempt - 1} failed; restarting in {left}s (restart {restarts}/{max_restarts}, "
+            "failurePolicy.backoffSeconds)",
+            float(left),
+        )
     if job is None and submitted:
         if restarts < max_restarts and not cluster_ready:
             return TrainingStep(
                 "wait", attempt, restarts, "", "WaitingForCluster", "waiting for the Ray cluster"
             )
         lost = f"Ray job {submission_id} is gone from the Ray head (the head restarted or lost it)"
-        return _failed_attempt(lost, "JobLost", attempt=attempt, restarts=restarts, max_restarts=max_restarts)
+        return _failed_attempt(
+            lost,
+            "JobLost",
+            attempt=attempt,
+            restarts=restarts,
+            max_restarts=max_restarts,
+            backoff=backoff_seconds,
+        )
     if job is None:
         if not cluster_ready:
             return TrainingStep(
@@ -138,20 +198,33 @@ def decide_training(
             "succeed", attempt, restarts, "Succeeded", "JobSucceeded", f"Ray job {submission_id} succeeded"
         )
     why = f"Ray job {submission_id} {job.status.value}" + (f": {job.message}" if job.message else "")
-    return _failed_attempt(why, "JobFailed", attempt=attempt, restarts=restarts, max_restarts=max_restarts)
+    return _failed_attempt(
+        why,
+        "JobFailed",
+        attempt=attempt,
+        restarts=restarts,
+        max_restarts=max_restarts,
+        backoff=backoff_seconds,
+    )
 
 
-def _failed_attempt(why: str, reason: str, *, attempt: int, restarts: int, max_restarts: int) -> TrainingStep:
-    """A failed (or lost) attempt: the next one while restarts are left, else Failed."""
+def _failed_attempt(
+    why: str, reason: str, *, attempt: int, restarts: int, max_restarts: int, backoff: int = 0
+) -> TrainingStep:
+    """A failed (or lost) attempt: the next one (after the backoff) while restarts are left, else Failed."""
     if restarts < max_restarts:
+        delay = restart_delay(backoff, restarts + 1)
+        when = f" in {math.ceil(delay)}s" if delay > 0 else ""
         return TrainingStep(
             "restart",
             attempt + 1,
             restarts + 1,
             "Running",
-            "Restarting",
-            f"{why}; restart {restarts + 1}/{max_restarts} resumes from the latest checkpoint",
-            0.0,
+            R_BACKING_OFF if delay > 0 else "Restarting",
+            f"{why}; restarting{when}: restart {restarts + 1}/{max_restarts} resumes from the latest "
+            "checkpoint",
+            delay or 0.0,
+            delay,
         )
     return TrainingStep(
         "fail",

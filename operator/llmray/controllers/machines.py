@@ -16,7 +16,7 @@ from llmray.api.training import TERMINAL_PHASES
 from llmray.builders.status import R_FINISHED, R_SUSPENDED, R_UNSCHEDULABLE, Blocker, ClusterHealth
 from llmray.ray.serve import ServeApplication
 
-from .decisions import ServeVerdict, TrainingStep, serve_verdict
+from .decisions import R_DEADLINE, ServeVerdict, TrainingStep, serve_verdict
 
 CLUSTER_READY_MESSAGE = "Ray cluster ready"
 SUSPENDED_MESSAGE = "spec.suspend is true: Ray pods removed; set it to false to resume"
@@ -70,14 +70,17 @@ class TrainingSeen:
     """Finished with a failure condition on the cluster that must stay (it names the cause)."""
     pods_after_finish: str = "deleted"
     """What happened to the pods of a finished job (for the condition message)."""
+    deadline: str | None = None
+    """spec.activeDeadlineSeconds has passed: why it fails (see ``decisions.deadline_left``)."""
 
 
 def training_next(s: TrainingSeen) -> Next:
     """Pending -> Provisioning -> Running -> Succeeded | Failed; Suspended; Failed on cluster errors.
 
     Order: a finished job stays finished (unless retrying); a blocker fails it (fatal) or holds
-    it Pending; suspension; an Unschedulable timeout fails it; then the Ray job's own state; then
-    the cluster's (ready: Running, else Provisioning).
+    it Pending; suspension; a passed deadline fails it (DeadlineExceeded, whatever Ray said); an
+    Unschedulable timeout fails it; then the Ray job's own state; then the cluster's (ready:
+    Running, else Provisioning).
     """
     phase = "Pending" if s.retrying else s.phase
     if phase in TERMINAL_PHASES and s.blocker is None:
@@ -91,6 +94,8 @@ def training_next(s: TrainingSeen) -> Next:
         return Next("Running" if phase == "Running" else "Pending", s.blocker.message, cluster)
     if s.suspended:
         return Next("Suspended", SUSPENDED_MESSAGE, (False, R_SUSPENDED, SUSPENDED_MESSAGE))
+    if s.deadline is not None:
+        return Next("Failed", s.deadline, (False, R_DEADLINE, s.deadline), finished=True)
     health = s.health
     if health is None:
         return Next(phase, reopened=s.retrying)

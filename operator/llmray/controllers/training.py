@@ -39,6 +39,8 @@ from .decisions import (
     META_NAMESPACE,
     META_UID,
     TRAINING_RUN_ENV,
+    deadline_left,
+    deadline_message,
     decide_training,
     encode_training_run,
     failure_event,
@@ -124,6 +126,14 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
             until = status.completion_time + timedelta(seconds=p.spec.ttl_seconds_after_finished or 0)
             pods = f"kept until {until.isoformat()} (ttlSecondsAfterFinished)"
         retrying = p.reopened
+        deadline: str | None = None
+        spec = p.spec
+        if spec is not None and p.phase not in TERMINAL_PHASES and not spec.suspend:
+            left = deadline_left(status.start_time, spec.active_deadline_seconds, p.at)
+            if left is not None and left <= 0 and spec.active_deadline_seconds is not None:
+                deadline = deadline_message(spec.active_deadline_seconds)
+            elif left is not None:
+                p.requeue(left)  # come back when it passes
         return training_next(
             TrainingSeen(
                 phase=p.phase,
@@ -139,6 +149,7 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
                 ray_problem=p.ray_problem,
                 keep_failure=cond is not None and cond.status == "False" and cond.reason != R_FINISHED,
                 pods_after_finish=pods,
+                deadline=deadline,
             )
         )
 
@@ -165,12 +176,16 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
         """
         status, spec = p.status, p.parsed
         assert p.health is not None
-        if not status.job_id and not p.health.ready:
+        if not status.job_id and not p.health.ready and status.next_attempt_at is None:
             return  # nothing submitted yet, and the cluster is still coming up
         head = self.heads.head(p.key, p.uid)
         ray = self.heads.client(p.key, head)
         attempt = status.attempt
+        left = deadline_left(status.start_time, spec.active_deadline_seconds, p.at)
         try:
+            if left is not None and left <= 0:
+                await self._stop_at_deadline(p, head)
+                return
             job = await ray.jobs.find(_sid(p, attempt))
             step = decide_training(
                 attempt=attempt,
@@ -180,18 +195,37 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
                 cluster_ready=p.health.ready,
                 submission_id=_sid(p, attempt),
                 submitted=status.job_id == _sid(p, attempt),
+                backoff_seconds=spec.failure_policy.backoff_seconds,
+                not_before=status.next_attempt_at,
+                at=p.at,
             )
             if step.action == "wait":
+                return
+            if step.action == "backoff":
+                p.job_step = step
+                p.condition(COND_JOB, False, step.reason, step.message)
+                p.requeue(step.requeue_after or 1.0)
                 return
             tail = ""
             if step.action == "submit":
                 await self._submit(ray, p, attempt)
                 status.start_time = status.start_time or p.at
+                status.next_attempt_at = None
             elif job is not None:
                 tail = await self._mirror_progress(ray, p, job)
             if step.action == "restart":
                 p.event("Warning", "RestartingRayJob", failure_event(step.message, tail))
                 attempt = step.attempt
+                if step.delay > 0:
+                    # Backing off: the next attempt is submitted by a later pass, at next_attempt_at.
+                    status.attempt, status.restarts = step.attempt, step.restarts
+                    status.next_attempt_at = p.at + timedelta(seconds=step.delay)
+                    status.job_id = ""
+                    self.running.pop(p.key, None)
+                    p.job_step = step
+                    p.condition(COND_JOB, False, step.reason, step.message)
+                    p.requeue(step.delay)
+                    return
                 await self._submit(ray, p, attempt)
             status.attempt, status.restarts = step.attempt, step.restarts
             status.job_id = _sid(p, attempt)
@@ -217,6 +251,20 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
             p.ray_problem = ray_problem(exc, head)
             p.condition(COND_JOB, "Unknown", p.ray_problem.reason, p.ray_problem.message)
             p.requeue(UNREACHABLE_REQUEUE_S)
+
+    async def _stop_at_deadline(self, p: TrainingPass, head: Head) -> None:
+        """spec.activeDeadlineSeconds passed: stop the running attempt (the machine fails the job)."""
+        status = p.status
+        if status.job_id:
+            try:
+                await self._stop(p.key, head, status.job_id)
+            except RayError as exc:  # its pods are deleted next anyway (a shared head: best effort)
+                logger.info("%s/%s: could not stop %s: %s", p.namespace, p.name, status.job_id, short(exc))
+        self.running.pop(p.key, None)
+        status.next_attempt_at = None
+        p.condition(
+            COND_JOB, False, "StoppedAtDeadline", "spec.activeDeadlineSeconds passed: Ray job stopped"
+        )
 
     async def _submit(self, ray: RayAPI, p: TrainingPass, attempt: int) -> JobInfo:
         sid = _sid(p, attempt)
@@ -285,6 +333,8 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
         p.event("Normal", "StoppedRayJob", f"stopped Ray job {status.job_id} (suspended)")
         status.attempt += 1
         status.job_id = ""
+        status.start_time = None  # like a Job: activeDeadlineSeconds restarts on resume
+        status.next_attempt_at = None
         self.running.pop(p.key, None)
         p.condition(COND_JOB, False, "Suspended", "spec.suspend is true: Ray job stopped")
 

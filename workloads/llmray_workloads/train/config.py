@@ -126,6 +126,22 @@ def _local_or_error(uri: str, field: str, what: str) -> str:
     return str(Path(path).absolute())
 
 
+def worker_shape(pods: int, cpu: str, gpu: int) -> tuple[int, dict[str, float]]:
+    """Ray Train workers and each one's resources for ``pods`` worker pods of ``cpu`` and ``gpu``.
+
+    CPU pods: one worker per pod asking for every CPU the pod advertises to Ray (``ray start
+    --num-cpus`` is the pod's CPU rounded up), so two workers never share a pod and the loss of a
+    pod is the loss of one worker. GPU pods: one worker per GPU (a worker drives one device; one
+    worker asking for all N GPUs would train on one of them), each with an equal share of the
+    pod's CPUs: N workers fill the pod exactly, so a pod's workers always land on it together.
+    """
+    cpus = max(1, math.ceil(cpu_quantity(cpu)))
+    if gpu <= 0:
+        return pods, {"CPU": float(cpus)}
+    share = float(cpus // gpu) if cpus >= gpu else cpus / gpu
+    return pods * gpu, {"CPU": share, "GPU": 1.0}
+
+
 def resolve_plan(run: TrainingRun) -> Plan:
     """Resolve URIs, run name and worker resources; pure (touches no file or cluster)."""
     spec = run.spec
@@ -142,12 +158,7 @@ def resolve_plan(run: TrainingRun) -> Plan:
     storage = local_path(storage_uri)
     storage_path = str(Path(storage).absolute()) if storage is not None else storage_uri
     resources = spec.workers.resources
-    # One Train worker per worker pod: ask for every CPU the pod advertises to Ray (`ray start
-    # --num-cpus` is the pod's CPU rounded up), so two workers never share a pod and the loss of a
-    # pod is the loss of one worker.
-    per_worker = {"CPU": float(max(1, math.ceil(cpu_quantity(resources.cpu))))}
-    if resources.gpu > 0:
-        per_worker["GPU"] = float(resources.gpu)
+    num_workers, per_worker = worker_shape(spec.workers.replicas, resources.cpu, resources.gpu)
     return Plan(
         run_name=run_name(run),
         attempt=run.attempt,
@@ -157,7 +168,7 @@ def resolve_plan(run: TrainingRun) -> Plan:
         dataset_is_hub=data_repo is not None,
         output_dir=str(Path(output_dir).absolute()),
         storage_path=storage_path,
-        num_workers=spec.workers.replicas,
+        num_workers=num_workers,
         use_gpu=resources.gpu > 0,
         resources_per_worker=per_worker,
         # Retries are the operator's: each failed attempt is resubmitted as the next one, counted

@@ -27,6 +27,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 
 from llmray.api.runtime import TrainingRun
+from llmray.api.training import FsdpSpec
 
 from .config import Plan, Precision, resolve_precision
 from .data import ExampleDataset, PadCollator, PreparedData
@@ -133,12 +134,16 @@ def use_fsdp(run: TrainingRun, cuda: bool) -> bool:
     return run.spec.distributed.strategy == "fsdp" and cuda
 
 
-def fsdp_arguments(model: Any, activation_checkpointing: bool) -> dict[str, Any]:
+def fsdp_arguments(
+    model: Any, activation_checkpointing: bool, fsdp: FsdpSpec | None = None
+) -> dict[str, Any]:
     """TrainingArguments for FSDP2: shard per transformer block, full state dict on save.
 
     FULL_STATE_DICT keeps checkpoints loadable at any world size and lets ``save_model`` write a
-    plain HF folder; FSDP's own activation checkpointing replaces HF's under FSDP.
+    plain HF folder; FSDP's own activation checkpointing replaces HF's under FSDP. FSDP2 spells
+    the sharding strategy as ``reshard_after_forward`` (full_shard: True, shard_grad_op: False).
     """
+    fsdp = fsdp or FsdpSpec()
     layers = list(getattr(model, "_no_split_modules", None) or [])
     return {
         "fsdp": True,
@@ -148,6 +153,8 @@ def fsdp_arguments(model: Any, activation_checkpointing: bool) -> dict[str, Any]
             **({"transformer_layer_cls_to_wrap": layers} if layers else {}),
             "activation_checkpointing": activation_checkpointing,
             "state_dict_type": "FULL_STATE_DICT",
+            "reshard_after_forward": fsdp.sharding_strategy == "full_shard",
+            "cpu_offload": fsdp.cpu_offload,
         },
     }
 
@@ -170,7 +177,7 @@ def training_arguments(
     spec = run.spec
     hp = spec.hyperparameters
     fsdp = use_fsdp(run, cuda)
-    fsdp_kwargs = fsdp_arguments(model, hp.gradient_checkpointing) if fsdp else {}
+    fsdp_kwargs = fsdp_arguments(model, hp.gradient_checkpointing, spec.distributed.fsdp) if fsdp else {}
     every = spec.checkpoint.every_steps
     return TrainingArguments(
         output_dir=output_dir,
