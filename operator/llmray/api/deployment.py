@@ -348,8 +348,7 @@ class LLMDeploymentSpec(ApiModel):
             ".workers.maxReplicas",
         ),
         cel_rule(
-            "!has(self.adapters) || !has(self.model.name) || "
-            "self.adapters.all(a, a.name != self.model.name)",
+            "!has(self.adapters) || !has(self.model.name) || self.adapters.all(a, a.name != self.model.name)",
             "spec.adapters[].name must differ from spec.model.name (each is a model id of its own)",
             ".adapters",
         ),
