@@ -486,20 +486,9 @@ async def test_a_lora_adapter_folder_is_served_merged_into_its_base(
 
 
 def make_adapter(base_path: Path, out: Path, seed: int, rank: int = 4) -> Path:
-    """A tiny non-zero LoRA adapter of the tiny model (so its answers differ from the base's)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from llmray_workloads.tiny import build_tiny_adapter
 
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(base_path)
-    peft_model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.3)
-    peft_model.save_pretrained(out)
-    return out
+    return build_tiny_adapter(base_path, out, seed=seed, rank=rank)
 
 
 def adapter_reference(base_path: Path, tokenizer: Any, adapter: Path, prompt: str, n: int) -> str:
