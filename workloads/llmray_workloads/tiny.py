@@ -191,7 +191,7 @@ def build_tiny_adapter(base_dir: str | Path, out_dir: str | Path, seed: int = 1,
             if "lora_B" in name:
                 param.normal_(0.0, 0.3)
     out = Path(out_dir)
-    model.save_pretrained(out)
+    model.save_pretrained(str(out))
     return out
 
 
