@@ -117,12 +117,23 @@ def test_adapter_named_like_the_default_served_name_fails() -> None:
 
 def test_vllm_takes_object_store_adapters_only() -> None:
     s = spec(
-        [{"name": "a", "uri": "s3://b/loras/a"}, {"name": "f", "uri": "file:///a"}],
+        [
+            {"name": "a", "uri": "s3://b/loras/a"},
+            {"name": "f", "uri": "file:///a"},
+            {"name": "c", "uri": "s3://b/loras/c"},
+            {"name": "elsewhere", "uri": "gs://x/y/z"},
+        ],
         engine="vllm",
         resourcesPerReplica={"gpu": 1},
     )
-    got = {a.name: a.state for a in resolve_adapters(s, {}, [], "base")}
-    assert got == {"a": "Loading", "f": "Failed"}
+    got = {a.name: a for a in resolve_adapters(s, {}, [], "base")}
+    assert {n: a.state for n, a in got.items()} == {
+        "a": "Loading",
+        "f": "Failed",
+        "c": "Loading",
+        "elsewhere": "Failed",
+    }
+    assert "one folder" in got["elsewhere"].message
 
 
 def test_status_ready_only_once_serve_runs_a_config_with_the_adapter() -> None:

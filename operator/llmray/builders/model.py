@@ -186,6 +186,16 @@ def resolve_adapters(
             )
             out.append(ResolvedAdapter(name, None, "Failed", message, R_ADAPTER_INVALID))
             continue
+        folder = uri.rstrip("/").rsplit("/", 1)[0] if uri is not None else None
+        if spec.engine == "vllm" and folder is not None:  # Serve LLM: one dynamic_lora_loading_path
+            first = next((a.uri for a in out if a.uri is not None), None)
+            if first is not None and first.rstrip("/").rsplit("/", 1)[0] != folder:
+                message = (
+                    "engine vllm loads every adapter from one folder (Ray Serve LLM's "
+                    f"dynamic_lora_loading_path): put {uri} next to {first}"
+                )
+                out.append(ResolvedAdapter(name, None, "Failed", message, R_ADAPTER_INVALID))
+                continue
         reason = R_ADAPTER_INVALID if state == "Failed" else (R_ADAPTER_WAITING if uri is None else "")
         out.append(ResolvedAdapter(name, uri, state, message, reason))
     return out
