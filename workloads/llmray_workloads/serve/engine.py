@@ -365,6 +365,15 @@ def new_slot_cache(num_layers: int) -> Any:
     return cache_class(num_layers)
 
 
+def _local_adapter(source: str) -> str:
+    """A local folder holding the adapter ``source`` (a folder, or a hub repo id it downloads)."""
+    if Path(source).is_dir() or source.startswith("/"):
+        return source
+    from huggingface_hub import snapshot_download
+
+    return str(snapshot_download(source))
+
+
 def adapter_base(source: str) -> str | None:
     """The base model a LoRA adapter folder names (``adapter_config.json``), or None for a full model."""
     path = Path(source) / "adapter_config.json"
@@ -501,17 +510,23 @@ class TransformersEngine:
         (returned, and in :meth:`adapter_errors`); the others are served regardless.
         """
         errors: dict[str, str] = {}
+        local: dict[str, str] = {}
+        for name, source in wanted.items():  # hub downloads happen here, not under the model lock
+            try:
+                local[name] = _local_adapter(source)
+            except Exception as exc:
+                errors[name] = f"adapter {name} failed to load from {source}: {exc}"
         with self._model_lock:
             with self._cond:
                 current = {name: self._loaded[lora] for name, lora in self._listed.items()}
                 for name in [n for n in self._listed if wanted.get(n) != current[n]]:
                     del self._listed[name]
             for name, source in wanted.items():
-                if current.get(name) == source:
+                if current.get(name) == source or name in errors:
                     continue
                 lora = f"lora{next(self._lora_ids)}"
                 try:
-                    self._load_adapter(lora, source)
+                    self._load_adapter(lora, local[name], source)
                 except Exception as exc:
                     logger.warning("adapter %s (%s) failed to load: %s", name, source, exc)
                     errors[name] = f"adapter {name} failed to load from {source}: {exc}"
@@ -522,9 +537,10 @@ class TransformersEngine:
             self._retire()
         return errors
 
-    def _load_adapter(self, lora: str, source: str) -> None:
-        """Load one adapter as peft adapter ``lora`` (caller holds the model lock)."""
-        config = Path(source) / "adapter_config.json"
+    def _load_adapter(self, lora: str, folder: str, source: str) -> None:
+        """Load the adapter in ``folder`` (from ``source``) as peft adapter ``lora`` (caller holds the
+        model lock)."""
+        config = Path(folder) / "adapter_config.json"
         if self.max_lora_rank is not None and config.is_file():
             rank = int(json.loads(config.read_text()).get("r") or 0)
             if rank > self.max_lora_rank:
@@ -533,9 +549,9 @@ class TransformersEngine:
         if self._peft is None:
             from peft import PeftModel
 
-            self._peft = PeftModel.from_pretrained(self.model, source, adapter_name=lora, torch_device=device)
+            self._peft = PeftModel.from_pretrained(self.model, folder, adapter_name=lora, torch_device=device)
         else:
-            self._peft.load_adapter(source, adapter_name=lora, torch_device=device)
+            self._peft.load_adapter(folder, adapter_name=lora, torch_device=device)
         self._peft.eval()
         self._loaded[lora] = source
 
