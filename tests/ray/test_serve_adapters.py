@@ -43,6 +43,7 @@ def folders() -> dict[str, Path]:
         "base": base,
         "sql": build_tiny_adapter(base, root / "sql", seed=1),
         "poet": build_tiny_adapter(base, root / "poet", seed=2),
+        "broken": root / "no-such-adapter",
     }
 
 
@@ -132,14 +133,19 @@ async def test_adapter_listed_answered_and_removed_live(
         # The operator's view: both adapters Ready (Serve runs a config that has them).
         app = await ray.serve.get_application(APP)
         resolved = resolve_adapters(both, {}, [], BASE)
-        states = adapter_statuses(resolved, deployed_adapters(app), running=app is not None and app.running)
+        listed = frozenset(await model_ids(base))
+        states = adapter_statuses(
+            resolved, deployed_adapters(app), running=app is not None and app.running, listed=listed
+        )
         assert [(a.name, a.state) for a in states] == [("sql", "Ready"), ("poet", "Ready")]
 
         before = await replicas(local_ray)
         assert len(before) == 1 and before[0][2] == "RUNNING"
 
-        # Remove poet: a user_config change only, applied to the running replica.
-        assert await ray.serve.put_application(APP, app_config(spec_with(folders, ["sql"])))
+        # Remove poet and add an adapter that cannot load: a user_config change only, applied to
+        # the running replica; the broken one is left out, everything else keeps serving.
+        after_change = spec_with(folders, ["sql", "broken"])
+        assert await ray.serve.put_application(APP, app_config(after_change))
 
         async def poet_gone() -> bool:
             return "poet" not in await model_ids(base)
@@ -150,10 +156,19 @@ async def test_adapter_listed_answered_and_removed_live(
         assert gone.json()["error"]["code"] == "model_not_found"
         still = await complete(base, "sql")
         assert still.status_code == 200 and still.json()["choices"][0]["text"] == answers["sql"]
+        assert (await complete(base, "broken")).status_code == 404
         await async_wait_for(running, timeout=TIMEOUT, what=f"Serve application {APP} to settle")
         after = await replicas(local_ray)
         assert [(a, p) for a, p, _ in after] == [(a, p) for a, p, _ in before]  # reconfigured, not restarted
+        app = await ray.serve.get_application(APP)
+        states = adapter_statuses(
+            resolve_adapters(after_change, {}, [], BASE),
+            deployed_adapters(app),
+            running=app is not None and app.running,
+            listed=frozenset(await model_ids(base)),
+        )
+        assert [(a.name, a.state) for a in states] == [("sql", "Ready"), ("broken", "Failed")]
         # An unchanged config sends no PUT (the reconcile loop does not redeploy).
-        assert not await ray.serve.put_application(APP, app_config(spec_with(folders, ["sql"])))
+        assert not await ray.serve.put_application(APP, app_config(after_change))
     finally:
         await ray.serve.delete_application(APP)

@@ -224,3 +224,22 @@ def test_jobs_of_adapters_wake_their_deployment() -> None:
     fn = getattr(handler, "__wrapped__", handler)
     got = asyncio.run(fn(namespace="ns", name="d", spec=spec_))
     assert got == {("ns", "j1"): "d"}
+
+
+def test_a_replica_that_does_not_list_a_deployed_adapter_failed_to_load_it() -> None:
+    resolved = resolve_adapters(
+        spec([{"name": "a", "uri": "file:///a"}, {"name": "b", "uri": "file:///b"}]), {}, [], "base"
+    )
+    deployed = {"a": "/a", "b": "/b"}
+    states = adapter_statuses(resolved, deployed, running=True, listed=frozenset({"base", "a"}))
+    assert [(s.name, s.state) for s in states] == [("a", "Ready"), ("b", "Failed")]
+    assert "could not load" in states[1].message
+    loading = adapter_statuses(resolved, {"a": "/a"}, running=True, listed=frozenset({"base", "a"}))
+    assert [s.state for s in loading] == ["Ready", "Loading"]  # not deployed yet: not a failure
+
+
+def test_model_listing_is_read_defensively() -> None:
+    from llmray.ray.serving import parse_model_ids
+
+    assert parse_model_ids({"data": [{"id": "a"}, {"id": 3}, "junk", {"id": "b" * 999}]}) == ["a", "b" * 256]
+    assert parse_model_ids({"data": "x"}) == [] and parse_model_ids([]) == []

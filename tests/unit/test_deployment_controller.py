@@ -288,9 +288,20 @@ async def test_adapters_resolve_deploy_as_user_config_and_turn_ready() -> None:
     head.apps["chat"] = ServeApplication(
         "chat", "RUNNING", deployments=head.apps["chat"].deployments, deployed_config=config
     )
-    await world.reconcile(key)
+    await world.reconcile(key)  # no /v1/models answer: Ready from Serve's deployed config alone
     states = {a["name"]: a["state"] for a in world.kube.status(key)["adapters"]}
     assert states == {"poet": "Ready", "sql": "Ready", "oops": "Failed"}
     assert world.phase(key) == "Ready" and world.reasons().count("AdapterReady") == 2
     await world.reconcile(key)  # converged: no new events, no redeploy
     assert world.reasons().count("AdapterFailed") == 1 and world.reasons().count("DeployedServeApp") == 1
+    # What a replica reports wins: poet is not listed on /v1/models, so the replica failed to load it.
+    url = world.settings.topology.head("chat", NS).serve_url
+    world.ray.models[url] = ["tiny", "sql"]
+    await world.reconcile(key)
+    adapters = {a["name"]: a for a in world.kube.status(key)["adapters"]}
+    assert {n: a["state"] for n, a in adapters.items()} == {
+        "poet": "Failed",
+        "sql": "Ready",
+        "oops": "Failed",
+    }
+    assert "could not load" in adapters["poet"]["message"] and world.reasons().count("AdapterFailed") == 2

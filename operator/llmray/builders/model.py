@@ -202,13 +202,18 @@ def resolve_adapters(
 
 
 def adapter_statuses(
-    resolved: Sequence[ResolvedAdapter], deployed: Mapping[str, str] | None, running: bool
+    resolved: Sequence[ResolvedAdapter],
+    deployed: Mapping[str, str] | None,
+    running: bool,
+    listed: frozenset[str] | None = None,
 ) -> list[AdapterStatus]:
-    """status.adapters from resolution and what Serve runs.
+    """status.adapters from resolution, what Serve runs and what a replica lists.
 
     ``deployed``: adapter name -> source in the user_config Serve has deployed (None: unknown);
-    ``running``: the Serve application is RUNNING, i.e. every replica applied that config.
-    An adapter is Ready once the replicas run a config that has it, Loading before.
+    ``running``: the Serve application is RUNNING, i.e. every replica applied that config;
+    ``listed``: the model ids a replica's ``/v1/models`` answered (None: not known). An adapter is
+    Ready once the replicas run a config that has it and (when known) a replica lists it; Failed
+    when they run that config but do not list it (the replica could not load it); Loading before.
     """
     out: list[AdapterStatus] = []
     for adapter in resolved:
@@ -217,6 +222,12 @@ def adapter_statuses(
             live = deployed is not None and deployed.get(adapter.name) == adapter_source(adapter.uri)
             state = "Ready" if running and live else "Loading"
             message = f"served from {adapter.uri}" if state == "Ready" else f"loading {adapter.uri}"
+            if state == "Ready" and listed is not None and adapter.name not in listed:
+                state = "Failed"
+                message = (
+                    f"the replicas could not load {adapter.uri} (not in /v1/models): see the replica's "
+                    "log for why (a missing folder, a rank above engineArgs.maxLoraRank, another base)"
+                )
         out.append(AdapterStatus(name=adapter.name, uri=adapter.uri or "", state=state, message=message))
     return out
 

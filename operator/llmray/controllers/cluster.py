@@ -152,6 +152,8 @@ class Pass(Generic[SpecT, StatusT]):
     serving: ServingStats | None = None
     adapters: list[ResolvedAdapter] = field(default_factory=list)
     """Deployments: spec.adapters resolved this pass."""
+    served_models: frozenset[str] | None = None
+    """Deployments: the model ids a replica listed on ``/v1/models`` this pass (None: not asked)."""
     requeue_after: float | None = None
     events: list[tuple[str, str, str]] = field(default_factory=list)
 

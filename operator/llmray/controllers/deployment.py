@@ -284,9 +284,9 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
                 p.event("Normal", "DeployedServeApp", f"deployed Serve application {route.app_name}")
             p.serve_app = await ray.serve.get_application(route.app_name)
             p.serve_seen = True
-            self._adapter_states(p)
             if p.serve_app is not None and p.serve_app.status == "RUNNING":
                 await self._poll_stats(p, route.url, api_key if head.shared else None)
+            self._adapter_states(p)
             await self._autoscale(p, ray, head.shared)
         except RayError as exc:
             if isinstance(exc, RayAuthError):
@@ -307,12 +307,18 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
                 if err.status != 403:
                     raise
                 self._user_secrets_readable = False
+        serving = self.heads.serving(url, api_key)
         try:
-            p.serving = await self.heads.serving(url, api_key).stats()
+            p.serving = await serving.stats()
         except RayError as exc:
             logger.debug("%s/%s: no serving stats: %s", p.namespace, p.name, exc)
             p.serving = None
         p.serving_seen = True
+        if p.adapters and p.parsed.engine == "transformers":
+            try:  # what a replica serves: an adapter it could not load is not listed
+                p.served_models = frozenset(await serving.models())
+            except RayError as exc:
+                logger.debug("%s/%s: no model listing: %s", p.namespace, p.name, exc)
 
     def _adapter_states(self, p: DeploymentPass) -> None:
         """Adapters Ready once the Serve app runs (every replica reconfigured) with them deployed."""
@@ -322,7 +328,9 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
             return
         previous = {a.name: a for a in p.status.adapters}
         running = app is not None and app.running
-        statuses = adapter_statuses(p.adapters, deployed_adapters(app), running=running)
+        statuses = adapter_statuses(
+            p.adapters, deployed_adapters(app), running=running, listed=p.served_models
+        )
         self._adapter_events(p, previous, statuses)
         p.status.adapters = statuses
         if any(a.state == "Loading" for a in statuses):
