@@ -511,7 +511,11 @@ class TransformersEngine:
         """
         errors: dict[str, str] = {}
         local: dict[str, str] = {}
+        with self._cond:
+            served = {name: self._loaded.get(lora) for name, lora in self._listed.items()}
         for name, source in wanted.items():  # hub downloads happen here, not under the model lock
+            if served.get(name) == source:
+                continue
             try:
                 local[name] = _local_adapter(source)
             except Exception as exc:
