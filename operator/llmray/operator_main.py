@@ -219,9 +219,12 @@ async def llmray_deployments(namespace: str | None, name: str, body: kopf.Body, 
 
 @kopf.index(GROUP, VERSION, DEPLOYMENT_PLURAL)
 async def llmray_deployments_by_job(namespace: str | None, name: str, spec: kopf.Spec, **_: Any) -> Any:
-    """(namespace, training job) -> deployments serving its output: a job's event wakes only those."""
-    job = (spec.get("model") or {}).get("fromTrainingJob")
-    return {(namespace, job): name} if job else None
+    """(namespace, training job) -> deployments serving its output (as the model or an adapter): a
+    job's event wakes only those."""
+    jobs = {(spec.get("model") or {}).get("fromTrainingJob")}
+    jobs |= {(a or {}).get("fromTrainingJob") for a in spec.get("adapters") or [] if isinstance(a, dict)}
+    keys = {(namespace, job): name for job in jobs if job}
+    return keys or None
 
 
 @kopf.index("v1", "pods", labels=_MANAGED)

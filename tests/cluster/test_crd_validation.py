@@ -207,6 +207,37 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
         _t("spec.workers.storage", {"modelCache": "lots"}),
         ["spec.workers.storage.modelCache"],
     ),
+    # spec.adapters (multi-LoRA)
+    (
+        "adapter-two-sources",
+        _d("spec.adapters", [{"name": "a", "uri": "file:///a", "fromTrainingJob": "ft"}]),
+        ["spec.adapters[0]", "exactly one of spec.adapters[].uri and spec.adapters[].fromTrainingJob"],
+    ),
+    (
+        "adapter-bad-name",
+        _d("spec.adapters", [{"name": "Bad_Name", "uri": "file:///a"}]),
+        ["spec.adapters[0].name"],
+    ),
+    (
+        "adapter-duplicate",
+        _d("spec.adapters", [{"name": "a", "uri": "file:///a"}, {"name": "a", "uri": "file:///b"}]),
+        ["spec.adapters[1]", "Duplicate value"],
+    ),
+    (
+        "adapter-too-many",
+        _d("spec.adapters", [{"name": f"a{i}", "uri": "file:///a"} for i in range(17)]),
+        ["spec.adapters", "16"],
+    ),
+    (
+        "adapter-is-base-name",
+        _d("spec.adapters", [{"name": "chat", "uri": "file:///a"}], _d("spec.model.name", "chat")),
+        ["spec.adapters", "must differ from spec.model.name"],
+    ),
+    (
+        "adapter-is-resource-name",
+        _d("spec.adapters", [{"name": "dep", "uri": "file:///a"}]),
+        ["spec.adapters", "must differ from the base model's served name"],
+    ),
 ]
 
 # Accepted: the same exposure with a key or an explicit opt-out, allowlisted engine arguments.
@@ -218,6 +249,13 @@ VALID_SAFETY: list[tuple[str, dict[str, Any]]] = [
     ("nodeport-opt-out", _d("spec.service", {"type": "NodePort", "allowUnauthenticated": True})),
     ("engine-extra-allowed", _d("spec.engineArgs", {"extra": {"enable_prefix_caching": True, "seed": 1}})),
     ("allow-from", _d("spec.service", {"allowFrom": [{"namespaceSelector": {"matchLabels": {"a": "b"}}}]})),
+    (
+        "adapters",
+        _d(
+            "spec.adapters",
+            [{"name": "sql", "uri": "pvc://loras/sql"}, {"name": "poet", "fromTrainingJob": "ft"}],
+        ),
+    ),
 ]
 
 

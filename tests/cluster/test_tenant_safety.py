@@ -79,6 +79,15 @@ ESCALATIONS: list[tuple[str, dict[str, Any], str]] = [
         "spec.checkpoint.storageUri",
     ),
     ("served-model-pvc", _with(DEPLOYMENT, "spec.model.uri", "pvc://team-models/chat"), "spec.model.uri"),
+    (
+        "adapter-pvc",
+        _with(
+            DEPLOYMENT,
+            "spec.adapters",
+            [{"name": "ok", "uri": "file:///models/a"}, {"name": "x", "uri": "pvc://team-models/lora"}],
+        ),
+        "spec.adapters[].uri",
+    ),
     ("image", _with(TRAINING, "spec.image", "docker.io/evil/miner:1"), "spec.image"),
     ("image-lookalike", _with(DEPLOYMENT, "spec.image", "llmray-evil/ray-runtime:0.1.0"), "spec.image"),
     (
@@ -162,6 +171,7 @@ HARMLESS: list[tuple[str, dict[str, Any]]] = [
     ("plain-deployment", DEPLOYMENT),
     ("own-secret", _with(DEPLOYMENT, "spec.apiKeySecretRef", {"name": "alice-key", "key": "key"})),
     ("project-image", _with(TRAINING, "spec.image", "llmray/ray-runtime:0.2.0")),
+    ("file-adapter", _with(DEPLOYMENT, "spec.adapters", [{"name": "a", "uri": "file:///models/a"}])),
     (
         "keyed-toleration",
         _with(TRAINING, "spec.workers.tolerations", [{"key": "dedicated", "operator": "Exists"}]),

@@ -6,6 +6,7 @@ import base64
 import threading
 from typing import Any
 
+import httpx
 import pytest
 from kubernetes import client
 
@@ -150,3 +151,49 @@ def test_pending_gpu_demand_adds_and_removes_gpu_workers(e2e: E2E) -> None:
     wait_for(lambda: status(e2e, name)["workers"]["desired"] == 0, timeout=30, what="desired 0", interval=0.5)
     e2e.delete(KIND, name)
     wait_for(lambda: f"{e2e.namespace}-{name}" not in e2e.serve_apps(), timeout=60, what="Serve app removed")
+
+
+def test_adapters_become_model_ids_and_are_removed_live(e2e: E2E) -> None:
+    """spec.adapters through the real operator: a LoRA adapter is Ready in status.adapters, listed
+    and answered; one waiting for its training job is Pending; removing the adapter (kubectl patch)
+    unlists it on the same replica (no restart) and requests for it get 404 model_not_found."""
+    from llmray_workloads.tiny import build_tiny_adapter
+
+    name = "multi"
+    sql = build_tiny_adapter(e2e.model, e2e.work / "adapters" / "sql", seed=1)
+    adapters = [{"name": "sql", "uri": f"file://{sql}"}, {"name": "later", "fromTrainingJob": "not-yet"}]
+    apply_yaml(e2e.kube, e2e.deployment(name, adapters=adapters), e2e.namespace)
+    wait_ready(e2e, name)
+
+    def adapter_states() -> dict[str, str]:
+        return {a["name"]: a["state"] for a in status(e2e, name).get("adapters") or []}
+
+    wait_for(
+        lambda: adapter_states() == {"sql": "Ready", "later": "Pending"} or None,
+        timeout=120,
+        what="status.adapters sql Ready, later Pending",
+        interval=1,
+    )
+    endpoint = status(e2e, name)["endpoint"]
+    app = f"{e2e.namespace}-{name}"
+
+    def replica_ids() -> list[str]:
+        deployment = e2e.serve_apps()[app]["deployments"]["LLMServer"]
+        return [r["actor_id"] for r in deployment["replicas"]]
+
+    before = replica_ids()
+    with httpx.Client(base_url=endpoint, timeout=60) as http:
+        assert [m["id"] for m in http.get("/models").json()["data"]] == ["tiny", "sql"]
+        body = {"model": "sql", "prompt": "hello", "max_tokens": 4}
+        assert http.post("/completions", json=body).status_code == 200
+        e2e.patch(KIND, name, {"spec": {"adapters": [adapters[1]]}})
+        wait_for(
+            lambda: [m["id"] for m in http.get("/models").json()["data"]] == ["tiny"] or None,
+            timeout=120,
+            what="sql to leave /v1/models",
+            interval=1,
+        )
+        gone = http.post("/completions", json=body)
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+    wait_for(lambda: adapter_states() == {"later": "Pending"} or None, timeout=60, what="status.adapters")
+    assert replica_ids() == before  # reconfigured in place, not restarted

@@ -358,6 +358,14 @@ class _FakeServing:
             raise answer
         return answer
 
+    async def models(self) -> list[str]:
+        answer = self.ray.models.get(self.url)
+        if isinstance(answer, Exception):
+            raise answer
+        if answer is None:
+            raise RayNotFound("GET", self.url, 404, "no models route")
+        return answer
+
 
 class FakeRay:
     """A :class:`~llmray.controllers.rayconn.RayProvider` over in-memory heads (by dashboard URL)."""
@@ -366,6 +374,8 @@ class FakeRay:
         self.heads: dict[str, FakeHead] = {}
         self.forgotten: list[Key] = []
         self.stats: dict[str, ServingStats | Exception | None] = {}
+        self.models: dict[str, list[str] | Exception | None] = {}
+        """Serve route URL -> what its /v1/models lists (None: no answer, 404)."""
         """Serve route URL -> what its stats route answers (absent/None: 404)."""
         self.stats_calls: list[tuple[str, str | None]] = []
 

@@ -241,3 +241,67 @@ async def test_deleted_deployment_removes_its_app_from_a_shared_head() -> None:
     await world.reconcile(key)
     await world.controllers[KIND].drain()
     assert "team-chat" not in world.head_of(key).apps
+
+
+async def test_adapters_resolve_deploy_as_user_config_and_turn_ready() -> None:
+    """A uri adapter and a LoRA job's output are sent in the deployment's user_config; a full
+    fine-tune job is a semantic error (adapter Failed + Warning Event) that does not block the rest;
+    adapters turn Ready once Serve runs a config that has them."""
+    from llmray.ray.serve import ServeApplication
+
+    world = World()
+    lora = world.kube.apply(TRAINING_KIND, NS, "sql-ft", {**TRAIN_SPEC, "method": "lora"})
+    world.kube.get(*lora)["status"] = {"phase": "Succeeded", "output": {"uri": "pvc://loras/sql"}}
+    full = world.kube.apply(TRAINING_KIND, NS, "full-ft", TRAIN_SPEC)
+    world.kube.get(*full)["status"] = {"phase": "Succeeded", "output": {"uri": "file:///out/ft"}}
+    adapters = [
+        {"name": "poet", "uri": "file:///loras/poet"},
+        {"name": "sql", "fromTrainingJob": "sql-ft"},
+        {"name": "oops", "fromTrainingJob": "full-ft"},
+    ]
+    key = await up(world, adapters=adapters)
+    head = world.head_of(key)
+    config = head.configs["chat"]
+    assert config["args"]["spec"].get("adapters", []) == []
+    assert config["deployments"] == [
+        {
+            "name": "LLMServer",
+            "user_config": {
+                "adapters": [
+                    {"name": "poet", "source": "/loras/poet"},
+                    {"name": "sql", "source": "/mnt/pvc/loras/sql"},
+                ]
+            },
+        }
+    ]
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for p in world.kube.pods(NS)
+        for v in p["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert claims == {"loras"}
+    states = {a["name"]: a["state"] for a in world.kube.status(key)["adapters"]}
+    assert states == {"poet": "Loading", "sql": "Loading", "oops": "Failed"}
+    assert world.reasons().count("AdapterFailed") == 1
+    head.set_app("chat", "RUNNING")
+    head.apps["chat"] = ServeApplication(
+        "chat", "RUNNING", deployments=head.apps["chat"].deployments, deployed_config=config
+    )
+    await world.reconcile(key)  # no /v1/models answer: Ready from Serve's deployed config alone
+    states = {a["name"]: a["state"] for a in world.kube.status(key)["adapters"]}
+    assert states == {"poet": "Ready", "sql": "Ready", "oops": "Failed"}
+    assert world.phase(key) == "Ready" and world.reasons().count("AdapterReady") == 2
+    await world.reconcile(key)  # converged: no new events, no redeploy
+    assert world.reasons().count("AdapterFailed") == 1 and world.reasons().count("DeployedServeApp") == 1
+    # What a replica reports wins: poet is not listed on /v1/models, so the replica failed to load it.
+    url = world.settings.topology.head("chat", NS).serve_url
+    world.ray.models[url] = ["tiny", "sql"]
+    await world.reconcile(key)
+    adapters = {a["name"]: a for a in world.kube.status(key)["adapters"]}
+    assert {n: a["state"] for n, a in adapters.items()} == {
+        "poet": "Failed",
+        "sql": "Ready",
+        "oops": "Failed",
+    }
+    assert "could not load" in adapters["poet"]["message"] and world.reasons().count("AdapterFailed") == 2

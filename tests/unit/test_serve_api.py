@@ -59,6 +59,7 @@ class FakeEngine:
         self.overloaded = False
         self.crash_encode = False
         self.encode_threads: set[int] = set()
+        self.lora: list[str] = []
 
     def encode(self, text: str) -> list[int]:
         self.encode_threads.add(threading.get_ident())
@@ -84,6 +85,9 @@ class FakeEngine:
 
     def stats(self) -> dict[str, int]:
         return {"running": 0, "waiting": 0, "cancelled": 0}
+
+    def adapters(self) -> list[str]:
+        return list(self.lora)
 
     def shutdown(self) -> None:
         pass
@@ -311,3 +315,25 @@ async def test_tokenization_runs_off_the_event_loop(http: httpx.AsyncClient, eng
     body = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
     assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
     assert engine.encode_threads and threading.get_ident() not in engine.encode_threads
+
+
+async def test_adapters_are_model_ids_listed_and_routed(http: httpx.AsyncClient, engine: FakeEngine) -> None:
+    """Each LoRA adapter is a model id: listed, accepted as ``model`` (passed to the engine as the
+    sequence's adapter), and an unknown or removed one is an OpenAI-shaped 404."""
+    engine.lora = ["sql", "poet"]
+    assert [m["id"] for m in (await http.get("/v1/models")).json()["data"]] == ["m", "sql", "poet"]
+    assert (await http.get("/v1/models/poet")).json()["id"] == "poet"
+    for model, adapter in [("sql", "sql"), ("m", None)]:
+        body = {"model": model, "prompt": "hi", "max_tokens": 2}
+        assert (await http.post("/v1/completions", json=body)).status_code == 200
+        assert engine.params[-1].adapter == adapter
+    chat = {"model": "poet", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    assert (await http.post("/v1/chat/completions", json=chat)).status_code == 200
+    assert engine.params[-1].adapter == "poet"
+    engine.lora = ["poet"]  # sql removed live
+    missing = await http.post("/v1/completions", json={"model": "sql", "prompt": "hi", "max_tokens": 2})
+    assert missing.status_code == 404
+    assert (
+        missing.json()["error"]["code"] == "model_not_found" and missing.json()["error"]["param"] == "model"
+    )
+    assert (await http.get("/v1/models/sql")).status_code == 404

@@ -483,3 +483,89 @@ async def test_a_lora_adapter_folder_is_served_merged_into_its_base(
         eng.shutdown()
     assert text == reference((merged, tokenizer, base_path), "Ray is", 8)
     assert text != reference(loaded, "Ray is", 8)
+
+
+def make_adapter(base_path: Path, out: Path, seed: int, rank: int = 4) -> Path:
+    from llmray_workloads.tiny import build_tiny_adapter
+
+    return build_tiny_adapter(base_path, out, seed=seed, rank=rank)
+
+
+def adapter_reference(base_path: Path, tokenizer: Any, adapter: Path, prompt: str, n: int) -> str:
+    """HF ``generate`` of a fresh peft model with ``adapter`` active."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), str(adapter)).eval()
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    out = model.generate(
+        input_ids=ids,
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=None,
+    )
+    return str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+
+
+async def test_mixed_adapter_batch_matches_each_adapters_generate(
+    loaded: tuple[Any, Any, Path], tmp_path: Path
+) -> None:
+    """Sequences of two adapters and of the base, in one batch, each equal HF generate of its model."""
+    from transformers import AutoModelForCausalLM
+
+    _, tokenizer, base_path = loaded
+    paths = {name: make_adapter(base_path, tmp_path / name, seed) for name, seed in [("a", 1), ("b", 2)]}
+    model = AutoModelForCausalLM.from_pretrained(base_path).eval()
+    eng = TransformersEngine(model, tokenizer, max_num_seqs=8, batch_wait_s=0.05)
+    prompts = [("Ray is", "a"), ("once upon a time", "b"), ("Ray is", None), ("hello", "a"), ("hello", "b")]
+    try:
+        assert eng.set_adapters({k: str(v) for k, v in paths.items()}) == {}
+        assert eng.adapters() == ["a", "b"]
+        streams = [eng.submit(eng.encode(text), greedy(10, adapter=name)) for text, name in prompts]
+        assert eng.stats()["waiting"] + eng.stats()["running"] == len(prompts)  # submitted as one burst
+        texts = await asyncio.wait_for(asyncio.gather(*(collect(s) for s in streams)), TIMEOUT)
+    finally:
+        eng.shutdown()
+    want = [
+        adapter_reference(base_path, tokenizer, paths[name], text, 10)
+        if name
+        else reference(loaded, text, 10)
+        for text, name in prompts
+    ]
+    assert [t for t, _ in texts] == want
+    assert want[0] != want[2]  # the adapter changes the answer, so the check means something
+
+
+async def test_adapters_are_added_and_removed_live(loaded: tuple[Any, Any, Path], tmp_path: Path) -> None:
+    """Removing an adapter unlists it at once (UnknownAdapterError) but lets its running stream
+    finish; a broken or too-large adapter is reported and does not stop the others."""
+    from transformers import AutoModelForCausalLM
+
+    from llmray_workloads.serve.engine import UnknownAdapterError
+
+    _, tokenizer, base_path = loaded
+    a = make_adapter(base_path, tmp_path / "a", 1)
+    wide = make_adapter(base_path, tmp_path / "wide", 3, rank=32)
+    model = AutoModelForCausalLM.from_pretrained(base_path).eval()
+    eng = TransformersEngine(model, tokenizer, max_num_seqs=4, batch_wait_s=0.0, max_lora_rank=16)
+    try:
+        errors = eng.set_adapters({"a": str(a), "gone": str(tmp_path / "nowhere"), "wide": str(wide)})
+        assert set(errors) == {"gone", "wide"} and "maxLoraRank" in errors["wide"]
+        assert eng.adapters() == ["a"]
+        running = eng.submit(eng.encode("Ray is"), greedy(40, adapter="a"))
+        eng.set_adapters({})
+        assert eng.adapters() == []
+        with pytest.raises(UnknownAdapterError):
+            eng.submit(eng.encode("Ray is"), greedy(4, adapter="a"))
+        _, last = await asyncio.wait_for(collect(running), TIMEOUT)
+        assert last.completion_tokens == 40
+
+        async def unloaded() -> bool | None:
+            return eng._peft is None or None
+
+        await async_wait_for(unloaded, timeout=TIMEOUT, what="the removed adapter to be freed")
+        base_text, _ = await asyncio.wait_for(collect(eng.submit(eng.encode("Ray is"), greedy(8))), TIMEOUT)
+    finally:
+        eng.shutdown()
+    assert base_text == reference(loaded, "Ray is", 8)

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from llmray.api.runtime import API_KEY_ENV, ServeAppArgs
+from llmray.api.runtime import API_KEY_ENV, AdapterSource, ServeAppArgs
 from llmray_workloads.serve.vllm import GuardSettings, VllmGuard, guard_settings, vllm_llm_config
 
 pytestmark = pytest.mark.unit
@@ -129,3 +129,37 @@ def test_vllm_engine_kwargs_are_allowlisted_and_capped() -> None:
         == 1024
     )
     assert "trust_remote_code" not in kwargs
+
+
+def _lora_args(*uris: str) -> ServeAppArgs:
+    args = _example_args()
+    return args.model_copy(
+        update={"adapters": [AdapterSource(name=f"a{i}", source=uri) for i, uri in enumerate(uris)]}
+    )
+
+
+def test_adapters_map_onto_ray_serve_llm_dynamic_lora() -> None:
+    """Adapters become Serve LLM's lora_config (one object-store folder) plus vLLM's LoRA engine
+    arguments; the guard rewrites the adapter's name to Serve LLM's ``<base>:<folder>`` model id."""
+    args = _lora_args("s3://bucket/loras/sql-v3", "s3://bucket/loras/poet")
+    config = vllm_llm_config(args)
+    assert config["lora_config"] == {
+        "dynamic_lora_loading_path": "s3://bucket/loras",
+        "max_num_adapters_per_replica": 2,
+    }
+    kwargs = config["engine_kwargs"]
+    assert kwargs["enable_lora"] is True and kwargs["max_loras"] == 2 and kwargs["max_lora_rank"] == 16
+    assert "lora_config" not in vllm_llm_config(_example_args())
+    assert "enable_lora" not in vllm_llm_config(_example_args())["engine_kwargs"]
+    base = args.spec.model.name or args.name
+    recorder = Recorder()
+    guard = VllmGuard(recorder, guard_settings(args), environ={API_KEY_ENV: KEY})
+    for model, sent in [("a0", f"{base}:sql-v3"), ("a1", f"{base}:poet"), (base, base)]:
+        response = _post(guard, "/v1/completions", {"model": model, "prompt": "x", "max_tokens": 1}, KEY)
+        assert response.status_code == 200
+        assert recorder.bodies[-1]["model"] == sent
+
+
+def test_vllm_adapters_must_share_one_folder() -> None:
+    with pytest.raises(ValueError, match="one folder"):
+        vllm_llm_config(_lora_args("s3://bucket/a/x", "gs://other/b/y"))

@@ -176,6 +176,25 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
+def build_tiny_adapter(base_dir: str | Path, out_dir: str | Path, seed: int = 1, rank: int = 4) -> Path:
+    """A random, non-zero LoRA adapter (q_proj, v_proj) of the model in ``base_dir``, saved in
+    ``out_dir`` (peft format): something to serve as ``spec.adapters`` in tests and benchmarks."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # peft starts lora_B at zero (a no-op adapter): make it change answers
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.3)
+    out = Path(out_dir)
+    model.save_pretrained(str(out))
+    return out
+
+
 def _swap_into_place(staging: Path, out: Path, fingerprint: str) -> None:
     """Rename ``staging`` to ``out``; a concurrent builder that won the race is fine too."""
     if out.exists():

@@ -126,7 +126,7 @@ def _crd(api: ModuleType, spec_model: type[BaseModel], status_model: type[BaseMo
         "type": "object",
         "description": api.DESCRIPTION,
         "required": ["spec"],
-        "x-kubernetes-validations": NAME_RULES,
+        "x-kubernetes-validations": [*NAME_RULES, *getattr(api, "ROOT_RULES", [])],
         "properties": {
             "apiVersion": {
                 "type": "string",

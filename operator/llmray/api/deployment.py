@@ -81,6 +81,48 @@ class ServedModel(ApiModel):
         return self
 
 
+ADAPTER_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$"
+MAX_ADAPTERS = 16
+
+
+class Adapter(ApiModel):
+    """A LoRA adapter served on the deployment's base model, as its own model id."""
+
+    model_config = with_cel_rules(
+        cel_rule(
+            "has(self.uri) != has(self.fromTrainingJob)",
+            "set exactly one of spec.adapters[].uri and spec.adapters[].fromTrainingJob",
+        )
+    )
+
+    name: str = Field(
+        ...,
+        min_length=1,
+        max_length=63,
+        pattern=ADAPTER_NAME_PATTERN,
+        description="Model id clients send for this adapter (lowercase letters, digits, '-', '.', '_'; "
+        "unique; not the base model's served name).",
+    )
+    uri: StorageURI | None = Field(
+        None,
+        description="Adapter folder (adapter_config.json + weights): hf://org/name, file:///path, "
+        "pvc://claim/path (s3:// or gs:// for engine vllm). Exclusive with fromTrainingJob.",
+    )
+    from_training_job: str | None = Field(
+        None,
+        min_length=1,
+        max_length=253,
+        description="Name of a LoRA LLMTrainingJob (method lora, mergeOnExport false) in this namespace; "
+        "served once it has Succeeded.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Adapter:
+        if (self.uri is None) == (self.from_training_job is None):
+            raise ValueError("set exactly one of spec.adapters[].uri and spec.adapters[].fromTrainingJob")
+        return self
+
+
 class VllmExtra(ApiModel):
     """Further vLLM engine arguments: an allowlist of tuning knobs, in vLLM's own snake_case names.
 
@@ -147,6 +189,16 @@ class EngineArgs(ApiModel):
     max_num_seqs: int = Field(64, ge=1, le=4096, description="Sequences batched together per replica.")
     batch_wait_timeout_ms: int = Field(
         10, ge=0, le=10_000, description="How long the transformers engine waits to fill a batch."
+    )
+    max_loras: int = Field(
+        4,
+        ge=1,
+        le=MAX_ADAPTERS,
+        description="Adapters one batch may mix (vLLM max_loras; the transformers engine keeps every "
+        "adapter of spec.adapters loaded and mixes any of them).",
+    )
+    max_lora_rank: int = Field(
+        16, ge=1, le=512, description="Largest LoRA rank an adapter may have (larger ones fail to load)."
     )
     extra: VllmExtra = Field(
         default_factory=VllmExtra,
@@ -296,12 +348,24 @@ class LLMDeploymentSpec(ApiModel):
             "spec.autoscaling.minReplicas > 0",
             ".workers.maxReplicas",
         ),
+        cel_rule(
+            "!has(self.adapters) || !has(self.model.name) || self.adapters.all(a, a.name != self.model.name)",
+            "spec.adapters[].name must differ from spec.model.name (each is a model id of its own)",
+            ".adapters",
+        ),
     )
 
     model: ServedModel = Field(..., description="The model to serve.")
     engine: Literal["transformers", "vllm"] = Field(
         "transformers",
         description="transformers: CPU or GPU, dynamic batching; vllm: GPU, via Ray Serve LLM.",
+    )
+    adapters: list[Adapter] = Field(
+        default_factory=list,
+        max_length=MAX_ADAPTERS,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        description="LoRA adapters served on the base model, each a model id of its own; adding or "
+        "removing one does not restart replicas (transformers engine).",
     )
     engine_args: EngineArgs = Field(default_factory=EngineArgs, description="Engine settings.")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Replica autoscaling.")
@@ -347,7 +411,47 @@ class LLMDeploymentSpec(ApiModel):
                 "replicas run on worker pods: spec.workers.maxReplicas must be >= 1 when "
                 "spec.autoscaling.minReplicas > 0"
             )
+        names = [a.name for a in self.adapters]
+        duplicate = sorted({n for n in names if names.count(n) > 1})
+        if duplicate:
+            raise ValueError(f"spec.adapters[].name must be unique: {', '.join(duplicate)} repeated")
+        if self.model.name is not None and self.model.name in names:
+            raise ValueError(
+                "spec.adapters[].name must differ from spec.model.name (each is a model id of its own)"
+            )
         return self
+
+
+def adapter_name_rules() -> list[dict[str, str]]:
+    """Root-level CEL: an adapter may not take the base's default served name (the resource name)."""
+    return [
+        {
+            "rule": "!has(self.spec.adapters) || has(self.spec.model.name) || "
+            "self.spec.adapters.all(a, a.name != self.metadata.name)",
+            "message": "spec.adapters[].name must differ from the base model's served name (spec.model.name, "
+            "default: metadata.name)",
+            "fieldPath": ".spec.adapters",
+            "reason": "FieldValueInvalid",
+        }
+    ]
+
+
+ROOT_RULES = adapter_name_rules()
+
+AdapterState = Literal["Pending", "Loading", "Ready", "Failed"]
+
+
+class AdapterStatus(StatusModel):
+    """One adapter of spec.adapters as served."""
+
+    name: str = Field(..., description="Model id of the adapter.")
+    uri: str = Field("", description="Resolved adapter location.")
+    state: AdapterState = Field(
+        "Pending",
+        description="Pending (waiting for its training job), Loading (sent to the replicas), Ready "
+        "(the replicas serve it) or Failed (see message).",
+    )
+    message: str = Field("", description="What is happening, or what went wrong and what to do.")
 
 
 class ServedModelStatus(StatusModel):
@@ -378,6 +482,11 @@ class LLMDeploymentStatus(StatusModel):
     model: ServedModelStatus = Field(default_factory=ServedModelStatus, description="The served model.")
     serving: ServingStatus | None = Field(
         None, description="Live serving figures (absent when the serving engine reports none)."
+    )
+    adapters: list[AdapterStatus] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        description="LoRA adapters and their state.",
     )
     ray_cluster: RayClusterStatus = Field(default_factory=RayClusterStatus, description="The Ray cluster.")
     message: StatusMessage = ""

@@ -23,6 +23,8 @@ from .training import LLMTrainingJobSpec
 PROGRESS_MARKER = "LLMRAY_PROGRESS"
 _PROGRESS_RE = re.compile(PROGRESS_MARKER + r" (\{.*\})\s*$", re.MULTILINE)
 SERVE_APP_IMPORT_PATH = "llmray_workloads.serve.app:build_app"
+SERVE_DEPLOYMENT_NAME = "LLMServer"
+"""Name of the transformers engine's Serve deployment (its ``user_config`` carries the adapters)."""
 TRAIN_ENTRYPOINT_MODULE = "llmray_workloads.train"
 # Environment of every Ray pod the operator creates (set from Secrets, never written into the spec).
 API_KEY_ENV = "LLMRAY_API_KEY"
@@ -53,6 +55,22 @@ class TrainingRun(ApiModel):
     )
 
 
+class AdapterSource(ApiModel):
+    """One resolved LoRA adapter: its model id and where a replica loads it from."""
+
+    name: str = Field(..., min_length=1, max_length=63, description="Model id clients send.")
+    source: str = Field(
+        ..., min_length=1, max_length=2048, description="Local folder, hub repo id or object-store URI."
+    )
+
+
+class ServeUserConfig(ApiModel):
+    """The Serve ``user_config`` of the transformers deployment: what a replica applies in
+    ``reconfigure()`` without restarting (Serve sends it to running replicas on change)."""
+
+    adapters: list[AdapterSource] = Field(default_factory=list, max_length=16)
+
+
 class ServeAppArgs(ApiModel):
     """Arguments of the Serve application builder (``import_path`` + ``args``)."""
 
@@ -66,6 +84,12 @@ class ServeAppArgs(ApiModel):
         None, description="Environment variable holding the API key (set by the operator from the Secret)."
     )
     route_prefix: str = Field("/", description="HTTP route prefix of the application.")
+    adapters: list[AdapterSource] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Resolved adapters for engines that take them at build time (vllm); the "
+        "transformers engine gets them in its deployment's user_config instead.",
+    )
 
 
 class ProgressReport(StatusModel):

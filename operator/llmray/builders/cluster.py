@@ -645,7 +645,14 @@ def training_cluster(owner: Owner, spec: Any) -> ClusterSpec:
     return _cluster(owner, spec, [(HF_TOKEN_ENV, spec.model.secret_ref)], pvcs)
 
 
-def deployment_cluster(owner: Owner, spec: Any, model_uri: str | None) -> ClusterSpec:
-    """Cluster of an LLMDeployment (``spec``: LLMDeploymentSpec); ``model_uri``: the resolved model."""
+def deployment_cluster(
+    owner: Owner, spec: Any, model_uri: str | None, adapter_uris: tuple[str, ...] = ()
+) -> ClusterSpec:
+    """Cluster of an LLMDeployment (``spec``: LLMDeploymentSpec); ``model_uri``: the resolved model.
+
+    ``adapter_uris``: resolved LoRA adapters; their ``pvc://`` claims are mounted read-only too (an
+    adapter on a claim the pods do not mount yet changes the pod template).
+    """
     secrets = [(HF_TOKEN_ENV, spec.model.secret_ref), (API_KEY_ENV, spec.api_key_secret_ref)]
-    return _cluster(owner, spec, secrets, pvc_mounts([(model_uri, True)]), spec.service)
+    uris = [(model_uri, True), *((uri, True) for uri in adapter_uris)]
+    return _cluster(owner, spec, secrets, pvc_mounts(uris), spec.service)

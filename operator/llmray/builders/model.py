@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from llmray.api.deployment import LLMDeploymentSpec
+from llmray.api.common import local_path
+from llmray.api.deployment import AdapterState, AdapterStatus, LLMDeploymentSpec
 
 from .status import (
     R_MODEL_RESOLVED,
@@ -71,4 +74,169 @@ def resolve_model(
     )
 
 
-__all__ = ["R_MODEL_RESOLVED", "resolve_model"]
+R_ADAPTER_WAITING = "AdapterWaiting"
+R_ADAPTER_INVALID = "AdapterInvalid"
+VLLM_ADAPTER_SCHEMES = ("s3://", "gs://")
+TRANSFORMERS_ADAPTER_SCHEMES = ("hf://", "file://", "pvc://")
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """One entry of spec.adapters after resolution: a URI to serve, or why there is none yet."""
+
+    name: str
+    uri: str | None
+    state: AdapterState
+    message: str
+    reason: str = ""
+
+
+def adapter_source(uri: str) -> str:
+    """Where a replica loads an adapter from: a local folder, a hub repo id, or the URI itself."""
+    if uri.startswith("hf://"):
+        return uri[len("hf://") :]
+    return local_path(uri) or uri
+
+
+def _not_an_adapter(job: dict[str, Any] | None) -> bool:
+    """Whether a training job's output is a full model rather than a LoRA adapter."""
+    spec = (job or {}).get("spec") or {}
+    return job is not None and (
+        spec.get("method", "full") != "lora" or bool((spec.get("lora") or {}).get("mergeOnExport"))
+    )
+
+
+def _job_adapter_uri(job_name: str, job: dict[str, Any]) -> tuple[str | None, AdapterState, str]:
+    """(uri, state, message) for an adapter taken from LLMTrainingJob ``job``."""
+    spec = job.get("spec") or {}
+    if spec.get("method", "full") != "lora":
+        return (
+            None,
+            "Failed",
+            f"LLMTrainingJob {job_name} is a full fine-tune (spec.method {spec.get('method', 'full')}), "
+            "not a LoRA adapter: serve it as spec.model.fromTrainingJob, or train with method lora",
+        )
+    if (spec.get("lora") or {}).get("mergeOnExport"):
+        return (
+            None,
+            "Failed",
+            f"LLMTrainingJob {job_name} merges its adapter into the base on export "
+            "(spec.lora.mergeOnExport), so its output is a full model: serve it as "
+            "spec.model.fromTrainingJob, or set mergeOnExport false",
+        )
+    status = job.get("status") or {}
+    phase = status.get("phase") or "Pending"
+    if phase == "Succeeded":
+        uri = (status.get("output") or {}).get("uri") or (spec.get("output") or {}).get("uri")
+        if uri:
+            return str(uri), "Loading", f"the output of LLMTrainingJob {job_name}: {uri}"
+    if phase == "Failed":
+        return (
+            None,
+            "Failed",
+            f"LLMTrainingJob {job_name} Failed: {status.get('message') or 'see its status'}",
+        )
+    return None, "Pending", f"waiting for LLMTrainingJob {job_name} to succeed (it is {phase})"
+
+
+def resolve_adapters(
+    spec: LLMDeploymentSpec,
+    jobs: Mapping[str, dict[str, Any] | None],
+    previous: Sequence[AdapterStatus],
+    served_name: str,
+) -> list[ResolvedAdapter]:
+    """Each of spec.adapters resolved (pure): its URI, or Pending/Failed with a message.
+
+    ``jobs``: the LLMTrainingJobs named by ``fromTrainingJob`` (None: not found). As for the base
+    model, an adapter whose job is retraining or gone keeps serving its previously resolved URI.
+    Semantic errors (a full fine-tune job, a name equal to the base's served name, a URI scheme
+    the engine cannot load) are Failed, not blocking the base model or the other adapters.
+    """
+    before = {a.name: a.uri for a in previous if a.uri}
+    schemes = VLLM_ADAPTER_SCHEMES if spec.engine == "vllm" else TRANSFORMERS_ADAPTER_SCHEMES
+    out: list[ResolvedAdapter] = []
+    for adapter in spec.adapters:
+        name = adapter.name
+        if name == served_name:
+            message = (
+                f"adapter name {name} is the base model's served name (spec.model.name, default: the "
+                "resource name); give the adapter another name"
+            )
+            out.append(ResolvedAdapter(name, None, "Failed", message, R_ADAPTER_INVALID))
+            continue
+        if adapter.uri is not None:
+            uri: str | None = adapter.uri
+            state: AdapterState = "Loading"
+            message = f"serving {adapter.uri}"
+        else:
+            job_name = adapter.from_training_job or ""
+            job = jobs.get(job_name)
+            if job is None:
+                uri, state = None, "Pending"
+                message = f"waiting for LLMTrainingJob {job_name} to exist in this namespace"
+            else:
+                uri, state, message = _job_adapter_uri(job_name, job)
+            if uri is None and before.get(name) and not _not_an_adapter(job):
+                uri, state = before[name], "Loading"  # retraining, failed or gone: keep the last one
+                message = f"{message}; still serving {uri}"
+        if uri is not None and not uri.startswith(schemes):
+            message = (
+                f"engine {spec.engine} loads adapters from {', '.join(s.rstrip('/') for s in schemes)} URIs, "
+                f"not {uri}"
+            )
+            out.append(ResolvedAdapter(name, None, "Failed", message, R_ADAPTER_INVALID))
+            continue
+        folder = uri.rstrip("/").rsplit("/", 1)[0] if uri is not None else None
+        if spec.engine == "vllm" and folder is not None:  # Serve LLM: one dynamic_lora_loading_path
+            first = next((a.uri for a in out if a.uri is not None), None)
+            if first is not None and first.rstrip("/").rsplit("/", 1)[0] != folder:
+                message = (
+                    "engine vllm loads every adapter from one folder (Ray Serve LLM's "
+                    f"dynamic_lora_loading_path): put {uri} next to {first}"
+                )
+                out.append(ResolvedAdapter(name, None, "Failed", message, R_ADAPTER_INVALID))
+                continue
+        reason = R_ADAPTER_INVALID if state == "Failed" else (R_ADAPTER_WAITING if uri is None else "")
+        out.append(ResolvedAdapter(name, uri, state, message, reason))
+    return out
+
+
+def adapter_statuses(
+    resolved: Sequence[ResolvedAdapter],
+    deployed: Mapping[str, str] | None,
+    running: bool,
+    listed: frozenset[str] | None = None,
+) -> list[AdapterStatus]:
+    """status.adapters from resolution, what Serve runs and what a replica lists.
+
+    ``deployed``: adapter name -> source in the user_config Serve has deployed (None: unknown);
+    ``running``: the Serve application is RUNNING, i.e. every replica applied that config;
+    ``listed``: the model ids a replica's ``/v1/models`` answered (None: not known). An adapter is
+    Ready once the replicas run a config that has it and (when known) a replica lists it; Failed
+    when they run that config but do not list it (the replica could not load it); Loading before.
+    """
+    out: list[AdapterStatus] = []
+    for adapter in resolved:
+        state, message = adapter.state, adapter.message
+        if adapter.uri is not None:
+            live = deployed is not None and deployed.get(adapter.name) == adapter_source(adapter.uri)
+            state = "Ready" if running and live else "Loading"
+            message = f"served from {adapter.uri}" if state == "Ready" else f"loading {adapter.uri}"
+            if state == "Ready" and listed is not None and adapter.name not in listed:
+                state = "Failed"
+                message = (
+                    f"the replicas could not load {adapter.uri} (not in /v1/models): see the replica's "
+                    "log for why (a missing folder, a rank above engineArgs.maxLoraRank, another base)"
+                )
+        out.append(AdapterStatus(name=adapter.name, uri=adapter.uri or "", state=state, message=message))
+    return out
+
+
+__all__ = [
+    "R_MODEL_RESOLVED",
+    "ResolvedAdapter",
+    "adapter_source",
+    "adapter_statuses",
+    "resolve_adapters",
+    "resolve_model",
+]

@@ -42,6 +42,7 @@ from llmray.builders.common import (
     auth_secret_name,
     head_name,
 )
+from llmray.builders.model import ResolvedAdapter
 from llmray.builders.observe import STUCK_WAITING_REASONS, ChildView, PodView, service_fingerprint
 from llmray.builders.plan import plan_head, plan_workers
 from llmray.builders.status import (
@@ -150,6 +151,10 @@ class Pass(Generic[SpecT, StatusT]):
     serving_seen: bool = False
     """Deployments: the pass polled the app's stats route (``serving`` None: it has none)."""
     serving: ServingStats | None = None
+    adapters: list[ResolvedAdapter] = field(default_factory=list)
+    """Deployments: spec.adapters resolved this pass."""
+    served_models: frozenset[str] | None = None
+    """Deployments: the model ids a replica listed on ``/v1/models`` this pass (None: not asked)."""
     requeue_after: float | None = None
     events: list[tuple[str, str, str]] = field(default_factory=list)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -18,9 +19,12 @@ from llmray.api.deployment import LLMDeploymentSpec
 from llmray.api.runtime import (
     API_KEY_ENV,
     SERVE_APP_IMPORT_PATH,
+    SERVE_DEPLOYMENT_NAME,
     TRAIN_ENTRYPOINT_MODULE,
+    AdapterSource,
     ProgressReport,
     ServeAppArgs,
+    ServeUserConfig,
     TrainingRun,
 )
 from llmray.api.training import CheckpointStatus, Progress
@@ -331,18 +335,26 @@ def serve_app_config(
     model_path: str | None,
     api_key: str | None,
     api_key_in_pods: bool,
+    adapters: Sequence[AdapterSource] = (),
 ) -> dict[str, Any]:
     """One entry of Serve's ``applications`` for an LLMDeployment.
 
     ``api_key_in_pods``: the Ray pods carry ``LLMRAY_API_KEY`` from the Secret (a real cluster);
     otherwise (one shared head, the sandbox) ``api_key`` goes into the app's runtime_env.
+
+    ``adapters`` (resolved spec.adapters) stay out of ``args``: a change of ``args`` rebuilds the
+    application and restarts every replica. The transformers engine gets them as its deployment's
+    ``user_config``, which Serve hands to the running replicas' ``reconfigure()`` (a lightweight
+    update, no restart); vLLM (Ray Serve LLM) takes them at build time, in ``args``.
     """
+    transformers = spec.engine == "transformers"
     args = ServeAppArgs(
         name=resource_name,
-        spec=spec,
+        spec=spec.model_copy(update={"adapters": []}),
         model_path=model_path,
         api_key_env=API_KEY_ENV if spec.api_key_secret_ref is not None else None,
         route_prefix=route_prefix,
+        adapters=[] if transformers else list(adapters),
     )
     config: dict[str, Any] = {
         "name": app_name,
@@ -350,6 +362,11 @@ def serve_app_config(
         "import_path": SERVE_APP_IMPORT_PATH,
         "args": args.model_dump(mode="json", by_alias=True, exclude_none=True),
     }
+    if transformers:
+        user_config = ServeUserConfig(adapters=list(adapters))
+        config["deployments"] = [
+            {"name": SERVE_DEPLOYMENT_NAME, "user_config": user_config.model_dump(mode="json", by_alias=True)}
+        ]
     if spec.api_key_secret_ref is not None and not api_key_in_pods and api_key:
         config["runtime_env"] = {"env_vars": {API_KEY_ENV: api_key}}
     return config
@@ -408,3 +425,25 @@ def serve_verdict(app: ServeApplication | None, previous_phase: str, min_replica
         ready,
         desired,
     )
+
+
+def deployed_adapters(app: ServeApplication | None) -> dict[str, str] | None:
+    """Adapter name -> source in the user_config Serve has deployed (None: no such config).
+
+    Read defensively: the deployed config comes from the (untrusted) head.
+    """
+    config: Mapping[str, Any] = (app.deployed_config or {}) if app is not None else {}
+    deployments = config.get("deployments")
+    for entry in deployments if isinstance(deployments, list) else []:
+        if not isinstance(entry, Mapping) or entry.get("name") != SERVE_DEPLOYMENT_NAME:
+            continue
+        user_config = entry.get("user_config")
+        adapters = user_config.get("adapters") if isinstance(user_config, Mapping) else None
+        if not isinstance(adapters, list):
+            return None
+        out: dict[str, str] = {}
+        for item in adapters[:64]:
+            if isinstance(item, Mapping) and isinstance(item.get("name"), str):
+                out[str(item["name"])[:63]] = str(item.get("source", ""))[:2048]
+        return out
+    return None

@@ -20,11 +20,12 @@ from typing import Any, ClassVar
 
 from llmray.api.common import local_path
 from llmray.api.deployment import KIND, PLURAL, LLMDeploymentSpec, LLMDeploymentStatus
+from llmray.api.runtime import AdapterSource
 from llmray.api.training import KIND as TRAINING_KIND
 from llmray.autoscaling import WorkerState, decide, worker_offer, worker_states
 from llmray.builders.cluster import deployment_cluster, serve_endpoint, serve_service
 from llmray.builders.common import SERVE_PORT
-from llmray.builders.model import resolve_model
+from llmray.builders.model import adapter_source, adapter_statuses, resolve_adapters, resolve_model
 from llmray.builders.observe import PodView
 from llmray.builders.status import COND_MODEL_RESOLVED, R_MODEL_RESOLVED
 from llmray.kube import KubeError
@@ -32,7 +33,7 @@ from llmray.ray import RayAuthError, RayError, RayNode, serve_route
 from llmray.ray.serving import serving_status
 
 from .cluster import ClusterController, Deps, Pass
-from .decisions import serve_app_config
+from .decisions import deployed_adapters, serve_app_config
 from .machines import COND_QUEUE_FULL, DeploymentSeen, Next, deployment_next, queue_full
 from .rayconn import Head, RayAPI, ray_problem
 from .store import Key
@@ -139,9 +140,40 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
             return
         status.model.uri = uri
         p.condition(COND_MODEL_RESOLVED, True, R_MODEL_RESOLVED, message)
-        p.cluster = deployment_cluster(p.owner, spec, uri)
+        self._resolve_adapters(p, spec)
+        adapter_uris = tuple(a.uri for a in p.adapters if a.uri is not None)
+        p.cluster = deployment_cluster(p.owner, spec, uri, adapter_uris)
         pool = spec.workers
         p.desired_workers = min(pool.max_replicas, max(pool.min_replicas, status.workers.desired))
+
+    def _resolve_adapters(self, p: DeploymentPass, spec: LLMDeploymentSpec) -> None:
+        """spec.adapters resolved into ``p.adapters`` and status.adapters (Ready ones stay Ready
+        until the Serve step says otherwise); an adapter newly Failed gets a Warning Event."""
+        jobs = {
+            a.from_training_job: self.store.resource(TRAINING_KIND, p.namespace, a.from_training_job)
+            for a in spec.adapters
+            if a.from_training_job
+        }
+        previous = {a.name: a for a in p.status.adapters}
+        p.adapters = resolve_adapters(spec, jobs, p.status.adapters, p.status.model.name)
+        statuses = adapter_statuses(p.adapters, None, running=False)
+        for adapter in statuses:
+            before = previous.get(adapter.name)
+            if before is not None and before.state == "Ready" and adapter.uri == before.uri:
+                adapter.state, adapter.message = before.state, before.message
+        self._adapter_events(p, previous, statuses)
+        p.status.adapters = statuses
+
+    @staticmethod
+    def _adapter_events(p: DeploymentPass, previous: dict[str, Any], now: list[Any]) -> None:
+        for adapter in now:
+            before = previous.get(adapter.name)
+            if before is not None and (before.state, before.message) == (adapter.state, adapter.message):
+                continue
+            if adapter.state == "Failed":
+                p.event("Warning", "AdapterFailed", f"adapter {adapter.name}: {adapter.message}")
+            elif adapter.state == "Ready" and (before is None or before.state != "Ready"):
+                p.event("Normal", "AdapterReady", f"adapter {adapter.name} is served from {adapter.uri}")
 
     def wanted_services(self, p: DeploymentPass) -> list[dict[str, Any]]:
         assert p.cluster is not None
@@ -237,6 +269,11 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
             model_path=local_path(status.model.uri),
             api_key=api_key,
             api_key_in_pods=not head.shared,
+            adapters=[
+                AdapterSource(name=a.name, source=adapter_source(a.uri))
+                for a in p.adapters
+                if a.uri is not None
+            ],
         )
         defaults = None if head.shared else {"http_options": {"host": "0.0.0.0", "port": SERVE_PORT}}
         ray = self.heads.client(p.key, head)
@@ -249,6 +286,7 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
             p.serve_seen = True
             if p.serve_app is not None and p.serve_app.status == "RUNNING":
                 await self._poll_stats(p, route.url, api_key if head.shared else None)
+            self._adapter_states(p)
             await self._autoscale(p, ray, head.shared)
         except RayError as exc:
             if isinstance(exc, RayAuthError):
@@ -269,12 +307,34 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
                 if err.status != 403:
                     raise
                 self._user_secrets_readable = False
+        serving = self.heads.serving(url, api_key)
         try:
-            p.serving = await self.heads.serving(url, api_key).stats()
+            p.serving = await serving.stats()
         except RayError as exc:
             logger.debug("%s/%s: no serving stats: %s", p.namespace, p.name, exc)
             p.serving = None
         p.serving_seen = True
+        if p.adapters and p.parsed.engine == "transformers":
+            try:  # what a replica serves: an adapter it could not load is not listed
+                p.served_models = frozenset(await serving.models())
+            except RayError as exc:
+                logger.debug("%s/%s: no model listing: %s", p.namespace, p.name, exc)
+
+    def _adapter_states(self, p: DeploymentPass) -> None:
+        """Adapters Ready once the Serve app runs (every replica reconfigured) with them deployed."""
+        app = p.serve_app
+        if not p.adapters:
+            p.status.adapters = []
+            return
+        previous = {a.name: a for a in p.status.adapters}
+        running = app is not None and app.running
+        statuses = adapter_statuses(
+            p.adapters, deployed_adapters(app), running=running, listed=p.served_models
+        )
+        self._adapter_events(p, previous, statuses)
+        p.status.adapters = statuses
+        if any(a.state == "Loading" for a in statuses):
+            p.requeue(POLL_DEPLOYING_S)
 
     async def _autoscale(self, p: DeploymentPass, ray: RayAPI, shared: bool) -> None:
         """Worker pods from Ray's pending demand, within spec.workers min/max; idle ones removed."""

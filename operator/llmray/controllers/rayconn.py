@@ -37,7 +37,7 @@ from llmray.ray.cluster import ClusterStatus
 from llmray.ray.endpoints import HeadEndpoints, ServeRoute
 from llmray.ray.jobs import JobInfo, Submission
 from llmray.ray.serve import ServeApplication
-from llmray.ray.serving import fetch_serving_stats, stats_http
+from llmray.ray.serving import fetch_model_ids, fetch_serving_stats, stats_http
 
 from .machines import RayProblem
 from .store import Key
@@ -99,6 +99,8 @@ class ServingAPI(Protocol):
     """One Serve application's stats route."""
 
     async def stats(self) -> ServingStats | None: ...
+
+    async def models(self) -> list[str]: ...
 
 
 class RayProvider(Protocol):
@@ -195,6 +197,9 @@ class _Serving:
 
     async def stats(self) -> ServingStats | None:
         return await fetch_serving_stats(self.http)
+
+    async def models(self) -> list[str]:
+        return await fetch_model_ids(self.http)
 
 
 class Heads:

@@ -36,6 +36,31 @@ async def fetch_serving_stats(http: RayHTTP) -> ServingStats | None:
     return stats
 
 
+MODELS_PATH = "/v1/models"
+MAX_MODEL_IDS = 64
+"""Model ids read from ``/v1/models`` (a deployment serves at most 1 + 16)."""
+
+
+def parse_model_ids(data: Any) -> list[str]:
+    """Model ids of an OpenAI ``/v1/models`` answer (defensive: malformed entries are skipped)."""
+    entries = data.get("data") if isinstance(data, dict) else None
+    ids: list[str] = []
+    for entry in (entries if isinstance(entries, list) else [])[:MAX_MODEL_IDS]:
+        model_id = entry.get("id") if isinstance(entry, dict) else None
+        if isinstance(model_id, str):
+            ids.append(model_id[:256])
+    return ids
+
+
+async def fetch_model_ids(http: RayHTTP) -> list[str]:
+    """The model ids a replica of the app serves now (its ``/v1/models``)."""
+    data = await http.get_object(
+        MODELS_PATH, max_bytes=STATS_MAX_BYTES * 4, deadline_s=STATS_DEADLINE_S, max_values=1000
+    )
+    ids: list[str] = http.parsed(parse_model_ids, data, "GET", MODELS_PATH)
+    return ids
+
+
 def _finite(value: Any, cap: float) -> float:
     try:
         number = float(value)

@@ -31,6 +31,7 @@ from .engine import (
     GenerationChunk,
     GenerationStream,
     SamplingParams,
+    UnknownAdapterError,
 )
 
 logger = logging.getLogger(__name__)
@@ -51,8 +52,11 @@ class Job:
     include_usage: bool
 
 
-def sampling_params(req: p._SamplingFields, max_tokens: int, choice: int) -> SamplingParams:
-    """Engine parameters of choice ``choice`` of a request (seeded choices get distinct seeds)."""
+def sampling_params(
+    req: p._SamplingFields, max_tokens: int, choice: int, adapter: str | None = None
+) -> SamplingParams:
+    """Engine parameters of choice ``choice`` of a request (seeded choices get distinct seeds);
+    ``adapter``: the LoRA adapter the request's model names (None: the base model)."""
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -60,6 +64,7 @@ def sampling_params(req: p._SamplingFields, max_tokens: int, choice: int) -> Sam
         seed=None if req.seed is None else (req.seed + choice) % (2**63),
         stop=p.stop_list(req.stop),
         ignore_eos=bool(req.ignore_eos),
+        adapter=adapter,
     )
 
 
@@ -133,11 +138,26 @@ class OpenAIServer:
         """Run ``build`` (:meth:`completion_job` or :meth:`chat_job`) on the tokenizer thread."""
         return await asyncio.get_running_loop().run_in_executor(self._prepare, build, raw)
 
+    # ---- models ------------------------------------------------------------------------------
+
+    def model_ids(self) -> list[str]:
+        """The base model's served name, then every LoRA adapter the engine serves now."""
+        return [self.settings.served_model_name, *self.engine.adapters()]
+
+    def adapter_for(self, model: str) -> str | None:
+        """The adapter a request's ``model`` names (None: the base); 404 for an unknown model."""
+        if model == self.settings.served_model_name:
+            return None
+        if model in self.engine.adapters():
+            return model
+        p.check_model(model, self.settings.served_model_name)  # raises the OpenAI-shaped 404
+        return None
+
     # ---- validation: request -> Job (pure apart from tokenization) -------------------------
 
     def completion_job(self, raw: bytes) -> Job:
         req = p.parse_request(p.CompletionRequest, raw)
-        p.check_model(req.model, self.settings.served_model_name)
+        adapter = self.adapter_for(req.model)
         p.check_completion_features(req)
         prompts = p.completion_prompts(req.prompt)
         n = req.n or 1
@@ -152,12 +172,12 @@ class OpenAIServer:
             self._check_prompt(len(ids), "prompt")
             encoded.append(ids)
         max_tokens = self._max_tokens(req.max_tokens, max(len(ids) for ids in encoded), "max_tokens")
-        sequences = [(ids, sampling_params(req, max_tokens, j)) for ids in encoded for j in range(n)]
+        sequences = [(ids, sampling_params(req, max_tokens, j, adapter)) for ids in encoded for j in range(n)]
         return self._job("completion", req, [len(ids) for ids in encoded], sequences)
 
     def chat_job(self, raw: bytes) -> Job:
         req = p.parse_request(p.ChatRequest, raw)
-        p.check_model(req.model, self.settings.served_model_name)
+        adapter = self.adapter_for(req.model)
         p.check_chat_features(req)
         n = req.n or 1
         self._check_choices(n)
@@ -170,7 +190,7 @@ class OpenAIServer:
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = self._max_tokens(requested, len(ids), param)
-        sequences = [(ids, sampling_params(req, max_tokens, j)) for j in range(n)]
+        sequences = [(ids, sampling_params(req, max_tokens, j, adapter)) for j in range(n)]
         return self._job("chat", req, [len(ids)], sequences)
 
     def _job(
@@ -219,6 +239,11 @@ class OpenAIServer:
             for stream in streams:
                 stream.cancel()
             raise p.overloaded(self.settings.retry_after_s, str(exc)) from None
+        except UnknownAdapterError:  # removed between validation and submission
+            for stream in streams:
+                stream.cancel()
+            p.check_model(job.model, self.settings.served_model_name)
+            raise
         return streams
 
     async def respond(self, job: Job) -> Response:
@@ -353,12 +378,12 @@ def create_app(server: OpenAIServer) -> FastAPI:
         return JSONResponse({"status": "ok", "in_flight": server.in_flight, **server.engine.stats()})
 
     async def models(request: Request) -> Response:
-        card = p.model_card(server.settings.served_model_name, server.created)
-        return JSONResponse(p.model_list([card]))
+        cards = [p.model_card(model_id, server.created) for model_id in server.model_ids()]
+        return JSONResponse(p.model_list(cards))
 
     async def model(request: Request) -> Response:
         model_id = request.path_params["model_id"]
-        p.check_model(model_id, server.settings.served_model_name)
+        server.adapter_for(model_id)
         return JSONResponse(p.dump(p.model_card(model_id, server.created)))
 
     async def completions(request: Request) -> Response:

@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llmray.api.common import Resources, local_path
 from llmray.api.deployment import Autoscaling, LLMDeploymentSpec
-from llmray.api.runtime import ServeAppArgs
+from llmray.api.runtime import SERVE_DEPLOYMENT_NAME, ServeAppArgs
 
-DEPLOYMENT_NAME = "LLMServer"
+DEPLOYMENT_NAME = SERVE_DEPLOYMENT_NAME
 RETRY_AFTER_S = 1
 """Seconds clients are told to wait (``Retry-After``) when a replica or the queue is full."""
 MAX_REQUEST_BYTES = 1 << 20
@@ -150,6 +150,7 @@ class EngineSettings(_Settings):
     max_num_seqs: int = Field(64, ge=1)
     batch_wait_timeout_ms: int = Field(10, ge=0)
     torch_threads: int | None = Field(None, ge=1)
+    max_lora_rank: int | None = Field(None, ge=1)
 
 
 class ApiSettings(_Settings):
@@ -185,6 +186,7 @@ def server_settings(args: ServeAppArgs) -> ServerSettings:
             max_num_seqs=spec.engine_args.max_num_seqs,
             batch_wait_timeout_ms=spec.engine_args.batch_wait_timeout_ms,
             torch_threads=max(1, math.ceil(num_cpus)),
+            max_lora_rank=spec.engine_args.max_lora_rank,
         ),
         api=ApiSettings(
             served_model_name=served_model_name(args),

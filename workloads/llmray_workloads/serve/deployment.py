@@ -7,17 +7,22 @@ generation loop died is replaced.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from typing import Any
 
 from ray.serve import Application
 
+from llmray.api.runtime import ServeUserConfig
 from ray import serve
 
 from .api import OpenAIServer, create_app
 from .config import DEPLOYMENT_NAME, ServerSettings, resolve_api_key
 from .engine import TransformersEngine
 from .protocol import MAX_CHOICES
+
+logger = logging.getLogger(__name__)
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)
@@ -33,6 +38,21 @@ class LLMServer:
         max_pending = max(self.settings.engine.max_num_seqs, api.max_ongoing_requests * MAX_CHOICES)
         self.engine = TransformersEngine.load(self.settings.engine, max_pending=max_pending)
         self.server = OpenAIServer(self.engine, api, self.api_key)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply the deployment's ``user_config`` (:class:`ServeUserConfig`): the LoRA adapters.
+
+        Serve calls this after ``__init__`` and again on the *running* replica whenever the
+        user_config changes, so adapters come and go without a restart. An adapter that fails to
+        load is logged and left out (requests for it get 404); it never fails the replica, which
+        would take the base model and the other adapters down with it.
+        """
+        config = ServeUserConfig.model_validate(user_config or {})
+        wanted = {a.name: a.source for a in config.adapters}
+        errors = await asyncio.to_thread(self.engine.set_adapters, wanted)
+        for message in errors.values():
+            logger.error("%s", message)
+        logger.info("serving adapters %s", self.engine.adapters())
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(self.server)

@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -61,9 +61,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     adapter: str | None = None
-    """LoRA adapter to generate with (None: the base model). The hook for multi-LoRA batching:
-    every pass's rows are known per sequence (:meth:`TransformersEngine._forward_kwargs`), so a
-    peft model can be given ``adapter_names`` per row and mixed adapters share one batch."""
+    """LoRA adapter (its model id) to generate with; None: the base model. Sequences of different
+    adapters share a batch (peft's per-row ``adapter_names``)."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +80,14 @@ class EngineError(RuntimeError):
 
 class EngineOverloadedError(EngineError):
     """Too many sequences pending on this replica; the client should retry later."""
+
+
+class UnknownAdapterError(EngineError):
+    """The request names an adapter this replica does not serve (HTTP 404 model_not_found)."""
+
+
+BASE_ADAPTER = "__base__"
+"""peft's name for "no adapter" in a mixed-adapter batch."""
 
 
 class GenerationStream(Protocol):
@@ -108,6 +115,8 @@ class Engine(Protocol):
     def check_health(self) -> None: ...
 
     def stats(self) -> dict[str, int]: ...
+
+    def adapters(self) -> list[str]: ...
 
     def shutdown(self) -> None: ...
 
@@ -142,6 +151,8 @@ class _Sequence:
     """Tokens whose keys/values are in the cache (prompt tokens while prefilling)."""
     finished: bool = False
     cancelled: bool = False
+    lora: str = BASE_ADAPTER
+    """The peft adapter name of ``params.adapter`` (internal: a reloaded adapter gets a new one)."""
 
     @property
     def generated(self) -> int:
@@ -354,6 +365,15 @@ def new_slot_cache(num_layers: int) -> Any:
     return cache_class(num_layers)
 
 
+def _local_adapter(source: str) -> str:
+    """A local folder holding the adapter ``source`` (a folder, or a hub repo id it downloads)."""
+    if Path(source).is_dir() or source.startswith("/"):
+        return source
+    from huggingface_hub import snapshot_download
+
+    return str(snapshot_download(source))
+
+
 def adapter_base(source: str) -> str | None:
     """The base model a LoRA adapter folder names (``adapter_config.json``), or None for a full model."""
     path = Path(source) / "adapter_config.json"
@@ -380,6 +400,7 @@ class TransformersEngine:
         max_pending: int | None = None,
         prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
         max_failed_steps: int = MAX_FAILED_STEPS,
+        max_lora_rank: int | None = None,
     ) -> None:
         import torch
 
@@ -415,6 +436,16 @@ class TransformersEngine:
         self._last_arrival = 0.0
         self._stopping = False
         self._cancelled_total = 0
+        # Multi-LoRA: adapters are peft adapters on ``model``. ``_listed`` (model id -> peft name)
+        # is what requests may use; ``_loaded`` (peft name -> source) what is in memory. A removed
+        # or replaced adapter is unlisted at once and deleted once no sequence uses it.
+        self.max_lora_rank = max_lora_rank
+        self._peft: Any = None
+        self._listed: dict[str, str] = {}
+        self._loaded: dict[str, str] = {}
+        self._adapter_errors: dict[str, str] = {}
+        self._lora_ids = itertools.count()
+        self._model_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="llmray-engine", daemon=True)
         self._thread.start()
 
@@ -456,7 +487,90 @@ class TransformersEngine:
             max_num_seqs=settings.max_num_seqs,
             batch_wait_s=settings.batch_wait_timeout_ms / 1000,
             max_pending=max_pending,
+            max_lora_rank=settings.max_lora_rank,
         )
+
+    # ---- adapters (any thread) -------------------------------------------------------------------
+
+    def adapters(self) -> list[str]:
+        """Model ids of the LoRA adapters requests may use now."""
+        with self._cond:
+            return sorted(self._listed)
+
+    def adapter_errors(self) -> dict[str, str]:
+        """Adapters of the last :meth:`set_adapters` that failed to load, with why."""
+        return dict(self._adapter_errors)
+
+    def set_adapters(self, wanted: Mapping[str, str]) -> dict[str, str]:
+        """Serve exactly the adapters ``wanted`` (model id -> folder or hub id), without a restart.
+
+        New ones are loaded (peft ``load_adapter``) between engine iterations; removed or changed
+        ones are unlisted at once (new requests get :class:`UnknownAdapterError`) and freed once the
+        sequences still using them finish. An adapter that fails to load is left out and reported
+        (returned, and in :meth:`adapter_errors`); the others are served regardless.
+        """
+        errors: dict[str, str] = {}
+        local: dict[str, str] = {}
+        with self._cond:
+            served = {name: self._loaded.get(lora) for name, lora in self._listed.items()}
+        for name, source in wanted.items():  # hub downloads happen here, not under the model lock
+            if served.get(name) == source:
+                continue
+            try:
+                local[name] = _local_adapter(source)
+            except Exception as exc:
+                errors[name] = f"adapter {name} failed to load from {source}: {exc}"
+        with self._model_lock:
+            with self._cond:
+                current = {name: self._loaded[lora] for name, lora in self._listed.items()}
+                for name in [n for n in self._listed if wanted.get(n) != current[n]]:
+                    del self._listed[name]
+            for name, source in wanted.items():
+                if current.get(name) == source or name in errors:
+                    continue
+                lora = f"lora{next(self._lora_ids)}"
+                try:
+                    self._load_adapter(lora, local[name], source)
+                except Exception as exc:
+                    logger.warning("adapter %s (%s) failed to load: %s", name, source, exc)
+                    errors[name] = f"adapter {name} failed to load from {source}: {exc}"
+                    continue
+                with self._cond:
+                    self._listed[name] = lora
+            self._adapter_errors = errors
+            self._retire()
+        return errors
+
+    def _load_adapter(self, lora: str, folder: str, source: str) -> None:
+        """Load the adapter in ``folder`` (from ``source``) as peft adapter ``lora`` (caller holds the
+        model lock)."""
+        config = Path(folder) / "adapter_config.json"
+        if self.max_lora_rank is not None and config.is_file():
+            rank = int(json.loads(config.read_text()).get("r") or 0)
+            if rank > self.max_lora_rank:
+                raise EngineError(f"rank {rank} exceeds engineArgs.maxLoraRank {self.max_lora_rank}")
+        device = str(self.device)
+        if self._peft is None:
+            from peft import PeftModel
+
+            self._peft = PeftModel.from_pretrained(self.model, folder, adapter_name=lora, torch_device=device)
+        else:
+            self._peft.load_adapter(folder, adapter_name=lora, torch_device=device)
+        self._peft.eval()
+        self._loaded[lora] = source
+
+    def _retire(self) -> None:
+        """Delete loaded adapters that are unlisted and used by no sequence (caller holds the model lock)."""
+        with self._cond:
+            listed = set(self._listed.values())
+            used = {s.lora for s in (*self._waiting, *self._prefilling, *self._running)}
+        for lora in [n for n in self._loaded if n not in listed and n not in used]:
+            del self._loaded[lora]
+            if self._loaded:
+                self._peft.delete_adapter(lora)
+            else:  # peft cannot drop its last adapter: take the LoRA layers out instead
+                self.model = self._peft.unload()
+                self._peft = None
 
     # ---- API side (event loop thread) -------------------------------------------------------
 
@@ -476,8 +590,6 @@ class TransformersEngine:
         """
         if not self._thread.is_alive():
             raise EngineError("the generation loop is not running")
-        if params.adapter is not None:
-            raise EngineError("this engine serves no LoRA adapters")
         if not prompt_ids:
             raise EngineError("empty prompt")
         loop = asyncio.get_running_loop()
@@ -500,6 +612,11 @@ class TransformersEngine:
                 raise EngineError("the engine is shutting down")
             if len(self._waiting) + len(self._prefilling) + len(self._running) >= self.max_pending:
                 raise EngineOverloadedError(f"{self.max_pending} sequences already pending on this replica")
+            if params.adapter is not None:  # looked up under the lock _retire checks usage under
+                lora = self._listed.get(params.adapter)
+                if lora is None:
+                    raise UnknownAdapterError(f"The model `{params.adapter}` does not exist.")
+                seq.lora = lora
             seq.gap = seq.arrival - self._last_arrival
             self._last_arrival = seq.arrival
             self._waiting.append(seq)
@@ -552,8 +669,10 @@ class TransformersEngine:
                     if self._stopping:
                         break
                 try:
-                    with torch.inference_mode():
+                    with self._model_lock, torch.inference_mode():
                         self._iteration()
+                        if len(self._loaded) > len(self._listed):
+                            self._retire()
                 except Exception as exc:  # not attributable to a sequence: fail what is in flight
                     logger.exception("engine iteration failed; failing the admitted sequences")
                     self._failed_steps += 1
@@ -769,15 +888,21 @@ class TransformersEngine:
             read: Any = slice(0, top)
             rows = torch.arange(top, device=device).unsqueeze(1)
             picks: list[int] | None = [s.slot for s in seqs]
+            row_seqs: list[_Sequence | None] = [None] * top
+            for seq in seqs:
+                row_seqs[seq.slot] = seq
         else:
             ids = [s.last_token for s in seqs]
             writes = positions = [s.cached for s in seqs]
             read = torch.tensor([s.slot for s in seqs], device=device)
             rows = read.unsqueeze(1)
             picks = None
+            row_seqs = list(seqs)
         query = torch.tensor(positions, device=device).unsqueeze(1)
         plan = _Pass(rows, torch.tensor(writes, device=device).unsqueeze(1), read, max(positions) + 1)
-        logits = self._forward(seqs, torch.tensor(ids, device=device).unsqueeze(1), query, plan, [0])[:, 0]
+        logits = self._forward(row_seqs, torch.tensor(ids, device=device).unsqueeze(1), query, plan, [0])[
+            :, 0
+        ]
         if picks is not None and picks != list(range(top)):
             logits = logits[picks]
         tokens = self._sample(logits, seqs)
@@ -787,13 +912,16 @@ class TransformersEngine:
 
     def _forward(
         self,
-        seqs: list[_Sequence],
+        seqs: Sequence[_Sequence | None],
         input_ids: torch.Tensor,
         query: torch.Tensor,
         plan: _Pass,
         keep: list[int],
     ) -> torch.Tensor:
-        """One model forward over ``plan``; returns logits ``[B, len(keep), V]`` at positions ``keep``."""
+        """One model forward over ``plan``; returns logits ``[B, len(keep), V]`` at positions ``keep``.
+
+        ``seqs``: the sequence of each row (None: an idle row).
+        """
         torch = self._torch
         width = input_ids.shape[1]
         keys = torch.arange(plan.kv_len, device=self.device)
@@ -806,8 +934,9 @@ class TransformersEngine:
                 ~mask, torch.finfo(self._dtype).min
             )
         self._cache.plan = plan
+        model = self.model if self._peft is None else self._peft
         try:
-            out = self.model(
+            out = model(
                 input_ids=input_ids,
                 attention_mask=mask,
                 position_ids=query,
@@ -820,14 +949,16 @@ class TransformersEngine:
             self._cache.plan = None
         return out.logits  # type: ignore[no-any-return]
 
-    def _forward_kwargs(self, seqs: list[_Sequence]) -> dict[str, Any]:
+    def _forward_kwargs(self, seqs: Sequence[_Sequence | None]) -> dict[str, Any]:
         """Extra model kwargs for a pass over ``seqs`` (in row order).
 
-        The multi-LoRA hook: with a peft model this returns ``{"adapter_names": [...]}`` built from
-        each sequence's ``params.adapter`` (one per row; idle rows use the base model), which is
-        how peft batches rows of different adapters in one forward.
+        With adapters loaded: peft's ``adapter_names``, one per row (idle rows and base-model
+        sequences: ``__base__``). Each LoRA layer then adds every adapter's delta to its own rows
+        only, so sequences of different adapters and of the base share one forward pass.
         """
-        return {}
+        if self._peft is None:
+            return {}
+        return {"adapter_names": [BASE_ADAPTER if s is None else s.lora for s in seqs]}
 
     def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
         from .sampling import sample_next

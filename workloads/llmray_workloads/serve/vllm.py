@@ -50,8 +50,34 @@ def vllm_engine_kwargs(args: ServeAppArgs) -> dict[str, Any]:
     # A prompt beyond maxPromptTokens cannot fit (vLLM refuses it); the guard caps max_tokens.
     budget = limits.max_prompt_tokens + limits.max_tokens
     kwargs["max_model_len"] = min(engine.max_model_len or budget, budget)
+    if args.adapters:  # vLLM's LoRA support; Ray Serve LLM loads the adapters themselves
+        kwargs["enable_lora"] = True
+        kwargs["max_loras"] = min(engine.max_loras, len(args.adapters))
+        kwargs["max_lora_rank"] = engine.max_lora_rank
     kwargs.update(engine.extra.kwargs())  # an allowlist (spec.engineArgs.extra is a closed schema)
     return kwargs
+
+
+def vllm_lora(args: ServeAppArgs) -> tuple[dict[str, Any] | None, dict[str, str]]:
+    """Ray Serve LLM's ``lora_config`` for ``args.adapters``, and adapter name -> Serve LLM model id.
+
+    Ray Serve LLM (2.60) loads LoRA adapters dynamically from one object-store folder
+    (``dynamic_lora_loading_path``, s3:// or gs://) under model ids ``<base>:<folder>``, fetching
+    ``<path>/<folder>`` on first use. So every adapter must live directly under one folder; the
+    guard maps the adapter's name (what clients send) to that id.
+    """
+    if not args.adapters:
+        return None, {}
+    parents = {a.source.rstrip("/").rsplit("/", 1)[0] for a in args.adapters}
+    if len(parents) != 1:
+        raise ValueError(
+            "engine vllm loads every adapter from one folder (Ray Serve LLM's dynamic_lora_loading_path); "
+            f"spec.adapters[].uri are under {sorted(parents)}"
+        )
+    base = served_model_name(args)
+    ids = {a.name: f"{base}:{a.source.rstrip('/').rsplit('/', 1)[1]}" for a in args.adapters}
+    config = {"dynamic_lora_loading_path": parents.pop(), "max_num_adapters_per_replica": len(ids)}
+    return config, ids
 
 
 @dataclass(frozen=True)
@@ -61,11 +87,16 @@ class GuardSettings:
     api_key_env: str | None
     max_tokens: int
     max_request_bytes: int = MAX_REQUEST_BYTES
+    adapters: tuple[tuple[str, str], ...] = ()
+    """(adapter name, Ray Serve LLM model id): a request's ``model`` is rewritten from one to the other."""
 
 
 def guard_settings(args: ServeAppArgs) -> GuardSettings:
     """Guard settings from the Serve app args (``api_key_env`` set by the operator with a key)."""
-    return GuardSettings(api_key_env=args.api_key_env, max_tokens=args.spec.limits.max_tokens)
+    _, ids = vllm_lora(args)
+    return GuardSettings(
+        api_key_env=args.api_key_env, max_tokens=args.spec.limits.max_tokens, adapters=tuple(ids.items())
+    )
 
 
 class VllmGuard:
@@ -158,6 +189,10 @@ class VllmGuard:
                 )
         if not asked:
             body["max_tokens"] = limit
+        model = body.get("model")
+        for name, model_id in self.settings.adapters:
+            if model == name:
+                body["model"] = model_id
         return json.dumps(body).encode()
 
 
@@ -185,7 +220,7 @@ async def _send_error(send: Send, error: p.ApiError) -> None:
 def vllm_llm_config(args: ServeAppArgs) -> dict[str, Any]:
     """The ``LLMConfig`` (as a dict) for one model served by Ray Serve LLM."""
     spec = args.spec
-    return {
+    config: dict[str, Any] = {
         "model_loading_config": {"model_id": served_model_name(args), "model_source": model_source(args)},
         "engine_kwargs": vllm_engine_kwargs(args),
         "deployment_config": {
@@ -194,6 +229,10 @@ def vllm_llm_config(args: ServeAppArgs) -> dict[str, Any]:
             "max_queued_requests": max(1, spec.limits.max_queued_requests),
         },
     }
+    lora, _ = vllm_lora(args)
+    if lora is not None:
+        config["lora_config"] = lora
+    return config
 
 
 def vllm_available() -> bool:
