@@ -91,6 +91,15 @@ class ExampleTable:
 
         return int(pc.sum(pc.list_value_length(self.table.column("input_ids"))).as_py() or 0)
 
+    def length_moments(self) -> tuple[int, int]:
+        """``(sum(len), sum(len²))`` over the examples (for the attention term of MFU)."""
+        import pyarrow.compute as pc
+
+        lengths = pc.list_value_length(self.table.column("input_ids")).cast("int64")
+        total = pc.sum(lengths).as_py() or 0
+        squares = pc.sum(pc.multiply(lengths, lengths)).as_py() or 0
+        return int(total), int(squares)
+
     def columns(self) -> tuple[Any, Any, Any]:
         """Row offsets and the flat token / label arrays (numpy views, no copy)."""
         ids = self.table.column("input_ids").combine_chunks()

@@ -11,11 +11,14 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 from llmray.api.runtime import PROGRESS_MARKER, ProgressReport, format_progress
+
+from .mfu import mfu
 
 PROGRESS_DIR = ".llmray"
 PROGRESS_FILE = "progress.json"
@@ -75,6 +78,14 @@ class ProgressTracker:
     tokens_per_second: float | None = None
     checkpoint_path: str | None = None
     checkpoint_step: int | None = None
+    flops_per_token: float = 0.0
+    """Model FLOPs per trained token (see :mod:`.mfu`); 0: unknown."""
+    peak_flops: float | None = None
+    """Peak FLOP/s of one accelerator at the run's precision; None: unknown (CPU)."""
+    devices: int = 0
+    """Accelerators of the whole run (all workers)."""
+    on_report: Callable[[ProgressReport], None] | None = None
+    """Called with every emitted report (rank 0 exports it as metrics)."""
     _last_time: float | None = None
     _last_tokens: int = 0
     _first_time: float | None = None
@@ -112,6 +123,10 @@ class ProgressTracker:
         elapsed = time.monotonic() - self._first_time
         return (tokens_seen - self._first_tokens) / elapsed if elapsed > 0 else None
 
+    def mfu(self) -> float | None:
+        """Model FLOPs utilisation at the latest throughput (None on CPU or unknown GPUs)."""
+        return mfu(self.tokens_per_second, self.flops_per_token, self.peak_flops, self.devices)
+
     def report(self, step: int, epoch: float, state: str = "running", **extra: object) -> ProgressReport:
         """A report with the latest known numbers."""
         fields: dict[str, object] = {
@@ -122,6 +137,7 @@ class ProgressTracker:
             "eval_loss": self.eval_loss,
             "learning_rate": self.learning_rate,
             "tokens_per_second": round(self.tokens_per_second, 1) if self.tokens_per_second else None,
+            "mfu": None if (value := self.mfu()) is None else float(f"{value:.4g}"),
             "elapsed_seconds": round(time.monotonic() - self.started, 2),
             "checkpoint_path": self.checkpoint_path,
             "checkpoint_step": self.checkpoint_step,
@@ -134,4 +150,6 @@ class ProgressTracker:
         """Build, print and persist a report."""
         report = self.report(step, epoch, state, **extra)
         emit(report, self.output_dir)
+        if self.on_report is not None:
+            self.on_report(report)
         return report

@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,8 @@ from llmray.api.training import FsdpSpec
 from .config import Plan, Precision, resolve_precision
 from .data import ExampleDataset, PadCollator, PreparedData
 from .export import FINAL_REPORT, merge_adapter, staging_dir
+from .metrics import TrainingMetrics
+from .mfu import count_params, flops_per_token, peak_flops, token_weighted_length
 from .progress import PROGRESS_DIR, ProgressTracker, say
 
 
@@ -79,13 +81,26 @@ def checkpoint_dir_name(step: int) -> str:
 
 
 class RayProgressCallback(TrainerCallback):  # type: ignore[misc]
-    """Reports checkpoints to Ray Train (every rank) and prints progress (rank 0)."""
+    """Reports checkpoints to Ray Train (every rank), prints progress (rank 0), sets metrics.
 
-    def __init__(self, plan: Plan, rank: int, tracker: ProgressTracker, resumed_step: int | None) -> None:
+    ``memory``: the rank's peak GPU memory in bytes (None without CUDA), exported at each log.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        rank: int,
+        tracker: ProgressTracker,
+        resumed_step: int | None,
+        metrics: TrainingMetrics | None = None,
+        memory: Callable[[], int | None] | None = None,
+    ) -> None:
         self.plan = plan
         self.rank = rank
         self.tracker = tracker
         self.resumed_step = resumed_step
+        self.metrics = metrics
+        self.memory = memory
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.tracker.start(state.max_steps, state.num_input_tokens_seen)
@@ -107,6 +122,8 @@ class RayProgressCallback(TrainerCallback):  # type: ignore[misc]
             self.tracker.eval_loss = float(logs["eval_loss"])
         if self.rank == 0 and ("loss" in logs or "eval_loss" in logs):
             self.tracker.emit(state.global_step, state.epoch or 0.0)
+        if self.metrics is not None and self.memory is not None:
+            self.metrics.gpu_memory(self.memory())
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         import ray.train
@@ -307,6 +324,29 @@ def stage_model(
     return staging
 
 
+def accelerators(plan: Plan, world_size: int, cuda: bool) -> int:
+    """Accelerators the run holds (the MFU denominator counts every one, idle or not)."""
+    if not cuda:
+        return 0
+    return world_size * max(1, int(plan.resources_per_worker.get("GPU", 1)))
+
+
+def configure_mfu(
+    tracker: ProgressTracker,
+    model: Any,
+    data: PreparedData,
+    precision: Precision,
+    device_name: str | None,
+    devices: int,
+) -> None:
+    """Give the tracker what MFU needs: FLOPs per token of this model and data, the peak of the GPUs."""
+    matmul, adapter = count_params(model)
+    seq_len = token_weighted_length(*data.train.length_moments())
+    tracker.flops_per_token = flops_per_token(model.config, matmul, seq_len, adapter)
+    tracker.peak_flops = peak_flops(device_name, precision)
+    tracker.devices = devices
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point (``train_loop_per_worker``)."""
     import ray.train
@@ -343,6 +383,17 @@ def train_loop(config: dict[str, Any]) -> None:
     local_dir = tempfile.mkdtemp(prefix=f"llmray-hf-rank{rank}-")
     args = training_arguments(run, plan, precision, data.eval is not None, cuda, local_dir, model)
     tracker = ProgressTracker(output_dir=plan.output_dir if rank == 0 else None)
+    configure_mfu(
+        tracker,
+        model,
+        data,
+        precision,
+        torch.cuda.get_device_name() if cuda else None,
+        accelerators(plan, context.get_world_size(), cuda),
+    )
+    metrics = TrainingMetrics(f"{run.namespace}/{run.name}", rank)
+    if rank == 0:
+        tracker.on_report = metrics.report
     with latest_checkpoint() as (resume_dir, resumed_step):
         if resumed_step is not None:
             tracker.checkpoint_path = plan.checkpoint_path(checkpoint_dir_name(resumed_step))
@@ -354,7 +405,16 @@ def train_loop(config: dict[str, Any]) -> None:
             eval_dataset=ExampleDataset(data.eval) if data.eval is not None else None,
             data_collator=PadCollator(pad_id, 8 if cuda else 1),
             processing_class=tokenizer,
-            callbacks=[RayProgressCallback(plan, rank, tracker, resumed_step)],
+            callbacks=[
+                RayProgressCallback(
+                    plan,
+                    rank,
+                    tracker,
+                    resumed_step,
+                    metrics,
+                    (lambda: int(torch.cuda.max_memory_allocated())) if cuda else (lambda: None),
+                )
+            ],
         )
         trainer = prepare_trainer(trainer)
         if rank == 0:
