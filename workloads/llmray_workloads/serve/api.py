@@ -22,6 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llmray.api.telemetry import SERVING_STATS_PATH, ServingStats
+
 from . import protocol as p
 from .config import ApiSettings
 from .engine import (
@@ -33,6 +35,7 @@ from .engine import (
     SamplingParams,
     UnknownAdapterError,
 )
+from .telemetry import RequestCounts
 
 logger = logging.getLogger(__name__)
 
@@ -120,15 +123,31 @@ async def merge_streams(streams: Sequence[GenerationStream]) -> AsyncIterator[tu
             task.cancel()
 
 
-class OpenAIServer:
-    """Request handling state of one replica: engine, limits, API key, in-flight count."""
+StatsSource = Callable[[], Awaitable[ServingStats]]
 
-    def __init__(self, engine: Engine, settings: ApiSettings, api_key: str | None) -> None:
+
+class OpenAIServer:
+    """Request handling state of one replica: engine, limits, API key, in-flight count.
+
+    ``requests`` counts every answer by route and status code (the replica's telemetry thread
+    drains it); ``stats`` answers :data:`SERVING_STATS_PATH` (the deployment's aggregate; without
+    one, the route answers 503).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: ApiSettings,
+        api_key: str | None,
+        stats: StatsSource | None = None,
+    ) -> None:
         self.engine = engine
         self.settings = settings
         self.api_key = api_key
         self.created = int(time.time())
         self.in_flight = 0
+        self.requests = RequestCounts()
+        self.stats = stats
         # One thread does all validation + tokenization, off the event loop: a long prompt or a
         # chat template no longer stalls other requests' streams. One worker keeps the tokenizer
         # single-threaded (fast tokenizers may refuse concurrent use).
@@ -352,11 +371,17 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 def create_app(server: OpenAIServer) -> FastAPI:
-    """The FastAPI app: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``, ``/health``."""
+    """The FastAPI app: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``, ``/health``,
+    and the deployment's stats on :data:`SERVING_STATS_PATH` (same API key)."""
     app = FastAPI(title="llmray OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
 
-    def guarded(handler: Handler, *, auth: bool = True) -> Handler:
+    def guarded(handler: Handler, route: str, *, auth: bool = True) -> Handler:
         async def wrapper(request: Request) -> Response:
+            response = await answer(request)
+            server.requests.add(route, response.status_code)
+            return response
+
+        async def answer(request: Request) -> Response:
             try:
                 if auth:
                     p.check_api_key(request.headers.get("authorization"), server.api_key)
@@ -396,20 +421,34 @@ def create_app(server: OpenAIServer) -> FastAPI:
         job = await server.prepare(server.chat_job, raw)
         return await server.respond(job)
 
-    app.add_api_route("/health", guarded(health, auth=False), methods=["GET"])
-    app.add_api_route("/v1/models", guarded(models), methods=["GET"])
-    app.add_api_route("/v1/models/{model_id:path}", guarded(model), methods=["GET"])
-    app.add_api_route("/v1/completions", guarded(completions), methods=["POST"])
-    app.add_api_route("/v1/chat/completions", guarded(chat), methods=["POST"])
+    async def stats(request: Request) -> Response:
+        if server.stats is None:
+            raise p.ApiError(503, "serving stats are not available", "server_error", None, "unavailable")
+        figures = await server.stats()
+        return JSONResponse(figures.model_dump(by_alias=True))
+
+    routes: list[tuple[str, Handler, str, bool]] = [
+        ("/health", health, "GET", False),
+        ("/v1/models", models, "GET", True),
+        ("/v1/models/{model_id:path}", model, "GET", True),
+        ("/v1/completions", completions, "POST", True),
+        ("/v1/chat/completions", chat, "POST", True),
+        (SERVING_STATS_PATH, stats, "GET", True),
+    ]
+    for path, handler, method, auth in routes:
+        # The route label is the template, never the raw path: bounded label values.
+        app.add_api_route(path, guarded(handler, path, auth=auth), methods=[method])
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = f"{request.method} {request.url.path}: {exc.detail}"
+        server.requests.add("other", exc.status_code)
         return error_response(p.ApiError(exc.status_code, message, "invalid_request_error", None, code))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        server.requests.add("other", 400)
         return error_response(p.bad_request(str(exc)))
 
     return app

@@ -21,6 +21,16 @@ from .api import OpenAIServer, create_app
 from .config import DEPLOYMENT_NAME, ServerSettings, resolve_api_key
 from .engine import TransformersEngine
 from .protocol import MAX_CHOICES
+from .telemetry import CACHE, RUNNING, WAITING, ReplicaReporter
+
+
+def replica_identity() -> tuple[str, str]:
+    """``(replica id, application name)`` inside a Serve replica; placeholders outside one."""
+    try:
+        context = serve.get_replica_context()
+        return str(context.replica_id.unique_id), str(context.app_name)
+    except Exception:
+        return f"pid-{os.getpid()}", "default"
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +48,16 @@ class LLMServer:
         max_pending = max(self.settings.engine.max_num_seqs, api.max_ongoing_requests * MAX_CHOICES)
         self.engine = TransformersEngine.load(self.settings.engine, max_pending=max_pending)
         self.server = OpenAIServer(self.engine, api, self.api_key)
+        replica, app_name = replica_identity()
+        self.reporter = ReplicaReporter(
+            replica, app_name, api.served_model_name, self.engine.counters, self.server.requests, self._load
+        )
+        self.server.stats = self.reporter.stats
+        self.reporter.start()
+
+    def _load(self) -> dict[str, float]:
+        running, waiting, cache = self.engine.current_load()
+        return {RUNNING: running, WAITING: waiting, CACHE: cache}
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply the deployment's ``user_config`` (:class:`ServeUserConfig`): the LoRA adapters.
@@ -61,6 +81,9 @@ class LLMServer:
         self.engine.check_health()
 
     def __del__(self) -> None:
+        reporter = getattr(self, "reporter", None)
+        if reporter is not None:
+            reporter.stop()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

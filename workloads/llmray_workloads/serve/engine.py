@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from .telemetry import EngineCounters
 from .text import IncrementalText
 
 if TYPE_CHECKING:
@@ -446,6 +447,9 @@ class TransformersEngine:
         self._adapter_errors: dict[str, str] = {}
         self._lora_ids = itertools.count()
         self._model_lock = threading.Lock()
+        self.counters = EngineCounters()
+        """Per-step figures for the replica's telemetry (TTFT, inter-token latency, tokens)."""
+        self._last_decode: float | None = None
         self._thread = threading.Thread(target=self._loop, name="llmray-engine", daemon=True)
         self._thread.start()
 
@@ -636,6 +640,15 @@ class TransformersEngine:
             "cancelled": self._cancelled_total,
         }
 
+    def current_load(self) -> tuple[int, int, float]:
+        """Running and waiting sequences, and the KV cache's use: tokens held / (maxNumSeqs x maxModelLen).
+
+        Read from another thread without the engine's lock: a momentary, approximate figure.
+        """
+        running = [*self._running, *self._prefilling]
+        cached = sum(s.cached for s in running)
+        return len(running), len(self._waiting), cached / (self.max_num_seqs * self.max_model_len)
+
     def shutdown(self) -> None:
         with self._cond:
             self._stopping = True
@@ -708,6 +721,8 @@ class TransformersEngine:
             self._evict()
         if not self._busy():
             self._slots, self._cache = [], None  # idle: give the cache's memory back
+            self._last_decode = None
+            self.counters.idle()
 
     def _admit(self) -> None:
         free = self.max_num_seqs - len(self._running) - len(self._prefilling)
@@ -799,11 +814,17 @@ class TransformersEngine:
             self._prefilling = [s for s in self._prefilling if s not in ready]
             self._running.extend(finished)
             self._accept(finished, tokens)
+            now = time.monotonic()
+            self.counters.first_tokens([now - s.arrival for s in finished])
 
     def _decode_step(self) -> None:
         """Advance every running sequence by one token (one pass; bisected only on failure)."""
         done = self._isolated(self._running, self._decode_pass)
         self._accept([s for s, _ in done], [t for _, t in done])
+        now = time.monotonic()
+        interval = None if self._last_decode is None else now - self._last_decode
+        self._last_decode = now
+        self.counters.decode_step(interval, len(done), len(done))
 
     def _isolated(
         self, seqs: list[_Sequence], run: Callable[[list[_Sequence]], list[int]]
