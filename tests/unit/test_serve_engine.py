@@ -569,3 +569,13 @@ async def test_adapters_are_added_and_removed_live(loaded: tuple[Any, Any, Path]
     finally:
         eng.shutdown()
     assert base_text == reference(loaded, "Ray is", 8)
+
+
+async def test_engine_counts_first_tokens_decode_steps_and_tokens(engine: TransformersEngine) -> None:
+    engine.counters.drain()
+    await asyncio.gather(*(collect(engine.submit(engine.encode(p), greedy(5))) for p in ("a b", "c d e")))
+    sample = engine.counters.drain()
+    assert len(sample.ttft) == 2 and all(0 < t < 30 for t in sample.ttft)
+    assert sample.tokens == 10  # 1 from each prefill + 4 decode steps x 2 sequences
+    assert len(sample.itl) >= 3 and all(t > 0 for t in sample.itl)  # one per decode step after the first
+    assert engine.current_load()[:2] == (0, 0)

@@ -645,7 +645,7 @@ class TransformersEngine:
 
         Read from another thread without the engine's lock: a momentary, approximate figure.
         """
-        running = [*self._running, *self._prefilling]
+        running = [s for s in (*self._running, *self._prefilling) if not (s.finished or s.cancelled)]
         cached = sum(s.cached for s in running)
         return len(running), len(self._waiting), cached / (self.max_num_seqs * self.max_model_len)
 

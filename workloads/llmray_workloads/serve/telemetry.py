@@ -304,12 +304,14 @@ class ReplicaReporter:
         requests: RequestCounts,
         load: Callable[[], dict[str, float]],
         interval: float = PUSH_INTERVAL_S,
+        metrics: Callable[[str], ServingMetrics] = ServingMetrics,
     ) -> None:
         self.replica, self.app_name = replica, app_name
         self.engine, self.requests, self.load = engine, requests, load
         self.interval = interval
         self.window = RollingWindow(time.monotonic())
         self._metrics: ServingMetrics | None = None
+        self._make_metrics = metrics
         self._model = model
         self._board: Any = None
         self._push_failures = 0
@@ -343,8 +345,8 @@ class ReplicaReporter:
             stats = ServingStats.model_validate(raw)
             if stats.replicas > 0:
                 return stats
-        except Exception:
-            logger.warning("stats board unavailable; answering this replica's figures", exc_info=True)
+        except Exception as exc:
+            logger.warning("stats board unavailable (%s); answering this replica's figures", exc)
             self._board = None
         return self.local_stats()
 
@@ -362,7 +364,7 @@ class ReplicaReporter:
             )
         try:
             if self._metrics is None:
-                self._metrics = ServingMetrics(self._model)
+                self._metrics = self._make_metrics(self._model)
             self._metrics.record(sample, requests, load)
         except Exception:
             logger.warning("could not export serving metrics", exc_info=True)
@@ -372,6 +374,8 @@ class ReplicaReporter:
         if self._board is None:
             import ray
 
+            if not ray.is_initialized():  # outside Ray (tests, the CLI): never start a cluster here
+                raise RuntimeError("not running inside Ray")
             actor: Any = ray.remote(StatsBoard)
             self._board = actor.options(
                 name=board_name(self.app_name), get_if_exists=True, num_cpus=0, max_restarts=0
