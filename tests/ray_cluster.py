@@ -44,6 +44,12 @@ class LocalRay:
     temp_dir: Path
     process: subprocess.Popen[bytes]
     env: dict[str, str] = field(default_factory=dict)
+    metrics_port: int = 0
+    """Port of the head's metrics agent (Prometheus text, on 127.0.0.1)."""
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.metrics_port}/metrics"
 
     @property
     def auth_headers(self) -> dict[str, str]:
@@ -65,8 +71,9 @@ def start_local_ray(num_cpus: int = 8, extra_args: list[str] | None = None) -> L
     """Start a Ray head bound to loopback and wait until its dashboard answers."""
     token = secrets.token_hex(16)
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    gcs_port, dash_port = free_port(), free_port()
-    env = {**os.environ, **ray_env(token)}
+    gcs_port, dash_port, metrics_port = free_port(), free_port(), free_port()
+    # Workers export metrics to the agent every 2 s instead of 10 s: metric tests wait less.
+    env = {**os.environ, **ray_env(token), "RAY_metrics_report_interval_ms": "2000"}
     ray_bin = str(Path(sys.executable).with_name("ray"))
     cmd = [
         ray_bin,
@@ -85,7 +92,7 @@ def start_local_ray(num_cpus: int = 8, extra_args: list[str] | None = None) -> L
         f"--dashboard-agent-listen-port={free_port()}",
         f"--ray-client-server-port={free_port()}",
         f"--dashboard-agent-grpc-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
+        f"--metrics-export-port={metrics_port}",
         f"--runtime-env-agent-port={free_port()}",
         *(extra_args or []),
     ]
@@ -106,7 +113,9 @@ def start_local_ray(num_cpus: int = 8, extra_args: list[str] | None = None) -> L
     except Exception:
         stop_local_ray_process(process)
         raise
-    return LocalRay(f"{LOOPBACK}:{gcs_port}", dashboard_url, token, temp_dir, process, ray_env(token))
+    return LocalRay(
+        f"{LOOPBACK}:{gcs_port}", dashboard_url, token, temp_dir, process, ray_env(token), metrics_port
+    )
 
 
 def session_pids(sid: int) -> list[int]:
@@ -158,3 +167,34 @@ def local_ray_session() -> Iterator[LocalRay]:
             else:
                 os.environ[key] = value
         stop_local_ray(ray)
+
+
+MAX_METRICS_BYTES = 32 * 1024 * 1024
+
+
+def scrape_metrics(url: str, prefix: str = "ray_llmray_") -> list[tuple[str, dict[str, str], float]]:
+    """Samples ``(name, labels, value)`` of a Prometheus text endpoint whose names start with ``prefix``.
+
+    Parsed with ``prometheus_client``'s own parser; the body is size-capped and the call has a deadline.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with httpx.stream("GET", url, timeout=10) as response:
+        response.raise_for_status()
+        body = b""
+        for chunk in response.iter_bytes():
+            body += chunk
+            if len(body) > MAX_METRICS_BYTES:
+                raise ValueError(f"{url}: metrics larger than {MAX_METRICS_BYTES} bytes")
+    return [
+        (sample.name, dict(sample.labels), float(sample.value))
+        for family in text_string_to_metric_families(body.decode())
+        if family.name.startswith(prefix)
+        for sample in family.samples
+    ]
+
+
+def metric_sum(samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> float | None:
+    """Sum of the samples named ``name`` whose labels include ``labels`` (None: no such sample)."""
+    values = [v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items())]
+    return sum(values) if values else None

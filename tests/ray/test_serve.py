@@ -511,3 +511,48 @@ def test_autoscaling_up_under_load_and_back_down(serve_url: str) -> None:
         lambda: _replicas("scale") == {"RUNNING": 1}, timeout=90, what="scale back to 1 replica after load"
     )
     assert scaled_up_after < 120
+
+
+# ---- metrics and the stats route -----------------------------------------------------------
+
+
+def test_request_loop_moves_metrics_and_the_stats_route(local_ray: LocalRay, tiny: str) -> None:
+    """Requests show in Ray's metrics agent (scraped on loopback) and in ``GET /llmray/stats``."""
+    from llmray.api.telemetry import SERVING_METRICS, SERVING_STATS_PATH, ServingStats
+    from tests.ray_cluster import metric_sum, scrape_metrics
+
+    requests, ttft = "ray_llmray_serve_requests_total", "ray_llmray_serve_time_to_first_token_seconds_count"
+    labels = {"model": MODEL}
+    before = scrape_metrics(local_ray.metrics_url)
+    base_requests = metric_sum(before, requests, route="/v1/completions", status="200", **labels) or 0.0
+    base_ttft = metric_sum(before, ttft, **labels) or 0.0
+    loops = 6
+    for i in range(loops):  # bounded: 6 short requests
+        body = {"model": MODEL, "prompt": f"count {i}", "max_tokens": 4, "stream": i % 2 == 0}
+        response = httpx.post(f"{tiny}/v1/completions", json=body, headers=AUTH, timeout=60)
+        assert response.status_code == 200, response.text
+
+    def moved() -> list[tuple[str, dict[str, str], float]] | None:
+        now = scrape_metrics(local_ray.metrics_url)
+        done = metric_sum(now, requests, route="/v1/completions", status="200", **labels) or 0.0
+        first_tokens = metric_sum(now, ttft, **labels) or 0.0
+        return now if done >= base_requests + loops and first_tokens >= base_ttft + loops else None
+
+    samples = wait_for(moved, timeout=60, what="the request counter and TTFT histogram to move", interval=1)
+    names = {name for name, _, _ in samples}
+    for metric in SERVING_METRICS:  # every contract name is exported (histograms as _count etc.)
+        assert metric in names or f"{metric}_count" in names, (metric, sorted(names))
+    assert (metric_sum(samples, "ray_llmray_serve_generated_tokens_total", **labels) or 0) >= loops * 4
+
+    assert httpx.get(f"{tiny}{SERVING_STATS_PATH}", timeout=10).status_code == 401
+
+    def stats() -> ServingStats | None:
+        answer = httpx.get(f"{tiny}{SERVING_STATS_PATH}", headers=AUTH, timeout=10)
+        assert answer.status_code == 200, answer.text
+        figures = ServingStats.model_validate(answer.json())
+        return figures if figures.replicas == 1 and figures.requests_per_second > 0 else None
+
+    figures = wait_for(stats, timeout=30, what="the stats route to count the requests", interval=1)
+    assert figures.ttft_p50_seconds is not None and 0 < figures.ttft_p50_seconds < 30
+    assert figures.requests_per_second <= loops  # at most `loops` requests over >= 1 s
+    assert figures.running >= 0 and figures.waiting >= 0

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import pytest
 
 from llmray.api.runtime import PROGRESS_MARKER, ProgressReport, parse_progress
 from llmray_workloads.tiny import build_tiny_model, data_dir
-from tests.ray_cluster import LocalRay
+from tests.ray_cluster import LocalRay, scrape_metrics
 from tests.waiting import WaitTimeout, wait_for
 
 pytestmark = pytest.mark.ray
@@ -78,11 +79,53 @@ def run_driver(
     )
 
 
+class MetricsWatcher:
+    """Scrapes the head's metrics agent once a second in a thread; keeps the latest training samples.
+
+    Training gauges live as long as their worker (and a couple of export intervals after), so a
+    test watches while the job runs rather than looking afterwards.
+    """
+
+    def __init__(self, url: str, job: str) -> None:
+        self.url, self.job = url, job
+        self.seen: dict[tuple[str, str], float] = {}
+        self.scrapes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                samples = scrape_metrics(self.url, prefix="ray_llmray_train_")
+            except Exception:
+                continue
+            self.scrapes += 1
+            for name, labels, value in samples:
+                if labels.get("job") == self.job:
+                    self.seen[(name, labels.get("rank", ""))] = value
+
+    def __enter__(self) -> MetricsWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+
 def test_two_workers_train_and_loss_falls(local_ray: LocalRay, tiny: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "out"
-    result = run_driver(write_config(tmp_path / "run.json", training_run("ddp", tiny, out)))
+    with MetricsWatcher(local_ray.metrics_url, "default/ddp") as metrics:
+        result = run_driver(write_config(tmp_path / "run.json", training_run("ddp", tiny, out)))
+        # The gauges outlive their worker by ~2 export intervals: the last values are still there.
+        wait_for(
+            lambda: metrics.seen.get(("ray_llmray_train_step", "0"), 0) >= 25,
+            timeout=20,
+            what="the training step gauge of rank 0 to reach the last steps",
+            interval=0.5,
+        )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     assert "worker setup: 2 worker(s), MULTI_CPU" in log
@@ -92,6 +135,11 @@ def test_two_workers_train_and_loss_falls(local_ray: LocalRay, tiny: Path, tmp_p
     final = reports[-1]
     assert (final.state, final.step, final.total_steps) == ("finished", 30, 30)
     assert final.eval_loss is not None and final.tokens_per_second and final.output_path == str(out)
+    assert all(r.mfu is None for r in reports)  # CPU workers: no known peak, no MFU
+    seen = metrics.seen
+    assert seen[("ray_llmray_train_loss", "0")] > 0 and seen[("ray_llmray_train_learning_rate", "0")] >= 0
+    assert seen[("ray_llmray_train_tokens_per_second", "0")] > 0
+    assert not any(name in {"ray_llmray_train_mfu", "ray_llmray_train_gpu_memory_bytes"} for name, _ in seen)
     assert {r.checkpoint_step for r in reports if r.state == "checkpointed"} == {10, 20, 30}
     assert json.loads((out / ".llmray" / "progress.json").read_text())["state"] == "finished"
     run_dir = out / "checkpoints" / "default.ddp"
