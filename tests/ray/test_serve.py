@@ -556,3 +556,11 @@ def test_request_loop_moves_metrics_and_the_stats_route(local_ray: LocalRay, tin
     assert figures.ttft_p50_seconds is not None and 0 < figures.ttft_p50_seconds < 30
     assert figures.requests_per_second <= loops  # at most `loops` requests over >= 1 s
     assert figures.running >= 0 and figures.waiting >= 0
+    # The figures came through the application's board (not the one-replica fallback), which
+    # holds the tiny app's replica only: the scale app has its own.
+    import ray
+    from llmray_workloads.serve.telemetry import BOARD_NAMESPACE, board_name
+
+    board = ray.get_actor(board_name("tiny"), namespace=BOARD_NAMESPACE)
+    on_board = ServingStats.model_validate(ray.get(board.stats.remote(), timeout=10))
+    assert on_board.replicas == 1 and on_board.requests_per_second > 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -239,6 +240,11 @@ class StatsBoard:
 # ---- Ray side (imports ray lazily) ----------------------------------------------------------------
 
 
+BOARD_NAMESPACE = "llmray"
+"""Ray namespace of the boards: fixed, so every replica finds the same one whoever deployed the app
+(named actors otherwise land in the deploying job's namespace)."""
+
+
 def board_name(app_name: str) -> str:
     return f"llmray-stats:{app_name}"
 
@@ -347,7 +353,7 @@ class ReplicaReporter:
                 return stats
         except Exception as exc:
             logger.warning("stats board unavailable (%s); answering this replica's figures", exc)
-            self._board = None
+            self._forget_board_if_dead(exc)
         return self.local_stats()
 
     def tick(self) -> ReplicaSummary:
@@ -372,13 +378,16 @@ class ReplicaReporter:
 
     def _get_board(self) -> Any:
         if self._board is None:
-            import ray
-
-            if not ray.is_initialized():  # outside Ray (tests, the CLI): never start a cluster here
+            ray: Any = sys.modules.get("ray")  # a replica has imported ray; a test process may not
+            if ray is None or not ray.is_initialized():  # outside Ray: never start a cluster here
                 raise RuntimeError("not running inside Ray")
             actor: Any = ray.remote(StatsBoard)
             self._board = actor.options(
-                name=board_name(self.app_name), get_if_exists=True, num_cpus=0, max_restarts=0
+                name=board_name(self.app_name),
+                namespace=BOARD_NAMESPACE,
+                get_if_exists=True,
+                num_cpus=0,
+                max_restarts=0,
             ).remote()
         return self._board
 
@@ -390,8 +399,22 @@ class ReplicaReporter:
             self._push_failures = 0
         except Exception as exc:
             if self._push_failures == 0:  # once per streak: a lost board is not worth a log line a second
-                logger.warning("could not push serving stats to the board (will recreate it): %s", exc)
+                logger.warning("could not push serving stats to the board: %s", exc)
             self._push_failures += 1
+            self._forget_board_if_dead(exc)
+
+    def _forget_board_if_dead(self, exc: BaseException) -> None:
+        """Drop the handle only when the board is gone, so the next call recreates it.
+
+        A slow board (just starting, a loaded node) keeps its handle: a named actor that is not
+        detached is garbage-collected when its owner drops the last handle, so dropping it on a
+        timeout would kill a healthy board and start a create-timeout-kill loop.
+        """
+        if self._board is None:
+            return
+        from ray.exceptions import RayActorError
+
+        if isinstance(exc, RayActorError):
             self._board = None
 
     def _run(self) -> None:
