@@ -504,6 +504,15 @@ def test_autoscaling_up_under_load_and_back_down(serve_url: str) -> None:
             lambda: _replicas("scale").get("RUNNING", 0) >= 2, timeout=120, what="a 2nd replica under load"
         )
         scaled_up_after = time.monotonic() - started
+        # Whichever replica answers, the stats cover both (pushed to the app's board every second).
+        from llmray.api.telemetry import SERVING_STATS_PATH, ServingStats
+
+        def both_counted() -> ServingStats | None:
+            answer = httpx.get(f"{base}{SERVING_STATS_PATH}", timeout=10)
+            figures = ServingStats.model_validate(answer.json())
+            return figures if figures.replicas == 2 and figures.requests_per_second > 0 else None
+
+        wait_for(both_counted, timeout=30, what="the stats route to count both replicas", interval=0.5)
     finally:
         sent = join()
     assert sent > 0
