@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -575,7 +576,9 @@ async def test_engine_counts_first_tokens_decode_steps_and_tokens(engine: Transf
     engine.counters.drain()
     await asyncio.gather(*(collect(engine.submit(engine.encode(p), greedy(5))) for p in ("a b", "c d e")))
     sample = engine.counters.drain()
-    assert len(sample.ttft) == 2 and all(0 < t < 30 for t in sample.ttft)
-    assert sample.tokens == 10  # 1 from each prefill + 4 decode steps x 2 sequences
-    assert len(sample.itl) >= 3 and all(t > 0 for t in sample.itl)  # one per decode step after the first
+    assert len(sample.ttft) == 2 and all(a is None and 0 < t < 30 for a, t in sample.ttft)
+    assert sample.tokens == Counter({None: 10})  # 1 from each prefill + 4 decode steps x 2 sequences
+    assert len(sample.itl) >= 3 and all(
+        a is None and t > 0 for a, t in sample.itl
+    )  # one per decode step after the first
     assert engine.current_load()[:2] == (0, 0)

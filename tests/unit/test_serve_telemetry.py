@@ -22,6 +22,7 @@ from llmray_workloads.serve.telemetry import (
     ReplicaReporter,
     ReplicaSummary,
     RequestCounts,
+    RequestKey,
     RollingWindow,
     StatsBoard,
     aggregate,
@@ -88,29 +89,32 @@ def test_board_keeps_the_latest_summary_per_replica_and_drops_old_ones() -> None
 
 def test_counters_drain_and_keep_the_current_batch() -> None:
     counters = EngineCounters()
-    counters.first_tokens([0.2, 0.3])
-    counters.decode_step(None, 2, 2)
-    counters.decode_step(0.01, 2, 2)
+    counters.first_tokens([(None, 0.2), ("sql", 0.3)])
+    counters.decode_step(None, Counter({None: 1, "sql": 1}), 2)
+    counters.decode_step(0.01, Counter({None: 1, "sql": 1}), 2)
     sample = counters.drain()
-    assert (sample.ttft, sample.itl, sample.tokens, sample.batch) == ([0.2, 0.3], [0.01], 6, 2)
+    assert sample.ttft == [(None, 0.2), ("sql", 0.3)]
+    assert sample.itl == [(None, 0.01), ("sql", 0.01)]  # one observation per adapter in the step
+    assert (sample.tokens, sample.batch) == (Counter({None: 3, "sql": 3}), 2)
     assert counters.drain() == EngineSample(batch=2)
     counters.idle()
     assert counters.drain().batch == 0
     requests = RequestCounts()
     requests.add("/v1/completions", 200)
     requests.add("/v1/completions", 200)
-    assert requests.drain() == Counter({("/v1/completions", 200): 2})
+    requests.add("/v1/completions", 200, "sql")
+    assert requests.drain() == Counter(
+        {(None, "/v1/completions", 200): 2, ("sql", "/v1/completions", 200): 1}
+    )
     assert requests.drain() == Counter()
 
 
 class RecordingMetrics:
     def __init__(self, model: str) -> None:
         self.model = model
-        self.calls: list[tuple[EngineSample, Counter[tuple[str, int]], dict[str, float]]] = []
+        self.calls: list[tuple[EngineSample, Counter[RequestKey], dict[str, float]]] = []
 
-    def record(
-        self, sample: EngineSample, requests: Counter[tuple[str, int]], load: dict[str, float]
-    ) -> None:
+    def record(self, sample: EngineSample, requests: Counter[RequestKey], load: dict[str, float]) -> None:
         self.calls.append((sample, requests, load))
 
 
@@ -118,8 +122,8 @@ async def test_reporter_exports_and_falls_back_to_its_own_figures_outside_ray() 
     counters, requests = EngineCounters(), RequestCounts()
     load = {RUNNING: 3.0, WAITING: 1.0, CACHE: 0.25}
     reporter = ReplicaReporter("r1", "app", "m", counters, requests, lambda: load, metrics=RecordingMetrics)  # type: ignore[arg-type]
-    counters.first_tokens([0.4])
-    counters.decode_step(0.02, 3, 3)
+    counters.first_tokens([(None, 0.4)])
+    counters.decode_step(0.02, Counter({None: 3}), 3)
     requests.add("/v1/completions", 200)
     requests.add("/v1/models", 200)  # not a generation request: not in requests/s
     tick = reporter.tick()
@@ -127,8 +131,8 @@ async def test_reporter_exports_and_falls_back_to_its_own_figures_outside_ray() 
     metrics: Any = reporter._metrics
     assert metrics.model == "m"
     ((sample, counts, seen_load),) = metrics.calls
-    assert (sample.tokens, sample.itl, sample.batch) == (4, [0.02], 3)
-    assert counts == Counter({("/v1/completions", 200): 1, ("/v1/models", 200): 1})
+    assert (sample.tokens, sample.itl, sample.batch) == (Counter({None: 4}), [(None, 0.02)], 3)
+    assert counts == Counter({(None, "/v1/completions", 200): 1, (None, "/v1/models", 200): 1})
     assert seen_load == load and BATCH not in seen_load
     stats = await reporter.stats()  # no Ray here: the board is unreachable, so this replica alone
     assert stats == ServingStats(
@@ -184,10 +188,30 @@ async def test_requests_are_counted_by_route_template_and_status(
     await http.get("/v1/models", headers={"Authorization": "Bearer nope"})
     assert server.requests.drain() == Counter(
         {
-            ("/v1/models/{model_id:path}", 200): 1,
-            ("/v1/models/{model_id:path}", 404): 1,
-            ("/v1/completions", 200): 1,
-            ("other", 404): 1,
-            ("/v1/models", 401): 1,
+            (None, "/v1/models/{model_id:path}", 200): 1,
+            (None, "/v1/models/{model_id:path}", 404): 1,
+            (None, "/v1/completions", 200): 1,
+            (None, "other", 404): 1,
+            (None, "/v1/models", 401): 1,
+        }
+    )
+
+
+async def test_generation_requests_are_counted_per_adapter(
+    server: OpenAIServer, http: httpx.AsyncClient
+) -> None:
+    engine: Any = server.engine
+    engine.lora = ["sql"]
+    server.requests.drain()
+    for model in ("sql", "m", "gone"):
+        await http.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2})
+    chat = {"model": "sql", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    await http.post("/v1/chat/completions", json=chat)
+    assert server.requests.drain() == Counter(
+        {
+            ("sql", "/v1/completions", 200): 1,
+            (None, "/v1/completions", 200): 1,
+            (None, "/v1/completions", 404): 1,  # an unknown model id is no label value
+            ("sql", "/v1/chat/completions", 200): 1,
         }
     )

@@ -378,7 +378,8 @@ def create_app(server: OpenAIServer) -> FastAPI:
     def guarded(handler: Handler, route: str, *, auth: bool = True) -> Handler:
         async def wrapper(request: Request) -> Response:
             response = await answer(request)
-            server.requests.add(route, response.status_code)
+            # The adapter a valid generation request named (set once its job is built), else the base.
+            server.requests.add(route, response.status_code, getattr(request.state, "adapter", None))
             return response
 
         async def answer(request: Request) -> Response:
@@ -414,11 +415,13 @@ def create_app(server: OpenAIServer) -> FastAPI:
     async def completions(request: Request) -> Response:
         raw = await read_body(request, server.settings.max_request_bytes)
         job = await server.prepare(server.completion_job, raw)
+        request.state.adapter = job.sequences[0][1].adapter if job.sequences else None
         return await server.respond(job)
 
     async def chat(request: Request) -> Response:
         raw = await read_body(request, server.settings.max_request_bytes)
         job = await server.prepare(server.chat_job, raw)
+        request.state.adapter = job.sequences[0][1].adapter if job.sequences else None
         return await server.respond(job)
 
     async def stats(request: Request) -> Response:

@@ -32,6 +32,7 @@ def replica_identity() -> tuple[str, str]:
     except Exception:
         return f"pid-{os.getpid()}", "default"
 
+
 logger = logging.getLogger(__name__)
 
 

@@ -28,7 +28,7 @@ import json
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -815,7 +815,7 @@ class TransformersEngine:
             self._running.extend(finished)
             self._accept(finished, tokens)
             now = time.monotonic()
-            self.counters.first_tokens([now - s.arrival for s in finished])
+            self.counters.first_tokens([(s.params.adapter, now - s.arrival) for s in finished])
 
     def _decode_step(self) -> None:
         """Advance every running sequence by one token (one pass; bisected only on failure)."""
@@ -824,7 +824,7 @@ class TransformersEngine:
         now = time.monotonic()
         interval = None if self._last_decode is None else now - self._last_decode
         self._last_decode = now
-        self.counters.decode_step(interval, len(done), len(done))
+        self.counters.decode_step(interval, Counter(s.params.adapter for s, _ in done), len(done))
 
     def _isolated(
         self, seqs: list[_Sequence], run: Callable[[list[_Sequence]], list[int]]

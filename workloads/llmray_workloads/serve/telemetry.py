@@ -69,13 +69,17 @@ def declared_name(scraped: str) -> str:
 # ---- what the engine and the API record -------------------------------------------------------
 
 
+Adapter = str | None
+"""The LoRA adapter (its served model id) a figure belongs to; None: the base model."""
+
+
 @dataclass
 class EngineSample:
-    """What the engine did since the previous drain, plus its current load."""
+    """What the engine did since the previous drain (per adapter), plus its current batch."""
 
-    ttft: list[float] = field(default_factory=list)
-    itl: list[float] = field(default_factory=list)
-    tokens: int = 0
+    ttft: list[tuple[Adapter, float]] = field(default_factory=list)
+    itl: list[tuple[Adapter, float]] = field(default_factory=list)
+    tokens: Counter[Adapter] = field(default_factory=Counter)
     batch: int = 0
 
 
@@ -86,18 +90,22 @@ class EngineCounters:
         self._lock = threading.Lock()
         self._sample = EngineSample()
 
-    def first_tokens(self, latencies: list[float]) -> None:
+    def first_tokens(self, latencies: list[tuple[Adapter, float]]) -> None:
         """Time to first token of sequences whose prefill finished in this step."""
         with self._lock:
             self._sample.ttft.extend(latencies)
-            self._sample.tokens += len(latencies)
+            for adapter, _ in latencies:
+                self._sample.tokens[adapter] += 1
 
-    def decode_step(self, interval: float | None, tokens: int, batch: int) -> None:
-        """One decode step: ``interval`` since the previous one (None after idling), ``tokens`` made."""
+    def decode_step(self, interval: float | None, tokens: Counter[Adapter], batch: int) -> None:
+        """One decode step: ``interval`` since the previous one (None after idling), tokens per adapter.
+
+        The interval is every sequence's inter-token latency: one observation per adapter in the batch.
+        """
         with self._lock:
             if interval is not None:
-                self._sample.itl.append(interval)
-            self._sample.tokens += tokens
+                self._sample.itl.extend((adapter, interval) for adapter in tokens)
+            self._sample.tokens.update(tokens)
             self._sample.batch = batch
 
     def idle(self) -> None:
@@ -110,18 +118,22 @@ class EngineCounters:
         return sample
 
 
+RequestKey = tuple[Adapter, str, int]
+"""(adapter the request named or None, route template, status code)."""
+
+
 class RequestCounts:
-    """Requests by (route, status code) since the previous drain."""
+    """Requests by (adapter, route, status code) since the previous drain."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._counts: Counter[tuple[str, int]] = Counter()
+        self._counts: Counter[RequestKey] = Counter()
 
-    def add(self, route: str, status: int) -> None:
+    def add(self, route: str, status: int, adapter: Adapter = None) -> None:
         with self._lock:
-            self._counts[(route, status)] += 1
+            self._counts[(adapter, route, status)] += 1
 
-    def drain(self) -> Counter[tuple[str, int]]:
+    def drain(self) -> Counter[RequestKey]:
         with self._lock:
             counts, self._counts = self._counts, Counter()
         return counts
@@ -250,12 +262,13 @@ def board_name(app_name: str) -> str:
 
 
 class ServingMetrics:
-    """The ``ray.util.metrics`` objects of one replica, tagged with the served model id."""
+    """The ``ray.util.metrics`` objects of one replica, tagged with the model id (adapters their own)."""
 
     def __init__(self, model: str) -> None:
         from ray.util.metrics import Counter as RayCounter
         from ray.util.metrics import Gauge, Histogram
 
+        self.model = model
         self.tags = {"model": model}
         self.requests = RayCounter(
             declared_name(REQUESTS), "Requests by route and status code", ("model", "route", "status")
@@ -278,17 +291,19 @@ class ServingMetrics:
             )
         }
 
-    def record(
-        self, sample: EngineSample, requests: Counter[tuple[str, int]], load: dict[str, float]
-    ) -> None:
-        for (route, status), count in requests.items():
-            self.requests.inc(count, tags={**self.tags, "route": route, "status": str(status)})
-        for value in sample.ttft:
-            self.ttft.observe(value, tags=self.tags)
-        for value in sample.itl:
-            self.itl.observe(value, tags=self.tags)
-        if sample.tokens:
-            self.generated.inc(sample.tokens, tags=self.tags)
+    def _tags(self, adapter: Adapter) -> dict[str, str]:
+        return {"model": adapter or self.model}
+
+    def record(self, sample: EngineSample, requests: Counter[RequestKey], load: dict[str, float]) -> None:
+        for (adapter, route, status), count in requests.items():
+            self.requests.inc(count, tags={**self._tags(adapter), "route": route, "status": str(status)})
+        for adapter, value in sample.ttft:
+            self.ttft.observe(value, tags=self._tags(adapter))
+        for adapter, value in sample.itl:
+            self.itl.observe(value, tags=self._tags(adapter))
+        for adapter, tokens in sample.tokens.items():
+            if tokens:
+                self.generated.inc(tokens, tags=self._tags(adapter))
         for name in (RUNNING, WAITING, CACHE):
             self.gauges[name].set(load.get(name, 0.0), tags=self.tags)
         self.gauges[BATCH].set(sample.batch, tags=self.tags)
@@ -363,8 +378,8 @@ class ReplicaReporter:
             requests = self.requests.drain()
             load = self.load()
             now = time.monotonic()
-            generation = sum(n for (route, _), n in requests.items() if route in GENERATION_ROUTES)
-            self.window.add(now, generation, sample.ttft)
+            generation = sum(n for (_, route, _), n in requests.items() if route in GENERATION_ROUTES)
+            self.window.add(now, generation, [value for _, value in sample.ttft])
             summary = self.window.summary(
                 self.replica, now, time.time(), int(load.get(RUNNING, 0)), int(load.get(WAITING, 0))
             )
