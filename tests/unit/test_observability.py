@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from datetime import UTC, datetime, timedelta
@@ -219,7 +220,8 @@ async def test_deployment_status_mirrors_serving_and_raises_queue_full() -> None
     assert status["phase"] == "Ready"
     assert status["serving"] == {"requestsPerSecond": 4.0, "ttftP50Ms": 250, "running": 2, "waiting": 0}
     assert world.condition(key, "QueueFull")["status"] == "False"
-    assert world.ray.stats_calls[-1] == (route_url(world), None)  # no apiKeySecretRef: no key
+    # Its own head: the cluster's Ray token opens the stats route.
+    assert world.ray.stats_calls[-1] == (route_url(world), cluster_token(world))
 
     world.ray.stats[route_url(world)] = ServingStats(running=32, waiting=9)  # 9 >= 0.9 * 10
     await world.reconcile(key)
@@ -260,7 +262,16 @@ async def test_a_failing_stats_route_is_not_a_deployment_problem() -> None:
     assert status["phase"] == "Ready" and "serving" not in status  # stale figures are dropped
 
 
-async def test_api_key_is_sent_when_readable() -> None:
+def cluster_token(world: World) -> str:
+    """The Ray token the operator put in the cluster's ``<name>-ray-auth`` Secret."""
+    data = world.kube.objects[("Secret", dep.NS, "chat-ray-auth")]
+    raw = (data.get("data") or {}).get("auth_token") or ""
+    token = base64.b64decode(raw).decode() if raw else (data.get("stringData") or {})["auth_token"]
+    assert token
+    return str(token)
+
+
+async def test_own_head_stats_use_the_cluster_token_not_the_users_secret() -> None:
     world = World()
     world.kube.objects[("Secret", dep.NS, "chat-key")] = {
         "apiVersion": "v1",
@@ -270,8 +281,10 @@ async def test_api_key_is_sent_when_readable() -> None:
     }
     key = await dep.up(world, apiKeySecretRef={"name": "chat-key", "key": "key"})
     world.head_of(key).set_app("chat", "RUNNING")
+    reads = [c for c in world.kube.calls if c[:2] == ("get", "Secret")]
     await world.reconcile(key)
-    assert world.ray.stats_calls[-1] == (route_url(world), "secret")
+    assert world.ray.stats_calls[-1] == (route_url(world), cluster_token(world))
+    assert [c for c in world.kube.calls if c[:2] == ("get", "Secret")] == reads  # no Secret read
 
 
 # --- training: MFU and Stalled -------------------------------------------------------------------------

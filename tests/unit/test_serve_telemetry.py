@@ -215,3 +215,25 @@ async def test_generation_requests_are_counted_per_adapter(
             ("sql", "/v1/chat/completions", 200): 1,
         }
     )
+
+
+async def test_the_ray_token_opens_only_the_read_only_routes() -> None:
+    """The operator reads stats and the model list with the cluster's Ray token, never generates."""
+    settings = ApiSettings(served_model_name="m", max_prompt_tokens=32, max_tokens=20, max_ongoing_requests=2)
+    server = OpenAIServer(FakeEngine(), settings, KEY, stats_token="ray-token")  # type: ignore[arg-type]
+
+    async def source() -> ServingStats:
+        return ServingStats(replicas=1)
+
+    server.stats = source
+    transport = httpx.ASGITransport(app=create_app(server))
+    ray_auth = {"Authorization": "Bearer ray-token"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=ray_auth) as client:
+        assert (await client.get(SERVING_STATS_PATH)).status_code == 200
+        assert (await client.get("/v1/models")).status_code == 200
+        assert (await client.get("/v1/models/m")).status_code == 200
+        generate = await client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2})
+        assert generate.status_code == 401
+        assert (await client.get(SERVING_STATS_PATH, headers=AUTH)).status_code == 200  # the key still works
+        wrong = await client.get(SERVING_STATS_PATH, headers={"Authorization": "Bearer other"})
+        assert wrong.status_code == 401

@@ -285,7 +285,9 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
             p.serve_app = await ray.serve.get_application(route.app_name)
             p.serve_seen = True
             if p.serve_app is not None and p.serve_app.status == "RUNNING":
-                await self._poll_stats(p, route.url, api_key if head.shared else None)
+                # Own head: the cluster's Ray token opens the read-only routes (stats, model list),
+                # so the operator never needs the user's API-key Secret.
+                await self._poll_stats(p, route.url, api_key if head.shared else head.token)
             self._adapter_states(p)
             await self._autoscale(p, ray, head.shared)
         except RayError as exc:
@@ -298,7 +300,8 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
         """The app's live figures (status.serving, QueueFull); no stats route (404) means none.
 
         Best effort: an error is logged and the figures are dropped (stale numbers mislead), but it
-        is no problem of the deployment. The API key is sent when the operator may read it.
+        is no problem of the deployment. ``api_key`` is the shared head's app key or the cluster's
+        Ray token; only without either is the user's Secret read, where the operator may.
         """
         if api_key is None and p.parsed.api_key_secret_ref is not None and self._user_secrets_readable:
             try:

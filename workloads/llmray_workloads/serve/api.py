@@ -125,13 +125,18 @@ async def merge_streams(streams: Sequence[GenerationStream]) -> AsyncIterator[tu
 
 StatsSource = Callable[[], Awaitable[ServingStats]]
 
+#: Routes that also accept the cluster's Ray token (read-only introspection for the operator).
+READ_ONLY_ROUTES = frozenset({SERVING_STATS_PATH, "/v1/models", "/v1/models/{model_id:path}"})
+
 
 class OpenAIServer:
     """Request handling state of one replica: engine, limits, API key, in-flight count.
 
     ``requests`` counts every answer by route and status code (the replica's telemetry thread
     drains it); ``stats`` answers :data:`SERVING_STATS_PATH` (the deployment's aggregate; without
-    one, the route answers 503).
+    one, the route answers 503). That route and the model list also accept ``stats_token``, the
+    Ray cluster's own token: whoever holds it controls the whole cluster already, and it lets the
+    operator read them without reading the user's API-key Secret.
     """
 
     def __init__(
@@ -140,10 +145,12 @@ class OpenAIServer:
         settings: ApiSettings,
         api_key: str | None,
         stats: StatsSource | None = None,
+        stats_token: str | None = None,
     ) -> None:
         self.engine = engine
         self.settings = settings
         self.api_key = api_key
+        self.stats_token = stats_token or None
         self.created = int(time.time())
         self.in_flight = 0
         self.requests = RequestCounts()
@@ -375,6 +382,15 @@ def create_app(server: OpenAIServer) -> FastAPI:
     and the deployment's stats on :data:`SERVING_STATS_PATH` (same API key)."""
     app = FastAPI(title="llmray OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
 
+    def check_stats_auth(authorization: str | None) -> None:
+        if server.stats_token is not None:
+            try:
+                p.check_api_key(authorization, server.stats_token)
+                return
+            except p.ApiError:
+                pass
+        p.check_api_key(authorization, server.api_key)
+
     def guarded(handler: Handler, route: str, *, auth: bool = True) -> Handler:
         async def wrapper(request: Request) -> Response:
             response = await answer(request)
@@ -384,7 +400,9 @@ def create_app(server: OpenAIServer) -> FastAPI:
 
         async def answer(request: Request) -> Response:
             try:
-                if auth:
+                if auth and route in READ_ONLY_ROUTES:
+                    check_stats_auth(request.headers.get("authorization"))
+                elif auth:
                     p.check_api_key(request.headers.get("authorization"), server.api_key)
                 return await handler(request)
             except p.ApiError as error:

@@ -48,7 +48,10 @@ class LLMServer:
         self.api_key = resolve_api_key(api.api_key_env, api.api_key_file, os.environ)
         max_pending = max(self.settings.engine.max_num_seqs, api.max_ongoing_requests * MAX_CHOICES)
         self.engine = TransformersEngine.load(self.settings.engine, max_pending=max_pending)
-        self.server = OpenAIServer(self.engine, api, self.api_key)
+        # The pod's Ray token (RAY_AUTH_TOKEN, set by the operator) also opens the stats route.
+        self.server = OpenAIServer(
+            self.engine, api, self.api_key, stats_token=os.environ.get("RAY_AUTH_TOKEN")
+        )
         replica, app_name = replica_identity()
         self.reporter = ReplicaReporter(
             replica, app_name, api.served_model_name, self.engine.counters, self.server.requests, self._load
