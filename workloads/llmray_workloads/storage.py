@@ -34,6 +34,8 @@ from llmray.api.common import ObjectStorage, is_object_store
 
 ENDPOINT_ENV, REGION_ENV = "AWS_ENDPOINT_URL_S3", "AWS_REGION"
 CACHE_SUBDIR = "llmray-objects"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5")
+"""Files left out of a metadata-only download (the driver needs config and tokenizer, not weights)."""
 COMPLETE_MARKER = ".llmray-complete"
 
 
@@ -52,9 +54,11 @@ class StoreSettings:
     def resolve(cls, spec: ObjectStorage | None, environ: Mapping[str, str] | None = None) -> StoreSettings:
         """The spec's endpoint/region, else the AWS SDK variables the operator sets on the pods."""
         env = os.environ if environ is None else environ
+        endpoint = spec.endpoint if spec else None
+        region = spec.region if spec else None
         return cls(
-            endpoint=(spec.endpoint if spec else None) or env.get(ENDPOINT_ENV) or env.get("AWS_ENDPOINT_URL"),
-            region=(spec.region if spec else None) or env.get(REGION_ENV) or env.get("AWS_DEFAULT_REGION"),
+            endpoint=endpoint or env.get(ENDPOINT_ENV) or env.get("AWS_ENDPOINT_URL"),
+            region=region or env.get(REGION_ENV) or env.get("AWS_DEFAULT_REGION"),
         )
 
 
@@ -123,12 +127,17 @@ def _mtime(info: Any) -> float:
     return float(info.mtime.timestamp()) if info.mtime is not None else 0.0
 
 
-def download(uri: str, dest: Path, settings: StoreSettings) -> Path:
-    """Copy an object (to ``dest``) or every object under a prefix (into folder ``dest``)."""
+def download(
+    uri: str, dest: Path, settings: StoreSettings, entries: list[tuple[str, int, float]] | None = None
+) -> Path:
+    """Copy an object (to ``dest``) or the objects under a prefix (into folder ``dest``).
+
+    ``entries``: the subset of :func:`listing` to copy (default: all).
+    """
     from pyarrow import fs as pafs
 
     fs, path = filesystem(uri, settings)
-    entries = listing(uri, settings)
+    entries = listing(uri, settings) if entries is None else entries
     if not entries:
         raise StorageError(f"{uri} does not exist or holds no objects")
     local = pafs.LocalFileSystem()
@@ -148,18 +157,21 @@ def download(uri: str, dest: Path, settings: StoreSettings) -> Path:
     return dest
 
 
-def cached_download(uri: str, cache_root: Path, settings: StoreSettings) -> Path:
+def cached_download(uri: str, cache_root: Path, settings: StoreSettings, metadata_only: bool = False) -> Path:
     """A local copy of ``uri`` under ``cache_root``, reused while the objects are unchanged.
 
     The folder name is a hash of the URI and of its listing (names, sizes, mtimes). Each caller
     downloads into its own temporary sibling and renames it into place, so workers of one node
-    racing on the same model end up with one complete copy.
+    racing on the same model end up with one complete copy. ``metadata_only`` leaves out weight
+    files (config, tokenizer and adapter config only).
     """
     entries = listing(uri, settings)
     if not entries:
         raise StorageError(f"{uri} does not exist or holds no objects")
+    if metadata_only:
+        entries = [e for e in entries if not e[0].endswith(WEIGHT_SUFFIXES)] or entries[:0]
     name = uri.rstrip("/").rsplit("/", 1)[-1] or "object"
-    digest = hashlib.sha256(json.dumps([uri, entries]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps([uri, entries, metadata_only]).encode()).hexdigest()[:16]
     root = cache_root / CACHE_SUBDIR
     target = root / f"{digest}-{name}"
     if (target / COMPLETE_MARKER).is_file() or (target.is_file()):
@@ -167,12 +179,14 @@ def cached_download(uri: str, cache_root: Path, settings: StoreSettings) -> Path
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{digest}.{uuid.uuid4().hex}"
     try:
-        if entries[0][0] == "":
+        if entries and entries[0][0] == "":
             tmp.mkdir()
-            download(uri, tmp / name, settings)
+            download(uri, tmp / name, settings, entries)
             tmp_target: Path = tmp / name
         else:
-            download(uri, tmp, settings)
+            tmp.mkdir()
+            if entries:
+                download(uri, tmp, settings, entries)
             (tmp / COMPLETE_MARKER).write_text(uri)
             tmp_target = tmp
         try:
@@ -191,7 +205,9 @@ def model_cache_root(environ: Mapping[str, str] | None = None) -> Path:
     return Path(env.get("HF_HOME") or Path(tempfile.gettempdir()) / "llmray-cache")
 
 
-def upload_dir(local: Path, uri: str, settings: StoreSettings, skip: frozenset[str] = frozenset()) -> list[str]:
+def upload_dir(
+    local: Path, uri: str, settings: StoreSettings, skip: frozenset[str] = frozenset()
+) -> list[str]:
     """Upload every file under ``local`` to the prefix ``uri``; returns the relative paths written.
 
     Top-level names in ``skip`` are left out (uploaded later, e.g. the manifest that marks the
