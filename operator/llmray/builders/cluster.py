@@ -83,6 +83,8 @@ S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 S3_SESSION_TOKEN_KEY = "AWS_SESSION_TOKEN"
 """Optional key of the same Secret (temporary credentials)."""
 S3_ENDPOINT_ENV, S3_REGION_ENV = "AWS_ENDPOINT_URL_S3", "AWS_REGION"
+ENV_FIELDS = {API_KEY_ENV: "spec.apiKeySecretRef", HF_TOKEN_ENV: "spec.model.secretRef"}
+"""The spec field behind each Secret-backed variable of ClusterSpec.env."""
 
 
 @dataclass(frozen=True)
@@ -149,11 +151,18 @@ class ClusterSpec:
 
     def secret_refs(self) -> list[SecretKeyRef]:
         """User Secrets the pods read (they must exist before the pods are created)."""
-        refs = [ref for _, ref in self.env]
+        return [ref for _, ref in self.secret_fields()]
+
+    def secret_fields(self) -> list[tuple[str, SecretKeyRef]]:
+        """(spec field that names it, Secret key) for every required key the pods read."""
+        fields = [(ENV_FIELDS.get(var, "spec.model.secretRef"), ref) for var, ref in self.env]
         storage = self.object_storage
         if storage is not None and storage.secret_ref is not None:
-            refs.append(SecretKeyRef(name=storage.secret_ref.name, key=S3_SECRET_KEYS[0]))
-        return refs
+            for key in S3_SECRET_KEYS:
+                fields.append(
+                    ("spec.objectStorage.secretRef", SecretKeyRef(name=storage.secret_ref.name, key=key))
+                )
+        return fields
 
 
 def pvc_mounts(uris: list[tuple[str | None, bool]]) -> tuple[PvcMount, ...]:
