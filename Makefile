@@ -5,7 +5,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv bins cluster-up cluster-down test test-unit test-cluster test-ray test-e2e test-kind lint crds demo sandbox-up sandbox-down kind-up kind-down images kind-demo clean
+.PHONY: help venv bins s3-server cluster-up cluster-down test test-unit test-cluster test-ray test-e2e test-kind lint crds demo sandbox-up sandbox-down kind-up kind-down images kind-demo clean
 
 help:
 	@echo "make demo         - sandbox up, train the tiny model, serve it, query it"
@@ -30,6 +30,10 @@ venv: $(VENV)/.installed
 bins:
 	bash tests/cluster/build.sh
 
+# The S3 server of the ray tier's object-storage test (moto, in a venv of its own: tests/s3_server.py).
+s3-server: venv
+	$(VPY) -m tests.s3_server
+
 cluster-up:
 	bash tests/cluster/cluster.sh up
 
@@ -49,7 +53,7 @@ lint: venv
 # control plane), the Ray tier (one local Ray cluster; Ray's driver keeps one GCS connection and auth
 # token per process, so its in-process driver gets a process of its own) and the kind tier (a real
 # cluster, real pods), whose tools and images build in the background while the others run.
-test: venv bins lint
+test: venv bins s3-server lint
 	bash tests/run_tiers.sh
 
 test-unit: venv
@@ -58,7 +62,7 @@ test-unit: venv
 test-cluster: venv bins
 	$(VENV)/bin/pytest -m cluster tests/cluster
 
-test-ray: venv
+test-ray: venv s3-server
 	$(VENV)/bin/pytest -m ray tests/ray
 
 test-e2e: venv bins

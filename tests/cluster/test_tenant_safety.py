@@ -70,6 +70,16 @@ ESCALATIONS: list[tuple[str, dict[str, Any], str]] = [
         _with(DEPLOYMENT, "spec.model.secretRef", {"name": "db-password"}),
         "spec.model.secretRef",
     ),
+    (
+        "training-s3-credentials",
+        _with(TRAINING, "spec.objectStorage", {"secretRef": {"name": "db-password"}}),
+        "spec.objectStorage.secretRef",
+    ),
+    (
+        "deployment-s3-credentials",
+        _with(DEPLOYMENT, "spec.objectStorage", {"secretRef": {"name": "victim-ray-auth"}}),
+        "spec.objectStorage.secretRef",
+    ),
     ("model-pvc", _with(TRAINING, "spec.model.uri", "pvc://team-models/base"), "spec.model.uri"),
     ("dataset-pvc", _with(TRAINING, "spec.dataset.uri", "pvc://finance-data/x.jsonl"), "spec.dataset.uri"),
     ("output-pvc", _with(TRAINING, "spec.output.uri", "pvc://shared/out"), "spec.output.uri"),
@@ -172,6 +182,11 @@ HARMLESS: list[tuple[str, dict[str, Any]]] = [
     ("own-secret", _with(DEPLOYMENT, "spec.apiKeySecretRef", {"name": "alice-key", "key": "key"})),
     ("project-image", _with(TRAINING, "spec.image", "llmray/ray-runtime:0.2.0")),
     ("file-adapter", _with(DEPLOYMENT, "spec.adapters", [{"name": "a", "uri": "file:///models/a"}])),
+    (
+        "own-s3-credentials",
+        _with(TRAINING, "spec.objectStorage", {"secretRef": {"name": "alice-key"}, "region": "eu-1"}),
+    ),
+    ("workload-identity", _with(DEPLOYMENT, "spec.objectStorage", {"endpoint": "http://minio:9000"})),
     (
         "keyed-toleration",
         _with(TRAINING, "spec.workers.tolerations", [{"key": "dedicated", "operator": "Exists"}]),

@@ -58,11 +58,29 @@ TRAIN = {"model": {"uri": "hf://a/b"}, "dataset": {"uri": "file:///d.jsonl"}, "o
         ({"model": {"uri": "ftp://x"}}, "pattern"),
         ({"method": "qlora"}, "'full' or 'lora'"),
         ({"unknownField": 1}, "Extra inputs"),
+        ({"objectStorage": {"endpoint": "minio:9000"}}, "pattern"),
+        ({"objectStorage": {"region": "US East"}}, "pattern"),
+        ({"objectStorage": {"secretRef": {"name": "s3", "key": "x"}}}, "Extra inputs"),
     ],
 )
 def test_training_rules(patch: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         LLMTrainingJobSpec.model_validate({**TRAIN, **patch})
+
+
+def test_object_storage_spec() -> None:
+    spec = LLMTrainingJobSpec.model_validate(
+        {
+            **TRAIN,
+            "model": {"uri": "s3://models/base"},
+            "output": {"uri": "s3://models/out"},
+            "objectStorage": {"secretRef": {"name": "s3"}, "endpoint": "http://minio:9000", "region": "eu-1"},
+        }
+    )
+    assert spec.checkpoint_uri() == "s3://models/out/checkpoints"
+    assert spec.object_storage is not None and spec.object_storage.endpoint == "http://minio:9000"
+    deploy = LLMDeploymentSpec.model_validate({"model": {"uri": "gs://b/m"}, "objectStorage": {}})
+    assert deploy.object_storage is not None and deploy.object_storage.secret_ref is None
 
 
 def test_training_defaults() -> None:

@@ -204,6 +204,46 @@ def test_hf_token_from_model_secret_ref() -> None:
     assert "HF_TOKEN" not in _env(b.worker_pod(_training(), 0, "u"))
 
 
+S3_STORAGE = {"secretRef": {"name": "s3-creds"}, "endpoint": "http://minio.minio.svc:9000", "region": "eu-1"}
+
+
+@pytest.mark.parametrize("which", ["head", "worker"])
+def test_object_storage_credentials_endpoint_and_region(which: str) -> None:
+    cluster = _training(
+        model={"uri": "s3://models/base"},
+        output={"uri": "s3://models/out"},
+        objectStorage=S3_STORAGE,
+    )
+    pod = b.head_pod(cluster, "u") if which == "head" else b.worker_pod(cluster, 0, "u")
+    env = _env(pod)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[key]["valueFrom"] == {"secretKeyRef": {"name": "s3-creds", "key": key}}
+    assert env["AWS_SESSION_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert env["AWS_ENDPOINT_URL_S3"] == {
+        "name": "AWS_ENDPOINT_URL_S3",
+        "value": "http://minio.minio.svc:9000",
+    }
+    assert env["AWS_REGION"]["value"] == "eu-1"
+    # never the whole Secret: it could set any variable (the Ray token among them)
+    assert "envFrom" not in _container(pod)
+    # nothing to mount for object stores
+    assert not [v for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    assert "s3-creds" in [ref.name for ref in cluster.secret_refs()]
+
+
+def test_object_storage_without_secret_uses_workload_identity() -> None:
+    cluster = _deployment(model={"uri": "s3://models/base"}, objectStorage={"region": "us-west-2"})
+    env = _env(b.head_pod(cluster, "u"))
+    assert "AWS_ACCESS_KEY_ID" not in env and "AWS_SECRET_ACCESS_KEY" not in env
+    assert env["AWS_REGION"]["value"] == "us-west-2" and "AWS_ENDPOINT_URL_S3" not in env
+    assert not [n for n in _env(b.head_pod(_deployment(), "u")) if n.startswith("AWS_")]
+
+
+def test_object_storage_changes_the_pod_template() -> None:
+    plain = b.pod_template_hash(_training(), "worker", "u")
+    assert b.pod_template_hash(_training(objectStorage=S3_STORAGE), "worker", "u") != plain
+
+
 # --- security, volumes, placement ------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from llmray.api import LLMDeploymentSpec
 from llmray.api.common import ConditionStatus
-from llmray.builders.model import resolve_model
+from llmray.builders.model import resolve_model, serve_model_path
 from llmray.builders.observe import ChildView, PodView, owner_key
 from llmray.builders.plan import plan_head, plan_workers
 from llmray.builders.status import cluster_health, merge_patch, set_condition
@@ -222,3 +222,14 @@ def test_resolve_model_from_training_job() -> None:
     assert blocker is not None and blocker.fatal and "OOM" in blocker.message
     # retraining keeps serving the previous output
     assert resolve_model(spec, running, "pvc://m/ft/final")[:2] == ("pvc://m/ft/final", None)
+
+
+def test_training_job_s3_output_is_served_from_its_uri() -> None:
+    spec = _dep({"fromTrainingJob": "ft"})
+    done = {"status": {"phase": "Succeeded", "output": {"uri": "s3://models/ft"}}}
+    uri, blocker, _ = resolve_model(spec, done, "")
+    assert (uri, blocker) == ("s3://models/ft", None)
+    assert serve_model_path("s3://models/ft") == "s3://models/ft"  # the replica downloads it
+    assert serve_model_path("gs://models/ft") == "gs://models/ft"
+    assert serve_model_path("pvc://m/ft") == "/mnt/pvc/m/ft"
+    assert serve_model_path("hf://a/b") is None

@@ -125,9 +125,17 @@ def test_training_job_model_needs_a_resolved_path() -> None:
     assert model_source(args({"model": {"fromTrainingJob": "train-1"}}, modelPath="/o")) == "/o"
 
 
-def test_object_store_models_are_refused() -> None:
-    with pytest.raises(ValueError, match="only hf"):
-        model_source(args({"model": {"uri": "s3://bucket/model"}}))
+def test_object_store_models_are_downloaded_by_the_replica() -> None:
+    spec = {"model": {"uri": "s3://bucket/model"}, "objectStorage": {"endpoint": "http://s3.local:9000"}}
+    assert model_source(args(spec)) == "s3://bucket/model"
+    engine = server_settings(args(spec)).engine
+    assert (engine.model_source, engine.store_endpoint) == ("s3://bucket/model", "http://s3.local:9000")
+    # a training job's object-store output, resolved by the operator
+    assert model_source(args({"model": {"fromTrainingJob": "t"}}, modelPath="gs://b/out")) == "gs://b/out"
+    # vLLM: Ray Serve LLM downloads bucket models itself
+    gpu = {"resourcesPerReplica": {"gpu": 1}, "workers": {"resources": {"gpu": 1}}}
+    loading = vllm_llm_config(args({**spec, **gpu, "engine": "vllm"}))["model_loading_config"]
+    assert loading["model_source"] == {"bucket_uri": "s3://bucket/model"}
 
 
 def test_served_model_name_defaults_to_resource_name() -> None:

@@ -148,10 +148,37 @@ def test_plan_hub_and_object_store_uris() -> None:
     assert (plan.model_ref, plan.model_is_hub) == ("Qwen/Qwen2.5-0.5B", True)
     assert (plan.dataset_ref, plan.dataset_is_hub) == ("org/set", True)
     assert plan.storage_path == "s3://bucket/ckpt"  # Ray Train writes object stores itself
-    with pytest.raises(ConfigError, match=r"spec.output.uri: s3:// is not supported"):
-        resolve_plan(parse_run(json.dumps(run_dict(output={"uri": "s3://bucket/out"}))))
-    with pytest.raises(ConfigError, match=r"spec.dataset.uri: gs:// is not supported"):
-        resolve_plan(parse_run(json.dumps(run_dict(dataset={"uri": "gs://bucket/data"}))))
+    assert plan.storage_is_remote and plan.run_dir == "s3://bucket/ckpt/team.job"
+    assert (plan.model_uri, plan.dataset_uri, plan.output_uri) == (None, None, None)
+
+
+def test_plan_object_store_model_dataset_output() -> None:
+    run = parse_run(
+        json.dumps(
+            run_dict(
+                model={"uri": "s3://models/base/"},
+                dataset={"uri": "gs://data/train.jsonl"},
+                output={"uri": "s3://models/out/run/"},
+                objectStorage={"endpoint": "http://minio.minio.svc:9000", "region": "eu-1"},
+            )
+        )
+    )
+    plan = resolve_plan(run, environ={})
+    assert (plan.model_uri, plan.model_is_hub) == ("s3://models/base/", False)
+    assert plan.dataset_uri == "gs://data/train.jsonl"
+    assert plan.output_uri == "s3://models/out/run" and plan.output_location == plan.output_uri
+    assert not plan.output_dir.startswith("s3:")  # local scratch where rank 0 stages the model
+    # the default checkpoint location follows the output into the bucket
+    assert plan.storage_path == "s3://models/out/run/checkpoints" and plan.storage_is_remote
+    assert (plan.store.endpoint, plan.store.region) == ("http://minio.minio.svc:9000", "eu-1")
+
+
+def test_plan_store_settings_fall_back_to_the_pod_environment() -> None:
+    run = parse_run(json.dumps(run_dict(output={"uri": "s3://b/out"})))
+    env = {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9000", "AWS_REGION": "us-west-2"}
+    plan = resolve_plan(run, environ=env)
+    assert (plan.store.endpoint, plan.store.region) == ("http://127.0.0.1:9000", "us-west-2")
+    assert resolve_plan(run, environ={}).store.endpoint is None
 
 
 def test_overrides_win() -> None:

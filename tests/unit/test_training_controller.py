@@ -242,6 +242,19 @@ async def test_missing_model_secret_holds_it_pending() -> None:
     assert not world.kube.pods(NS)
 
 
+async def test_missing_object_storage_secret_key_holds_it_pending() -> None:
+    world = World()
+    key = world.kube.apply(
+        KIND, NS, "ft", spec(output={"uri": "s3://b/out"}, objectStorage={"secretRef": {"name": "s3"}})
+    )
+    await world.reconcile(key)
+    assert world.phase(key) == "Pending"
+    cond = world.condition(key, "RayClusterReady")
+    assert cond["reason"] == "SecretNotFound" and "spec.objectStorage.secretRef" in cond["message"]
+    assert "--from-literal=AWS_ACCESS_KEY_ID=" in cond["message"]
+    assert not world.kube.pods(NS)
+
+
 async def test_name_conflict_with_a_foreign_child_fails() -> None:
     world = World()
     await world.kube.create(

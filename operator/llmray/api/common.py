@@ -192,6 +192,43 @@ class SecretKeyRef(ApiModel):
     key: str = Field("token", min_length=1, max_length=253, description="Key inside the Secret.")
 
 
+class ObjectStorageSecretRef(ApiModel):
+    """A Secret of the resource's namespace holding S3 credentials under the AWS SDK's names."""
+
+    name: str = Field(
+        ...,
+        min_length=1,
+        max_length=253,
+        description="Secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally "
+        "AWS_SESSION_TOKEN), exported under those names to every Ray pod.",
+    )
+
+
+class ObjectStorage(ApiModel):
+    """How the Ray pods reach s3:// (and gs://) URIs of this resource.
+
+    Unset: the pods use the default credential chain of the cloud SDK (the pods' ServiceAccount
+    through workload identity such as EKS IRSA or GKE Workload Identity, or the node's role).
+    """
+
+    secret_ref: ObjectStorageSecretRef | None = Field(
+        None, description="S3 credentials; unset: the default AWS credential chain (workload identity)."
+    )
+    endpoint: str | None = Field(
+        None,
+        max_length=512,
+        pattern=r"^https?://[^\s/]+(/.*)?$",
+        description="S3 endpoint URL of an S3-compatible store (e.g. http://minio.minio.svc:9000); "
+        "exported as AWS_ENDPOINT_URL_S3. Unset: AWS S3.",
+    )
+    region: str | None = Field(
+        None,
+        max_length=64,
+        pattern=r"^[a-z0-9-]+$",
+        description="S3 region (exported as AWS_REGION); unset: found from the bucket (AWS) or us-east-1.",
+    )
+
+
 class ConditionStatus(StatusModel):
     """A Kubernetes API convention condition."""
 
@@ -269,6 +306,14 @@ def printer_column(name: str, type_: str, json_path: str, **extra: Any) -> dict[
 PHASE_COLUMN = printer_column("Phase", "string", ".status.phase")
 WORKERS_COLUMN = printer_column("Workers", "integer", ".status.workers.ready", priority=1)
 AGE_COLUMN = printer_column("Age", "date", ".metadata.creationTimestamp")
+
+
+OBJECT_STORE_SCHEMES = ("s3://", "gs://")
+
+
+def is_object_store(uri: str | None) -> bool:
+    """Whether a URI names an object store (``s3://bucket/key`` or ``gs://bucket/key``)."""
+    return bool(uri) and str(uri).startswith(OBJECT_STORE_SCHEMES)
 
 
 _PVC_RE = re.compile(r"^pvc://(?P<claim>[a-z0-9]([-a-z0-9]*[a-z0-9])?)(?P<path>/.*)?$")

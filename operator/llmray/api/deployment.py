@@ -16,6 +16,7 @@ from .common import (
     HeadSpec,
     Image,
     ImagePullPolicy,
+    ObjectStorage,
     ObservedGeneration,
     Placement,
     PodCounts,
@@ -55,7 +56,9 @@ class ServedModel(ApiModel):
     )
 
     uri: StorageURI | None = Field(
-        None, description="hf://org/name, file:///path or pvc://claim/path. Exclusive with fromTrainingJob."
+        None,
+        description="hf://org/name, file:///path, pvc://claim/path, s3://bucket/prefix or "
+        "gs://bucket/prefix. Exclusive with fromTrainingJob.",
     )
     from_training_job: str | None = Field(
         None,
@@ -385,6 +388,11 @@ class LLMDeploymentSpec(ApiModel):
         None, description="Secret with the API key clients must send as 'Authorization: Bearer <key>'."
     )
     service: ServiceSpec = Field(default_factory=ServiceSpec, description="The serve Service.")
+    object_storage: ObjectStorage | None = Field(
+        None,
+        description="Credentials, endpoint and region for an s3:// or gs:// model (also one resolved "
+        "from spec.model.fromTrainingJob: credentials are never taken from the training job).",
+    )
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> LLMDeploymentSpec:

@@ -78,7 +78,8 @@ class ServeAppArgs(ApiModel):
     spec: LLMDeploymentSpec = Field(..., description="The LLMDeployment spec.")
     model_path: str | None = Field(
         None,
-        description="Resolved local model path (e.g. a training job's output); overrides spec.model.uri.",
+        description="Resolved model location: a local path or an s3:// / gs:// URI (e.g. a training "
+        "job's output); overrides spec.model.uri.",
     )
     api_key_env: str | None = Field(
         None, description="Environment variable holding the API key (set by the operator from the Secret)."

@@ -17,6 +17,7 @@ from .common import (
     HeadSpec,
     Image,
     ImagePullPolicy,
+    ObjectStorage,
     ObservedGeneration,
     Placement,
     PodCounts,
@@ -50,7 +51,9 @@ class ModelSource(ApiModel):
     uri: StorageURI = Field(
         ...,
         description="Where the model lives: hf://org/name (Hugging Face hub), file:///path "
-        "(a path inside the Ray pods) or pvc://claim/path (a PersistentVolumeClaim, mounted for you).",
+        "(a path inside the Ray pods), pvc://claim/path (a PersistentVolumeClaim, mounted for you), "
+        "or s3://bucket/prefix, gs://bucket/prefix (a Hugging Face model folder, downloaded to each "
+        "pod's model cache; see spec.objectStorage).",
     )
     secret_ref: SecretKeyRef | None = Field(
         None, description="Secret holding a hub token (exported as HF_TOKEN), for gated models."
@@ -63,7 +66,8 @@ class DatasetSpec(ApiModel):
 
     uri: StorageURI = Field(
         ...,
-        description="JSONL, Parquet or plain-text file or directory (file:// or pvc://), or hf://org/set.",
+        description="JSONL, Parquet or plain-text file or directory (file://, pvc://, s3:// or gs://), "
+        "or hf://org/set.",
     )
     format: Literal["text", "instruction", "chat"] = Field(
         "text",
@@ -262,6 +266,11 @@ class LLMTrainingJobSpec(ApiModel):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing.")
     output: OutputSpec = Field(..., description="Where the trained model is written.")
     failure_policy: FailurePolicy = Field(default_factory=FailurePolicy, description="Restart policy.")
+    object_storage: ObjectStorage | None = Field(
+        None,
+        description="Credentials, endpoint and region for the s3:// and gs:// URIs of this job "
+        "(model, dataset, checkpoints, output).",
+    )
     suspend: bool = Field(
         False,
         description="true stops the job and removes its Ray pods; false resumes from the latest checkpoint.",

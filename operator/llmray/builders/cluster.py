@@ -31,6 +31,7 @@ from typing import Any
 from llmray.api.common import (
     PVC_MOUNT_ROOT,
     HeadSpec,
+    ObjectStorage,
     Placement,
     PodStorage,
     Resources,
@@ -77,6 +78,13 @@ SHM_VOLUME = "dshm"
 TMP_VOLUME, TMP_PATH = "tmp", "/tmp/scratch"
 RAY_VOLUME, RAY_PATH = "ray-session", "/tmp/ray"
 CACHE_VOLUME, CACHE_PATH = "model-cache", "/home/ray/.cache/huggingface"
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+"""Keys of spec.objectStorage.secretRef, exported under the same names (the AWS SDK's)."""
+S3_SESSION_TOKEN_KEY = "AWS_SESSION_TOKEN"
+"""Optional key of the same Secret (temporary credentials)."""
+S3_ENDPOINT_ENV, S3_REGION_ENV = "AWS_ENDPOINT_URL_S3", "AWS_REGION"
+ENV_FIELDS = {API_KEY_ENV: "spec.apiKeySecretRef", HF_TOKEN_ENV: "spec.model.secretRef"}
+"""The spec field behind each Secret-backed variable of ClusterSpec.env."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,8 @@ class ClusterSpec:
     env: tuple[tuple[str, SecretKeyRef], ...] = ()
     """Extra env vars read from user Secrets: (variable, secret key ref)."""
     pvcs: tuple[PvcMount, ...] = ()
+    object_storage: ObjectStorage | None = None
+    """Credentials (Secret), endpoint and region of s3:// / gs:// URIs, as AWS SDK variables."""
     serve: ServiceSpec | None = None
     """The serve Service (LLMDeployment only)."""
     extra_labels: dict[str, str] = field(default_factory=dict)
@@ -141,7 +151,18 @@ class ClusterSpec:
 
     def secret_refs(self) -> list[SecretKeyRef]:
         """User Secrets the pods read (they must exist before the pods are created)."""
-        return [ref for _, ref in self.env]
+        return [ref for _, ref in self.secret_fields()]
+
+    def secret_fields(self) -> list[tuple[str, SecretKeyRef]]:
+        """(spec field that names it, Secret key) for every required key the pods read."""
+        fields = [(ENV_FIELDS.get(var, "spec.model.secretRef"), ref) for var, ref in self.env]
+        storage = self.object_storage
+        if storage is not None and storage.secret_ref is not None:
+            for key in S3_SECRET_KEYS:
+                fields.append(
+                    ("spec.objectStorage.secretRef", SecretKeyRef(name=storage.secret_ref.name, key=key))
+                )
+        return fields
 
 
 def pvc_mounts(uris: list[tuple[str | None, bool]]) -> tuple[PvcMount, ...]:
@@ -394,6 +415,33 @@ def _env(cluster: ClusterSpec) -> list[dict[str, Any]]:
     ]
     for var, ref in cluster.env:
         env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    return env + object_storage_env(cluster.object_storage)
+
+
+def object_storage_env(storage: ObjectStorage | None) -> list[dict[str, Any]]:
+    """AWS SDK variables for spec.objectStorage: keys from the Secret, endpoint and region as values.
+
+    Only named keys are exported (never ``envFrom``: a Secret must not be able to set other
+    variables such as the Ray token). Without a Secret the SDK's default chain applies (workload
+    identity, e.g. IRSA's AWS_ROLE_ARN + web identity token, or the node's role).
+    """
+    if storage is None:
+        return []
+    env: list[dict[str, Any]] = []
+    if storage.secret_ref is not None:
+        name = storage.secret_ref.name
+        for key in S3_SECRET_KEYS:
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}})
+        env.append(
+            {
+                "name": S3_SESSION_TOKEN_KEY,
+                "valueFrom": {"secretKeyRef": {"name": name, "key": S3_SESSION_TOKEN_KEY, "optional": True}},
+            }
+        )
+    if storage.endpoint:
+        env.append({"name": S3_ENDPOINT_ENV, "value": storage.endpoint})
+    if storage.region:
+        env.append({"name": S3_REGION_ENV, "value": storage.region})
     return env
 
 
@@ -627,6 +675,7 @@ def _cluster(
         worker_placement=spec.workers,
         env=tuple((var, ref) for var, ref in secrets if ref is not None),
         pvcs=pvcs,
+        object_storage=spec.object_storage,
         serve=serve,
         pod_template=spec.pod_template,
     )

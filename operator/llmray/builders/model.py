@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llmray.api.common import local_path
+from llmray.api.common import is_object_store, local_path
 from llmray.api.deployment import AdapterState, AdapterStatus, LLMDeploymentSpec
 
 from .status import (
@@ -232,6 +232,16 @@ def adapter_statuses(
     return out
 
 
+def serve_model_path(uri: str) -> str | None:
+    """What the Serve app loads a resolved model from (its ``modelPath``).
+
+    A file:// or pvc:// model is a path inside the pods; an s3:// / gs:// one stays a URI (the
+    replica downloads it with the deployment's spec.objectStorage); hf:// gives None (the app
+    reads spec.model.uri).
+    """
+    return uri if is_object_store(uri) else local_path(uri)
+
+
 __all__ = [
     "R_MODEL_RESOLVED",
     "ResolvedAdapter",
@@ -239,4 +249,5 @@ __all__ = [
     "adapter_statuses",
     "resolve_adapters",
     "resolve_model",
+    "serve_model_path",
 ]

@@ -430,7 +430,7 @@ class ClusterController(Generic[SpecT, StatusT]):
         previous = get_condition(p.status.conditions, COND_CLUSTER_READY)
         if not (self._needs_pods(p) or (previous is not None and previous.reason == R_SECRET_NOT_FOUND)):
             return True
-        for var, ref in p.cluster.env:
+        for field_name, ref in p.cluster.secret_fields():
             try:
                 problem = await self._check_secret(p.namespace, ref)
             except KubeError as err:
@@ -440,7 +440,6 @@ class ClusterController(Generic[SpecT, StatusT]):
                 logger.info("not allowed to read users' Secrets: the kubelet reports missing ones")
                 return True
             if problem:
-                field_name = "spec.apiKeySecretRef" if var == "LLMRAY_API_KEY" else "spec.model.secretRef"
                 p.blocker = Blocker(
                     R_SECRET_NOT_FOUND,
                     f"{problem} (referenced by {field_name}); create it, e.g. `kubectl create secret generic "

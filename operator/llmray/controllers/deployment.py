@@ -18,14 +18,19 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from llmray.api.common import local_path
 from llmray.api.deployment import KIND, PLURAL, LLMDeploymentSpec, LLMDeploymentStatus
 from llmray.api.runtime import AdapterSource
 from llmray.api.training import KIND as TRAINING_KIND
 from llmray.autoscaling import WorkerState, decide, worker_offer, worker_states
 from llmray.builders.cluster import deployment_cluster, serve_endpoint, serve_service
 from llmray.builders.common import SERVE_PORT
-from llmray.builders.model import adapter_source, adapter_statuses, resolve_adapters, resolve_model
+from llmray.builders.model import (
+    adapter_source,
+    adapter_statuses,
+    resolve_adapters,
+    resolve_model,
+    serve_model_path,
+)
 from llmray.builders.observe import PodView
 from llmray.builders.status import COND_MODEL_RESOLVED, R_MODEL_RESOLVED
 from llmray.kube import KubeError
@@ -266,7 +271,7 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
             route_prefix=route.route_prefix,
             resource_name=p.name,
             spec=spec,
-            model_path=local_path(status.model.uri),
+            model_path=serve_model_path(status.model.uri),
             api_key=api_key,
             api_key_in_pods=not head.shared,
             adapters=[

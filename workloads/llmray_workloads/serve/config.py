@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmray.api.common import Resources, local_path
+from llmray.api.common import Resources, is_object_store, local_path
 from llmray.api.deployment import Autoscaling, LLMDeploymentSpec
 from llmray.api.runtime import SERVE_DEPLOYMENT_NAME, ServeAppArgs
 
@@ -116,9 +116,10 @@ def served_model_name(args: ServeAppArgs) -> str:
 
 
 def model_source(args: ServeAppArgs) -> str:
-    """Where the replica loads weights from: a local folder or a hub repo id.
+    """Where the replica loads weights from: a local folder, a hub repo id, or an s3:// / gs:// URI.
 
     ``modelPath`` (set by the operator, e.g. a training job's output) wins over ``spec.model.uri``.
+    Object-store models are downloaded by the replica (see :mod:`llmray_workloads.storage`).
     """
     if args.model_path:
         return args.model_path
@@ -130,9 +131,11 @@ def model_source(args: ServeAppArgs) -> str:
         )
     if uri.startswith("hf://"):
         return uri[len("hf://") :]
+    if is_object_store(uri):
+        return uri
     path = local_path(uri)
     if path is None:
-        raise ValueError(f"cannot serve {uri!r}: only hf://, file:// and pvc:// models are supported")
+        raise ValueError(f"cannot serve {uri!r}: use hf://, file://, pvc://, s3:// or gs://")
     return path
 
 
@@ -143,7 +146,9 @@ class _Settings(BaseModel):
 class EngineSettings(_Settings):
     """What the generation engine of one replica needs."""
 
-    model_source: str = Field(..., description="Local folder or hub repo id.")
+    model_source: str = Field(..., description="Local folder, hub repo id, or s3:// / gs:// URI.")
+    store_endpoint: str | None = Field(None, description="S3 endpoint of an object-store model.")
+    store_region: str | None = Field(None, description="S3 region of an object-store model.")
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_model_len: int | None = None
@@ -180,6 +185,8 @@ def server_settings(args: ServeAppArgs) -> ServerSettings:
     return ServerSettings(
         engine=EngineSettings(
             model_source=model_source(args),
+            store_endpoint=spec.object_storage.endpoint if spec.object_storage else None,
+            store_region=spec.object_storage.region if spec.object_storage else None,
             device="cuda" if spec.resources_per_replica.gpu > 0 else "cpu",
             dtype=spec.engine_args.dtype,
             max_model_len=spec.engine_args.max_model_len,

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from llmray.api.common import is_object_store
+
 from .telemetry import EngineCounters
 from .text import IncrementalText
 
@@ -375,6 +377,22 @@ def _local_adapter(source: str) -> str:
     return str(snapshot_download(source))
 
 
+def local_model(source: str, settings: EngineSettings) -> str:
+    """``source`` itself, or for an s3:// / gs:// model its copy in this node's model cache."""
+    if not is_object_store(source):
+        return source
+    from ..storage import StoreSettings, cached_download, model_cache_root
+
+    env = StoreSettings.resolve(None)  # AWS_ENDPOINT_URL_S3 / AWS_REGION set on the pods
+    store = StoreSettings(
+        endpoint=settings.store_endpoint or env.endpoint, region=settings.store_region or env.region
+    )
+    try:
+        return str(cached_download(source, model_cache_root(), store))
+    except Exception as exc:
+        raise EngineError(f"cannot download the model {source}: {exc}") from exc
+
+
 def adapter_base(source: str) -> str | None:
     """The base model a LoRA adapter folder names (``adapter_config.json``), or None for a full model."""
     path = Path(source) / "adapter_config.json"
@@ -462,8 +480,11 @@ class TransformersEngine:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        base = adapter_base(settings.model_source)
-        weights = base or settings.model_source
+        source = local_model(settings.model_source, settings)
+        base = adapter_base(source)
+        if base is not None:
+            base = local_model(base, settings)
+        weights = base or source
         resolve_max_model_len(settings.max_model_len, AutoConfig.from_pretrained(weights))
         if settings.torch_threads and settings.device == "cpu":
             torch.set_num_threads(settings.torch_threads)
@@ -477,10 +498,10 @@ class TransformersEngine:
             # once at load, so serving it costs the same as serving a plain model.
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, settings.model_source).merge_and_unload()
+            model = PeftModel.from_pretrained(model, source).merge_and_unload()
         model = model.to(device).eval()
-        has_tokenizer = (Path(settings.model_source) / "tokenizer_config.json").is_file()
-        tokenizer_source = settings.model_source if has_tokenizer or base is None else base
+        has_tokenizer = (Path(source) / "tokenizer_config.json").is_file()
+        tokenizer_source = source if has_tokenizer or base is None else base
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         decode_tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         return cls(

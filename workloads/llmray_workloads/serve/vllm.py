@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from llmray.api.common import is_object_store
 from llmray.api.runtime import ServeAppArgs
 
 from . import protocol as p
@@ -220,8 +221,12 @@ async def _send_error(send: Send, error: p.ApiError) -> None:
 def vllm_llm_config(args: ServeAppArgs) -> dict[str, Any]:
     """The ``LLMConfig`` (as a dict) for one model served by Ray Serve LLM."""
     spec = args.spec
+    uri = model_source(args)
+    # Ray Serve LLM downloads bucket models itself (pyarrow.fs, AWS_ENDPOINT_URL_S3 and the
+    # credentials the operator exports to the pods).
+    source: str | dict[str, str] = {"bucket_uri": uri} if is_object_store(uri) else uri
     config: dict[str, Any] = {
-        "model_loading_config": {"model_id": served_model_name(args), "model_source": model_source(args)},
+        "model_loading_config": {"model_id": served_model_name(args), "model_source": source},
         "engine_kwargs": vllm_engine_kwargs(args),
         "deployment_config": {
             "autoscaling_config": autoscaling_config(spec.autoscaling),

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +19,10 @@ import yaml
 from pydantic import ValidationError
 
 from llmray.api import local_path
+from llmray.api.common import is_object_store
 from llmray.api.runtime import TrainingRun
+
+from ..storage import StoreSettings
 
 Precision = Literal["bf16", "fp16", "fp32"]
 RESOURCE_WAIT_ENV = "LLMRAY_RESOURCE_WAIT_SECONDS"
@@ -97,6 +101,23 @@ class Plan:
     use_gpu: bool
     resources_per_worker: dict[str, float]
     max_failures: int
+    model_uri: str | None = None
+    """s3:// / gs:// model: each node downloads it to its model cache (see :func:`localized`)."""
+    dataset_uri: str | None = None
+    """s3:// / gs:// dataset: the driver downloads it before reading."""
+    output_uri: str | None = None
+    """s3:// / gs:// output: rank 0 uploads the model there; ``output_dir`` is then local scratch."""
+    store: StoreSettings = field(default_factory=StoreSettings)
+    """Endpoint and region of the object store (credentials come from the pods' environment)."""
+
+    @property
+    def output_location(self) -> str:
+        """Where the final model ends up (the URI for object-store outputs)."""
+        return self.output_uri or self.output_dir
+
+    @property
+    def storage_is_remote(self) -> bool:
+        return is_object_store(self.storage_path)
 
     @property
     def run_dir(self) -> str:
@@ -122,7 +143,9 @@ def _local_or_error(uri: str, field: str, what: str) -> str:
     path = local_path(uri)
     if path is None:
         scheme = uri.split("://", 1)[0]
-        raise ConfigError(f"{field}: {scheme}:// is not supported for {what}; use file:// or pvc://")
+        raise ConfigError(
+            f"{field}: {scheme}:// is not supported for {what}; use file://, pvc://, s3:// or gs://"
+        )
     return str(Path(path).absolute())
 
 
@@ -142,14 +165,34 @@ def worker_shape(pods: int, cpu: str, gpu: int) -> tuple[int, dict[str, float]]:
     return pods * gpu, {"CPU": share, "GPU": 1.0}
 
 
-def resolve_plan(run: TrainingRun) -> Plan:
-    """Resolve URIs, run name and worker resources; pure (touches no file or cluster)."""
+def remote_scratch(run: TrainingRun, what: str) -> str:
+    """Local folder standing in for an object-store location (under the pod's TMPDIR)."""
+    return str(Path(tempfile.gettempdir()) / "llmray" / what / run_name(run))
+
+
+def resolve_plan(run: TrainingRun, environ: dict[str, str] | None = None) -> Plan:
+    """Resolve URIs, run name and worker resources; pure (touches no file or cluster).
+
+    ``environ``: where the object store's endpoint/region fall back to (default: the process's).
+    """
     spec = run.spec
+    store = StoreSettings.resolve(spec.object_storage, environ)
     model_repo = hf_repo(spec.model.uri)
-    model_ref = model_repo or _local_or_error(spec.model.uri, "spec.model.uri", "models")
+    model_uri = spec.model.uri if is_object_store(spec.model.uri) else None
+    model_ref = model_repo or model_uri or _local_or_error(spec.model.uri, "spec.model.uri", "models")
     data_repo = hf_repo(spec.dataset.uri)
-    dataset_ref = data_repo or _local_or_error(spec.dataset.uri, "spec.dataset.uri", "datasets")
-    output_dir = run.output_path or _local_or_error(spec.output.uri, "spec.output.uri", "the output model")
+    dataset_uri = spec.dataset.uri if is_object_store(spec.dataset.uri) else None
+    dataset_ref = (
+        data_repo or dataset_uri or _local_or_error(spec.dataset.uri, "spec.dataset.uri", "datasets")
+    )
+    output_uri = None
+    if run.output_path:
+        output_dir = run.output_path
+    elif is_object_store(spec.output.uri):
+        output_uri = spec.output.uri.rstrip("/")
+        output_dir = remote_scratch(run, "output")
+    else:
+        output_dir = _local_or_error(spec.output.uri, "spec.output.uri", "the output model")
     storage_uri = run.storage_path or spec.checkpoint_uri()
     if hf_repo(storage_uri) is not None:
         raise ConfigError(
@@ -175,6 +218,10 @@ def resolve_plan(run: TrainingRun) -> Plan:
         # in status.restarts and bounded by failurePolicy.maxRestarts. Ray Train restarting the
         # worker group inside an attempt would hide failures from both.
         max_failures=0,
+        model_uri=model_uri,
+        dataset_uri=dataset_uri,
+        output_uri=output_uri,
+        store=store,
     )
 
 

@@ -19,8 +19,9 @@ from typing import Any
 
 from llmray.api.runtime import ProgressReport
 
+from .. import storage
 from .config import RESOURCE_WAIT_ENV, ConfigError, Plan, check_capacity, read_config
-from .export import FINAL_REPORT, clean_stale, publish, staging_dir
+from .export import FINAL_REPORT, clean_stale, final_report_uri, publish, staging_dir
 from .preflight import Prepared, preflight
 from .progress import PROGRESS_DIR, emit, read_progress, say
 
@@ -69,7 +70,19 @@ def resource_wait_seconds() -> float:
 
 
 def finish(plan: Plan, token: str) -> None:
-    """Swap the staged model into the output folder and publish the final progress report."""
+    """Swap the staged model into the output folder and publish the final progress report.
+
+    An object-store output was uploaded by rank 0 (see :func:`.export.publish_remote`): only its
+    final report is left to read and remove.
+    """
+    if plan.output_uri is not None:
+        uri = final_report_uri(plan.output_uri, token)
+        data = storage.read_bytes(uri, plan.store)
+        if data is None:
+            raise RuntimeError(f"training ended without a final report at {uri}")
+        storage.delete(uri, plan.store)
+        emit(ProgressReport.model_validate_json(data), None)
+        return
     staging = staging_dir(plan.output_dir, token)
     final_file = staging / PROGRESS_DIR / FINAL_REPORT
     if not final_file.is_file():
@@ -80,6 +93,19 @@ def finish(plan: Plan, token: str) -> None:
     emit(report, plan.output_dir)
 
 
+def checkpoint_storage(plan: Plan) -> tuple[str, Any]:
+    """``RunConfig``'s storage_path and storage_filesystem.
+
+    Object stores get a pyarrow filesystem built with the spec's endpoint and region (Ray's own
+    URI parsing would not know a custom endpoint) and a scheme-less ``bucket/prefix`` path; the
+    filesystem carries no credentials (they come from each pod's environment).
+    """
+    if not plan.storage_is_remote:
+        return plan.storage_path, None
+    fs, path = storage.filesystem(plan.storage_path, plan.store)
+    return path, fs
+
+
 def build_trainer(prepared: Prepared, data_ref: Any, export_token: str) -> Any:
     """The Ray Train TorchTrainer for a prepared run."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -88,6 +114,7 @@ def build_trainer(prepared: Prepared, data_ref: Any, export_token: str) -> Any:
     from .worker import train_loop
 
     plan, spec = prepared.plan, prepared.run.spec
+    storage_path, storage_fs = checkpoint_storage(plan)
     return TorchTrainer(
         train_loop_per_worker=train_loop,
         train_loop_config={
@@ -104,7 +131,8 @@ def build_trainer(prepared: Prepared, data_ref: Any, export_token: str) -> Any:
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         run_config=RunConfig(
             name=plan.run_name,
-            storage_path=plan.storage_path,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
             # A deleted or drained worker pod is a node preemption to Ray Train, which by default
             # retries it forever inside the attempt; it fails the attempt instead, so the operator
@@ -125,7 +153,7 @@ def describe(prepared: Prepared) -> str:
         f"{spec.distributed.strategy} on {plan.num_workers} worker(s) {plan.resources_per_worker}; "
         f"{data.records} records -> {len(data.train)} {spec.dataset.format} examples "
         f"({data.train.num_tokens()} tokens){eval_part}; dropped {data.dropped}; "
-        f"checkpoints {plan.run_dir}; output {plan.output_dir}"
+        f"checkpoints {plan.run_dir}; output {plan.output_location}"
     )
 
 

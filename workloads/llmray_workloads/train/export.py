@@ -7,6 +7,12 @@ folder (``<output>/checkpoints``) lives inside the output: entries of the old fo
 part of the previous export (checkpoints, ``.llmray`` progress, anything the user put there) are
 moved into the new folder before the swap. ``.llmray/manifest.json`` lists what an export wrote.
 Leftover staging folders of crashed attempts are removed at the next start.
+
+An object-store output (``s3://``, ``gs://``) has no rename: rank 0 stages the model locally as
+above, uploads its files over the output prefix, deletes what the previous export wrote and this
+one did not, and writes ``.llmray/manifest.json`` last; the final progress report goes to
+``.llmray/final-<token>.json`` for the driver to read. Checkpoints under the prefix are never
+touched. Readers use the output once the job Succeeded.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .. import storage
 from .progress import PROGRESS_DIR
 
 STAGING_TAG = ".staging-"
@@ -97,3 +104,32 @@ def merge_adapter(base_ref: str, adapter_dir: Path, target: Path, tokenizer: Any
     merged.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
     return target
+
+
+def final_report_uri(output_uri: str, token: str) -> str:
+    """Where rank 0 leaves the final report of an object-store export for the driver."""
+    return f"{output_uri.rstrip('/')}/{PROGRESS_DIR}/final-{token}.json"
+
+
+def publish_remote(staging: Path, output_uri: str, token: str, settings: storage.StoreSettings) -> list[str]:
+    """Upload a staged model over ``output_uri`` (see the module doc); returns the top-level names."""
+    out = output_uri.rstrip("/")
+    previous: set[str] = set()
+    old = storage.read_bytes(f"{out}/{PROGRESS_DIR}/{MANIFEST}", settings)
+    if old is not None:
+        try:
+            previous = set(json.loads(old)["files"])
+        except (ValueError, KeyError, TypeError):
+            previous = set()
+    files = sorted(p.name for p in staging.iterdir() if p.name != PROGRESS_DIR)
+    storage.upload_dir(staging, out, settings, skip=frozenset({PROGRESS_DIR}))
+    for rel, _, _ in storage.listing(out, settings):
+        top = rel.split("/", 1)[0]
+        if top in previous and top not in files:
+            storage.delete(f"{out}/{rel}", settings)
+    manifest = json.dumps({"files": files}, indent=2).encode()
+    storage.write_bytes(f"{out}/{PROGRESS_DIR}/{MANIFEST}", manifest, settings)
+    final = staging / PROGRESS_DIR / FINAL_REPORT
+    if final.is_file():
+        storage.write_bytes(final_report_uri(out, token), final.read_bytes(), settings)
+    return files

@@ -6,13 +6,17 @@ workers, loaded weights and written half an output folder.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmray.api.runtime import TrainingRun
 
+from .. import storage
 from .config import ConfigError, Plan, resolve_plan
 from .data import PreparedData, load_records, prepare_data
 
@@ -145,11 +149,67 @@ def check_output_path(output_dir: str) -> None:
         raise ConfigError(f"spec.output.uri: {path} exists and is not a folder")
 
 
+def check_buckets(plan: Plan, checkpoint_field: str) -> None:
+    """Every object-store location's bucket must be reachable with the pod's credentials."""
+    places = [
+        ("spec.model.uri", plan.model_uri),
+        ("spec.dataset.uri", plan.dataset_uri),
+        ("spec.output.uri", plan.output_uri),
+        (checkpoint_field, plan.storage_path if plan.storage_is_remote else None),
+    ]
+    for field, uri in places:
+        if uri is None:
+            continue
+        problem = storage.check_bucket(uri, plan.store)
+        if problem is not None:
+            raise ConfigError(
+                f"{field}: cannot reach {uri}: {problem}. Check the bucket name, spec.objectStorage "
+                "(secretRef, endpoint, region) or the pods' workload identity."
+            )
+
+
+def localize_model(plan: Plan, metadata_only: bool = False) -> Plan:
+    """The plan with an object-store model downloaded to this node's model cache (no-op otherwise).
+
+    The driver (on the head pod) needs only config and tokenizer (``metadata_only``); each worker
+    downloads the weights to its own node.
+    """
+    if plan.model_uri is None:
+        return plan
+    try:
+        local = storage.cached_download(
+            plan.model_uri, storage.model_cache_root(), plan.store, metadata_only=metadata_only
+        )
+    except storage.StorageError as exc:
+        raise ConfigError(f"spec.model.uri: {exc}") from exc
+    return dataclasses.replace(plan, model_ref=str(local))
+
+
+def load_dataset_records(plan: Plan, spec: Any) -> Any:
+    """The dataset's records; an object-store dataset is downloaded to a temporary folder first."""
+    if plan.dataset_uri is None:
+        return load_records(plan.dataset_ref, plan.dataset_is_hub, spec.dataset, hf_token())
+    folder = Path(tempfile.mkdtemp(prefix="llmray-dataset-"))
+    try:
+        name = plan.dataset_uri.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            local = storage.download(plan.dataset_uri, folder / name, plan.store)
+        except storage.StorageError as exc:
+            raise ConfigError(f"spec.dataset.uri: {exc}") from exc
+        return load_records(str(local), False, spec.dataset, None)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def preflight(run: TrainingRun) -> Prepared:
     """Every check that needs no Ray cluster; returns what the workers need."""
     spec = run.spec
     plan = resolve_plan(run)
-    check_output_path(plan.output_dir)
+    field = "spec.checkpoint.storageUri" if spec.checkpoint.storage_uri else "spec.output.uri"
+    check_buckets(plan, field)
+    if plan.output_uri is None:
+        check_output_path(plan.output_dir)
+    plan = localize_model(plan, metadata_only=True)
     config = load_model_config(plan, spec.model.revision)
     check_seq_length(spec.hyperparameters.max_seq_length, config)
     lora = spec.effective_lora()
@@ -158,7 +218,7 @@ def preflight(run: TrainingRun) -> Prepared:
     tokenizer = load_tokenizer(plan, spec.model.revision)
     if plan.dataset_is_hub:
         check_hub_repo(plan.dataset_ref, "dataset", None, "spec.dataset.uri")
-    records = load_records(plan.dataset_ref, plan.dataset_is_hub, spec.dataset, hf_token())
+    records = load_dataset_records(plan, spec)
     data = prepare_data(
         records, spec.dataset, tokenizer, spec.hyperparameters.max_seq_length, spec.hyperparameters.seed
     )

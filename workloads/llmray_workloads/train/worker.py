@@ -31,9 +31,10 @@ from llmray.api.training import FsdpSpec
 
 from .config import Plan, Precision, resolve_precision
 from .data import ExampleDataset, PadCollator, PreparedData
-from .export import FINAL_REPORT, merge_adapter, staging_dir
+from .export import FINAL_REPORT, merge_adapter, publish_remote, staging_dir
 from .metrics import TrainingMetrics
 from .mfu import count_params, flops_per_token, peak_flops, token_weighted_length
+from .preflight import localize_model
 from .progress import PROGRESS_DIR, ProgressTracker, say
 
 
@@ -347,6 +348,22 @@ def configure_mfu(
     tracker.devices = devices
 
 
+def point_adapter_at(folder: Path, base_uri: str | None) -> None:
+    """Name the object-store base model in an exported LoRA adapter instead of this pod's cache path.
+
+    peft writes the local folder the base was loaded from; a server elsewhere must find the base
+    at its URI (it downloads it the same way).
+    """
+    config_file = folder / "adapter_config.json"
+    if base_uri is None or not config_file.is_file():
+        return
+    import json
+
+    data = json.loads(config_file.read_text())
+    data["base_model_name_or_path"] = base_uri
+    config_file.write_text(json.dumps(data, indent=2))
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point (``train_loop_per_worker``)."""
     import ray.train
@@ -358,7 +375,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray
 
     run: TrainingRun = config["run"]
-    plan: Plan = config["plan"]
+    plan: Plan = localize_model(config["plan"])  # an s3:// / gs:// model: to this node's cache
     data: PreparedData = ray.get(config["data"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -431,8 +448,14 @@ def train_loop(config: dict[str, Any]) -> None:
     shutil.rmtree(local_dir, ignore_errors=True)
     if staged is not None:
         tracker.tokens_per_second = tracker.average_throughput(state.num_input_tokens_seen)
-        final = tracker.report(state.global_step, state.epoch or 0.0, "finished", output_path=plan.output_dir)
+        final = tracker.report(
+            state.global_step, state.epoch or 0.0, "finished", output_path=plan.output_location
+        )
         (staged / PROGRESS_DIR).mkdir(exist_ok=True)
         (staged / PROGRESS_DIR / FINAL_REPORT).write_text(
             final.model_dump_json(by_alias=True, exclude_none=True)
         )
+        if plan.output_uri is not None:
+            point_adapter_at(staged, plan.model_uri)
+            publish_remote(staged, plan.output_uri, config["export_token"], plan.store)
+            shutil.rmtree(staged, ignore_errors=True)
