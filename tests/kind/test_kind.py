@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.waiting import wait_for
 
@@ -73,6 +74,15 @@ def _ray_nodes(kind: Kind, ns: str, cluster: str) -> list[dict[str, Any]]:
         r.raise_for_status()
         summary = r.json()["data"]["summary"]
     return [n for n in summary if (n.get("raylet") or {}).get("state") == "ALIVE"]
+
+
+def _scrape(kind: Kind, ns: str, pod: str) -> list[Any]:
+    """The Prometheus families a Ray pod exports on its metrics port (8080), via a port-forward."""
+    with kind.port_forward(ns, f"pod/{pod}", 8080) as port:
+        r = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=20)
+        r.raise_for_status()
+        text = r.text[: 16 * 1024 * 1024]
+    return list(text_string_to_metric_families(text))
 
 
 def test_operator_runs_in_a_pod_with_in_cluster_config(kind: Kind) -> None:
@@ -217,6 +227,30 @@ def test_deployment_from_training_serves_through_the_serve_service(kind: Kind, t
     with pytest.raises(openai.AuthenticationError) as err:
         wrong.models.list()
     assert err.value.status_code == 401
+
+    # The Ray pods export llmray's serving metrics on their metrics port (Ray's metrics agent):
+    # the 200s just answered are counted on the pod whose replica served them.
+    def served_count() -> float | None:
+        total = 0.0
+        for pod in kind.pods(ns, sel):
+            for family in _scrape(kind, ns, pod["metadata"]["name"]):
+                total += sum(
+                    s.value
+                    for s in family.samples
+                    if s.name == "ray_llmray_serve_requests_total" and s.labels.get("status") == "200"
+                )
+        return total if total >= 2 else None
+
+    wait_for(served_count, timeout=180, interval=5, what="ray_llmray_serve_requests_total on the Ray pods")
+
+    # The operator reads the app's stats route with the cluster's Ray token (not the user's Secret).
+    serving = wait_for(
+        lambda: _status(kind, ns, "llmd", DEPLOY).get("serving"),
+        timeout=180,
+        interval=5,
+        what="status.serving from the stats route",
+    )
+    assert {"requestsPerSecond", "running", "waiting"} <= set(serving), serving
 
 
 def test_idle_worker_is_removed_after_its_timeout(kind: Kind, tenant: str) -> None:
