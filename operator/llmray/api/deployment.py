@@ -467,6 +467,14 @@ class ServedModelStatus(StatusModel):
 
     uri: str = Field("", description="Resolved model location.")
     name: str = Field("", description="Model name clients use.")
+    version: str = Field(
+        "",
+        description="Version of the model the replicas serve (a training job's export version); a "
+        "retrain into the same URI rolls out a new version with no failed requests.",
+    )
+    pending_version: str = Field(
+        "", description="Version being rolled out (old replicas keep serving until it is ready)."
+    )
 
 
 class ServingStatus(StatusModel):
@@ -509,5 +517,8 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     printer_column("TTFT-ms", "integer", ".status.serving.ttftP50Ms", priority=1, description="p50 TTFT"),
     printer_column("Waiting", "integer", ".status.serving.waiting", priority=1),
     printer_column("Endpoint", "string", ".status.endpoint"),
+    printer_column(
+        "Version", "string", ".status.model.version", description="model version served", priority=1
+    ),
     AGE_COLUMN,
 ]

@@ -91,6 +91,11 @@ class ServeAppArgs(ApiModel):
         description="Resolved adapters for engines that take them at build time (vllm); the "
         "transformers engine gets them in its deployment's user_config instead.",
     )
+    model_version: str | None = Field(
+        None,
+        description="Version of the weights at the model path (a training job's export version). Part "
+        "of the args, so a new version changes Serve's code version and rolls the replicas over.",
+    )
 
 
 class ProgressReport(StatusModel):
@@ -108,6 +113,9 @@ class ProgressReport(StatusModel):
     checkpoint_path: str | None = None
     checkpoint_step: int | None = None
     output_path: str | None = None
+    model_version: str | None = Field(
+        None, description="Version of the exported model (final report only; see .llmray/manifest.json)."
+    )
     state: str = Field("running", description="running, checkpointed, finished or failed.")
 
 

@@ -351,6 +351,11 @@ class OutputStatus(StatusModel):
     """The trained model."""
 
     uri: str = Field("", description="Where the final model was written.")
+    version: str = Field(
+        "",
+        description="Version of the model at uri (new per export; also in <uri>/.llmray/manifest.json); "
+        "deployments with fromTrainingJob roll it out.",
+    )
 
 
 class LLMTrainingJobStatus(StatusModel):

@@ -242,11 +242,25 @@ def serve_model_path(uri: str) -> str | None:
     return uri if is_object_store(uri) else local_path(uri)
 
 
+def model_version(spec: LLMDeploymentSpec, training_job: dict[str, Any] | None, previous: str) -> str:
+    """The model version to serve: a training job's ``status.output.version`` (new per export).
+
+    ``previous`` (the version being rolled out, else the one serving) is kept while the job has no
+    version to offer (not found, recreated and not done yet). A ``spec.model.uri`` has no version.
+    """
+    if spec.model.uri:
+        return ""
+    output = ((training_job or {}).get("status") or {}).get("output") or {}
+    version = output.get("version")
+    return str(version)[:128] if isinstance(version, str) and version else previous
+
+
 __all__ = [
     "R_MODEL_RESOLVED",
     "ResolvedAdapter",
     "adapter_source",
     "adapter_statuses",
+    "model_version",
     "resolve_adapters",
     "resolve_model",
     "serve_model_path",

@@ -310,6 +310,14 @@ def progress_status(
     return progress, checkpoint
 
 
+def output_version(report: ProgressReport | None, uid: str, attempt: int) -> str:
+    """``status.output.version`` of a Succeeded job: the export's own version from its final report;
+    from a runtime that reports none, ``<uid prefix>-<attempt>`` (still new for every run)."""
+    if report is not None and report.model_version:
+        return report.model_version[:128]
+    return f"{(uid or 'job')[:8]}-{attempt}"
+
+
 def failure_event(message: str, log_tail: str, max_chars: int = 1000) -> str:
     """Event text for a failed job: what happened plus the end of its log (whole lines)."""
     lines = [ln for ln in log_tail.splitlines() if ln.strip() and "LLMRAY_PROGRESS" not in ln]
@@ -336,6 +344,7 @@ def serve_app_config(
     api_key: str | None,
     api_key_in_pods: bool,
     adapters: Sequence[AdapterSource] = (),
+    model_version: str = "",
 ) -> dict[str, Any]:
     """One entry of Serve's ``applications`` for an LLMDeployment.
 
@@ -346,6 +355,8 @@ def serve_app_config(
     application and restarts every replica. The transformers engine gets them as its deployment's
     ``user_config``, which Serve hands to the running replicas' ``reconfigure()`` (a lightweight
     update, no restart); vLLM (Ray Serve LLM) takes them at build time, in ``args``.
+    ``model_version`` is part of the args: a new version is a new Serve code version, which Serve
+    rolls out replica by replica (new ones up before old ones stop, see the deployment options).
     """
     transformers = spec.engine == "transformers"
     args = ServeAppArgs(
@@ -355,6 +366,7 @@ def serve_app_config(
         api_key_env=API_KEY_ENV if spec.api_key_secret_ref is not None else None,
         route_prefix=route_prefix,
         adapters=[] if transformers else list(adapters),
+        model_version=model_version or None,
     )
     config: dict[str, Any] = {
         "name": app_name,
@@ -370,6 +382,45 @@ def serve_app_config(
     if spec.api_key_secret_ref is not None and not api_key_in_pods and api_key:
         config["runtime_env"] = {"env_vars": {API_KEY_ENV: api_key}}
     return config
+
+
+def deployed_model_version(app: ServeApplication | None) -> str | None:
+    """The model version in the config Serve has deployed (None: no app or no config)."""
+    if app is None or app.deployed_config is None:
+        return None
+    args = app.deployed_config.get("args")
+    version = args.get("modelVersion") if isinstance(args, dict) else None
+    return version[:128] if isinstance(version, str) else ""
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """Which model version serves, and which one is on its way."""
+
+    serving: str
+    pending: str
+
+    @property
+    def rolling(self) -> bool:
+        return bool(self.pending)
+
+
+def model_rollout(serving: str, target: str, app: ServeApplication | None, *, just_written: bool) -> Rollout:
+    """The version the replicas serve once Serve says the config carrying ``target`` is RUNNING.
+
+    Until then (just written, still DEPLOYING, or failed) the previous version keeps serving: Serve
+    starts the new replicas before it stops the old ones. A config written in this very pass is
+    never taken as rolled out (Serve may still report the old state for a moment).
+    """
+    if target == serving:
+        return Rollout(serving, "")
+    done = (
+        not just_written
+        and app is not None
+        and app.status == "RUNNING"
+        and deployed_model_version(app) == target
+    )
+    return Rollout(target, "") if done else Rollout(serving, target)
 
 
 @dataclass(frozen=True)

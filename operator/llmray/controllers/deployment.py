@@ -27,6 +27,7 @@ from llmray.builders.common import SERVE_PORT
 from llmray.builders.model import (
     adapter_source,
     adapter_statuses,
+    model_version,
     resolve_adapters,
     resolve_model,
     serve_model_path,
@@ -38,13 +39,19 @@ from llmray.ray import RayAuthError, RayError, RayNode, serve_route
 from llmray.ray.serving import serving_status
 
 from .cluster import ClusterController, Deps, Pass
-from .decisions import deployed_adapters, serve_app_config
+from .decisions import deployed_adapters, model_rollout, serve_app_config
 from .machines import COND_QUEUE_FULL, DeploymentSeen, Next, deployment_next, queue_full
 from .rayconn import Head, RayAPI, ray_problem
 from .store import Key
 
 logger = logging.getLogger("llmray.controllers.deployment")
 
+SERVE_INSTANCE_DEFAULTS: dict[str, Any] = {
+    "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
+    "proxy_location": "EveryNode",
+}
+"""Options of the Serve instance an own head starts with: a proxy on every node that runs replicas
+(the serve Service selects each pod whose proxy is ready; see builders.cluster.serve_service)."""
 COND_SERVE = "ServeReady"
 COND_AUTOSCALING = "WorkersScaled"
 POLL_DEPLOYING_S = 3.0
@@ -224,7 +231,13 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
             status.replicas.ready = verdict.ready_replicas
             if verdict.desired_replicas is not None:
                 status.replicas.desired = verdict.desired_replicas
-            p.condition(COND_SERVE, verdict.phase == "Ready", verdict.reason, verdict.message)
+            message = verdict.message
+            if status.model.pending_version:
+                message += (
+                    f"; rolling out model version {status.model.pending_version} (replicas serve "
+                    f"{status.model.version or 'the previous model'} until it is ready)"
+                )
+            p.condition(COND_SERVE, verdict.phase == "Ready", verdict.reason, message)
         if p.ray_problem is not None:
             p.condition(COND_SERVE, "Unknown", p.ray_problem.reason, p.ray_problem.message)
         if verdict is not None and nxt.phase != "Ready":
@@ -266,6 +279,10 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
         head = self.heads.head(p.key, p.uid)
         route = head.route(p.name, p.namespace)
         api_key = await self._api_key(p) if head.shared else None
+        job = None
+        if spec.model.from_training_job:
+            job = self.store.resource(TRAINING_KIND, p.namespace, spec.model.from_training_job)
+        target = model_version(spec, job, status.model.pending_version or status.model.version)
         config = serve_app_config(
             app_name=route.app_name,
             route_prefix=route.route_prefix,
@@ -279,8 +296,9 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
                 for a in p.adapters
                 if a.uri is not None
             ],
+            model_version=target,
         )
-        defaults = None if head.shared else {"http_options": {"host": "0.0.0.0", "port": SERVE_PORT}}
+        defaults = None if head.shared else SERVE_INSTANCE_DEFAULTS
         ray = self.heads.client(p.key, head)
         try:
             written = await ray.serve.put_application(route.app_name, config, instance_defaults=defaults)
@@ -294,6 +312,7 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
                 # so the operator never needs the user's API-key Secret.
                 await self._poll_stats(p, route.url, api_key if head.shared else head.token)
             self._adapter_states(p)
+            self._track_rollout(p, target, written)
             await self._autoscale(p, ray, head.shared)
         except RayError as exc:
             if isinstance(exc, RayAuthError):
@@ -343,6 +362,24 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
         p.status.adapters = statuses
         if any(a.state == "Loading" for a in statuses):
             p.requeue(POLL_DEPLOYING_S)
+
+    def _track_rollout(self, p: DeploymentPass, target: str, written: bool) -> None:
+        """``status.model.version`` (serving) / ``pendingVersion`` (rolling out), with an Event per
+        finished rollout; a rollout in progress is polled so its end shows up promptly."""
+        model = p.status.model
+        before = model.version
+        rollout = model_rollout(before, target, p.serve_app, just_written=written)
+        model.version, model.pending_version = rollout.serving, rollout.pending
+        if rollout.rolling:
+            p.requeue(POLL_DEPLOYING_S)
+            if written:
+                p.event(
+                    "Normal",
+                    "RollingOutModel",
+                    f"rolling out model version {target} (serving {before or 'none'})",
+                )
+        elif before and rollout.serving != before:
+            p.event("Normal", "RolledOutModel", f"model version {rollout.serving} serves (was {before})")
 
     async def _autoscale(self, p: DeploymentPass, ray: RayAPI, shared: bool) -> None:
         """Worker pods from Ray's pending demand, within spec.workers min/max; idle ones removed."""

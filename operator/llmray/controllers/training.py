@@ -44,6 +44,7 @@ from .decisions import (
     decide_training,
     encode_training_run,
     failure_event,
+    output_version,
     progress_status,
     training_entrypoint,
 )
@@ -232,6 +233,7 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
             p.job_step = step
             if step.action == "succeed":
                 status.output.uri = spec.output.uri
+                status.output.version = output_version(parse_progress(tail), p.uid, attempt)
                 status.progress.percent = 100
                 status.progress.eta = ""
                 p.condition(COND_JOB, False, step.reason, step.message)

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llmray.api.telemetry import SERVING_STATS_PATH, ServingStats
 
 from . import protocol as p
-from .config import ApiSettings
+from .config import MODEL_VERSION_HEADER, ApiSettings
 from .engine import (
     Engine,
     EngineError,
@@ -377,6 +377,27 @@ def _request_id(kind: Kind) -> str:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+class ModelVersionHeader:
+    """ASGI middleware: every response names the model version this replica loaded (a client or a
+    test sees which version answered while a new one rolls out)."""
+
+    def __init__(self, app: Any, version: str) -> None:
+        self.app = app
+        self.header = (MODEL_VERSION_HEADER.encode(), version.encode())
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_version(message: Any) -> None:
+            if message.get("type") == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_version)
+
+
 def create_app(server: OpenAIServer) -> FastAPI:
     """The FastAPI app: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``, ``/health``,
     and the deployment's stats on :data:`SERVING_STATS_PATH` (same API key)."""
@@ -472,4 +493,6 @@ def create_app(server: OpenAIServer) -> FastAPI:
         server.requests.add("other", 400)
         return error_response(p.bad_request(str(exc)))
 
+    if server.settings.model_version:
+        app.add_middleware(ModelVersionHeader, version=server.settings.model_version)
     return app

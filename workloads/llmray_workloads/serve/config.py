@@ -23,6 +23,13 @@ RETRY_AFTER_S = 1
 """Seconds clients are told to wait (``Retry-After``) when a replica or the queue is full."""
 MAX_REQUEST_BYTES = 1 << 20
 """Largest request body accepted; bigger bodies get 413 before any JSON parsing."""
+MAX_SURGE_PERCENT = 100
+"""Replicas Serve may start on top of the target during a rolling update (a new model version):
+the new replicas load and pass their health check before the old ones drain and stop, so a
+rollout never lowers capacity (it needs room for the extra replicas; the worker autoscaler adds
+pods for them, and if none fit the old version keeps serving)."""
+MODEL_VERSION_HEADER = "x-llmray-model-version"
+"""Response header naming the model version the answering replica loaded."""
 
 _QUANTITY_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
 _SUFFIX: dict[str, float] = {
@@ -107,6 +114,7 @@ def deployment_options(spec: LLMDeploymentSpec) -> dict[str, Any]:
         "health_check_period_s": 10.0,
         "health_check_timeout_s": 30.0,
         "graceful_shutdown_timeout_s": 20.0,
+        "max_surge_percent": MAX_SURGE_PERCENT,
     }
 
 
@@ -169,6 +177,7 @@ class ApiSettings(_Settings):
     api_key_file: str | None = None
     retry_after_s: int = RETRY_AFTER_S
     max_request_bytes: int = MAX_REQUEST_BYTES
+    model_version: str = Field("", description="Version of the loaded weights (response header).")
 
 
 class ServerSettings(_Settings):
@@ -201,6 +210,7 @@ def server_settings(args: ServeAppArgs) -> ServerSettings:
             max_tokens=spec.limits.max_tokens,
             max_ongoing_requests=spec.limits.max_ongoing_requests,
             api_key_env=args.api_key_env,
+            model_version=args.model_version or "",
         ),
     )
 

@@ -17,6 +17,7 @@ from ray.serve import Application
 from llmray.api.runtime import ServeUserConfig
 from ray import serve
 
+from ..train.export import read_model_version
 from .api import OpenAIServer, create_app
 from .config import DEPLOYMENT_NAME, ServerSettings, resolve_api_key
 from .engine import TransformersEngine
@@ -43,6 +44,13 @@ class LLMServer:
 
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = ServerSettings.model_validate(settings)
+        # The version this replica loads: what the export recorded next to the weights (the truth
+        # even if the folder changed since the config was written), else what the config says.
+        loaded = read_model_version(self.settings.engine.model_source)
+        if loaded:
+            self.settings = self.settings.model_copy(
+                update={"api": self.settings.api.model_copy(update={"model_version": loaded})}
+            )
         api = self.settings.api
         # Fail before loading weights when a configured key is missing: never serve unauthenticated.
         self.api_key = resolve_api_key(api.api_key_env, api.api_key_file, os.environ)

@@ -23,6 +23,7 @@ from llmray.api.runtime import ServeAppArgs
 from . import protocol as p
 from .config import (
     MAX_REQUEST_BYTES,
+    MAX_SURGE_PERCENT,
     ApiKeyMissingError,
     autoscaling_config,
     model_source,
@@ -232,6 +233,7 @@ def vllm_llm_config(args: ServeAppArgs) -> dict[str, Any]:
             "autoscaling_config": autoscaling_config(spec.autoscaling),
             "max_ongoing_requests": spec.limits.max_ongoing_requests,
             "max_queued_requests": max(1, spec.limits.max_queued_requests),
+            "max_surge_percent": MAX_SURGE_PERCENT,
         },
     }
     lora, _ = vllm_lora(args)

@@ -21,7 +21,7 @@ from llmray.api.runtime import ProgressReport
 
 from .. import storage
 from .config import RESOURCE_WAIT_ENV, ConfigError, Plan, check_capacity, read_config
-from .export import FINAL_REPORT, clean_stale, final_report_uri, publish, staging_dir
+from .export import FINAL_REPORT, clean_stale, final_report_uri, new_model_version, publish, staging_dir
 from .preflight import Prepared, preflight
 from .progress import PROGRESS_DIR, emit, read_progress, say
 
@@ -74,6 +74,10 @@ def finish(plan: Plan, token: str) -> None:
 
     An object-store output was uploaded by rank 0 (see :func:`.export.publish_remote`): only its
     final report is left to read and remove.
+
+    The final report carries the export's version (also in a local output's manifest): the
+    operator copies it into the job's ``status.output.version``, and deployments of this output
+    roll it out.
     """
     if plan.output_uri is not None:
         uri = final_report_uri(plan.output_uri, token)
@@ -81,7 +85,8 @@ def finish(plan: Plan, token: str) -> None:
         if data is None:
             raise RuntimeError(f"training ended without a final report at {uri}")
         storage.delete(uri, plan.store)
-        emit(ProgressReport.model_validate_json(data), None)
+        report = ProgressReport.model_validate_json(data)
+        emit(report.model_copy(update={"model_version": new_model_version(token)}), None)
         return
     staging = staging_dir(plan.output_dir, token)
     final_file = staging / PROGRESS_DIR / FINAL_REPORT
@@ -89,8 +94,9 @@ def finish(plan: Plan, token: str) -> None:
         raise RuntimeError(f"training ended without a staged model at {staging}")
     report = ProgressReport.model_validate_json(final_file.read_text())
     final_file.unlink()
-    publish(staging, plan.output_dir)
-    emit(report, plan.output_dir)
+    version = new_model_version(token)
+    publish(staging, plan.output_dir, version)
+    emit(report.model_copy(update={"model_version": version}), plan.output_dir)
 
 
 def checkpoint_storage(plan: Plan) -> tuple[str, Any]:

@@ -5,7 +5,8 @@ either the previous folder or the complete new one. The swap runs in the driver 
 ``TorchTrainer.fit()`` returned, when Ray has stopped writing, because the default checkpoint
 folder (``<output>/checkpoints``) lives inside the output: entries of the old folder that are not
 part of the previous export (checkpoints, ``.llmray`` progress, anything the user put there) are
-moved into the new folder before the swap. ``.llmray/manifest.json`` lists what an export wrote.
+moved into the new folder before the swap. ``.llmray/manifest.json`` lists what an export wrote
+and its version (new per export), which the operator rolls out to deployments and replicas report.
 Leftover staging folders of crashed attempts are removed at the next start.
 
 An object-store output (``s3://``, ``gs://``) has no rename: rank 0 stages the model locally as
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,21 @@ def clean_stale(output_dir: str | Path) -> None:
     for tag in (STAGING_TAG, OLD_TAG):
         for leftover in out.parent.glob(f".{out.name}{tag}*"):
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def new_model_version(token: str, now: float | None = None) -> str:
+    """A version id for one export: UTC time of the export plus the attempt's token (sortable, unique)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time() if now is None else now))
+    return f"{stamp}-{token[:8]}"
+
+
+def read_model_version(folder: str | Path) -> str | None:
+    """The version an export recorded in ``folder``'s manifest, if any."""
+    try:
+        version = json.loads((Path(folder) / PROGRESS_DIR / MANIFEST).read_text()).get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return version if isinstance(version, str) and version else None
 
 
 def read_manifest(folder: Path) -> set[str]:
@@ -75,13 +92,19 @@ def carry_over(old: Path, staging: Path) -> list[str]:
     return moved
 
 
-def publish(staging: Path, output_dir: str | Path) -> Path:
-    """Swap ``staging`` in as the output folder (same filesystem: every step is a rename)."""
+def publish(staging: Path, output_dir: str | Path, version: str | None = None) -> Path:
+    """Swap ``staging`` in as the output folder (same filesystem: every step is a rename).
+
+    ``version`` (see :func:`new_model_version`) is recorded in the manifest.
+    """
     out = Path(output_dir)
     meta = staging / PROGRESS_DIR
     meta.mkdir(exist_ok=True)
     files = sorted(p.name for p in staging.iterdir() if p.name != PROGRESS_DIR)
-    (meta / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
+    manifest: dict[str, Any] = {"files": files}
+    if version:
+        manifest["version"] = version
+    (meta / MANIFEST).write_text(json.dumps(manifest, indent=2))
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         carry_over(out, staging)
