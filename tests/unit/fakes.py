@@ -276,7 +276,13 @@ class FakeHead:
         dep = DeploymentStatus(
             "LLMServer", "HEALTHY" if status == "RUNNING" else "UNHEALTHY", "", target, running
         )
-        self.apps[name] = ServeApplication(name, status, message=message, deployments={"LLMServer": dep})
+        self.apps[name] = ServeApplication(
+            name,
+            status,
+            message=message,
+            deployed_config=self.configs.get(name),
+            deployments={"LLMServer": dep},
+        )
 
 
 class _Client:

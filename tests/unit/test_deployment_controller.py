@@ -305,3 +305,61 @@ async def test_adapters_resolve_deploy_as_user_config_and_turn_ready() -> None:
         "oops": "Failed",
     }
     assert "could not load" in adapters["poet"]["message"] and world.reasons().count("AdapterFailed") == 2
+
+
+async def test_retrain_into_the_same_uri_rolls_out_the_new_version() -> None:
+    """A job's new export (same output URI, new status.output.version) goes into the Serve args;
+    status keeps naming the old version until Serve runs the new config, then the new one."""
+    world = World()
+    job = world.kube.apply(TRAINING_KIND, NS, "ft", TRAIN_SPEC)
+    done = {"phase": "Succeeded", "output": {"uri": "file:///out/ft", "version": "v1"}}
+    world.kube.get(*job)["status"] = copy.deepcopy(done)
+    key = await up(world, model={"fromTrainingJob": "ft"})
+    head = world.head_of(key)
+    assert head.configs["chat"]["args"]["modelVersion"] == "v1"
+    head.set_app("chat", "RUNNING")
+    await world.reconcile(key)
+    model = world.kube.status(key)["model"]
+    assert (model["version"], model["pendingVersion"]) == ("v1", "")
+    assert world.phase(key) == "Ready"
+
+    world.kube.get(*job)["status"] = {**done, "phase": "Running"}  # retraining: nothing changes
+    await world.reconcile(key)
+    assert head.configs["chat"]["args"]["modelVersion"] == "v1"
+
+    world.kube.get(*job)["status"] = {**done, "output": {"uri": "file:///out/ft", "version": "v2"}}
+    await world.reconcile(key)
+    assert head.configs["chat"]["args"]["modelVersion"] == "v2"
+    assert head.configs["chat"]["args"]["modelPath"] == "/out/ft"
+    model = world.kube.status(key)["model"]
+    assert (model["version"], model["pendingVersion"]) == ("v1", "v2")
+    assert "RollingOutModel" in world.reasons()
+    head.set_app("chat", "DEPLOYING", running=1, target=1)  # new replica starting, old one serving
+    await world.reconcile(key)
+    assert world.phase(key) == "Ready"
+    assert world.kube.status(key)["model"]["version"] == "v1"
+    assert "rolling out model version v2" in world.condition(key, "ServeReady")["message"]
+    head.set_app("chat", "RUNNING")
+    await world.reconcile(key)
+    model = world.kube.status(key)["model"]
+    assert (model["version"], model["pendingVersion"]) == ("v2", "")
+    assert "RolledOutModel" in world.reasons()
+    assert "rolling out" not in world.condition(key, "ServeReady")["message"]
+
+
+async def test_a_recreated_job_without_a_version_keeps_the_version_being_served() -> None:
+    world = World()
+    job = world.kube.apply(TRAINING_KIND, NS, "ft", TRAIN_SPEC)
+    world.kube.get(*job)["status"] = {
+        "phase": "Succeeded",
+        "output": {"uri": "file:///out/ft", "version": "v1"},
+    }
+    key = await up(world, model={"fromTrainingJob": "ft"})
+    world.head_of(key).set_app("chat", "RUNNING")
+    await world.reconcile(key)
+    world.kube.get(*job)["status"] = {"phase": "Running"}  # deleted and recreated: no output yet
+    deployed = world.reasons().count("DeployedServeApp")
+    await world.reconcile(key)
+    assert world.head_of(key).configs["chat"]["args"]["modelVersion"] == "v1"
+    assert world.kube.status(key)["model"]["version"] == "v1"
+    assert world.reasons().count("DeployedServeApp") == deployed  # the same config: nothing rolled

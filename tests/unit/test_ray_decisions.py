@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -12,11 +13,15 @@ from llmray.api.deployment import LLMDeploymentSpec
 from llmray.api.runtime import API_KEY_ENV, SERVE_APP_IMPORT_PATH, ProgressReport, ServeAppArgs, TrainingRun
 from llmray.api.training import LLMTrainingJobSpec, Progress
 from llmray.controllers.decisions import (
+    Rollout,
     deadline_left,
     decide_training,
+    deployed_model_version,
     encode_training_run,
     failure_event,
     format_duration,
+    model_rollout,
+    output_version,
     progress_status,
     restart_delay,
     serve_app_config,
@@ -254,3 +259,64 @@ def test_backoff_holds_the_next_attempt_until_its_time() -> None:
     assert "restarting in 10s" in waiting.message
     due = decide_training(**kwargs, submission_id="a1", not_before=not_before, at=not_before)
     assert due.action == "submit"
+
+
+# --- model versions ------------------------------------------------------------------------------
+
+
+def _app(status: str, version: str | None) -> ServeApplication:
+    args = {"name": "chat"} if version is None else {"name": "chat", "modelVersion": version}
+    return ServeApplication("chat", status, deployed_config={"name": "chat", "args": args})
+
+
+@pytest.mark.parametrize(
+    ("serving", "target", "app", "written", "expected"),
+    [
+        ("v1", "v1", None, False, Rollout("v1", "")),
+        ("", "v1", None, False, Rollout("", "v1")),
+        ("v1", "v2", _app("RUNNING", "v2"), True, Rollout("v1", "v2")),  # just written: not yet
+        ("v1", "v2", _app("DEPLOYING", "v2"), False, Rollout("v1", "v2")),
+        ("v1", "v2", _app("RUNNING", "v1"), False, Rollout("v1", "v2")),  # another config runs
+        ("v1", "v2", _app("DEPLOY_FAILED", "v2"), False, Rollout("v1", "v2")),
+        ("v1", "v2", _app("RUNNING", "v2"), False, Rollout("v2", "")),
+        ("", "v1", _app("RUNNING", "v1"), False, Rollout("v1", "")),
+        ("v1", "", _app("RUNNING", None), False, Rollout("", "")),  # back to an unversioned uri
+    ],
+)
+def test_model_rollout(
+    serving: str, target: str, app: ServeApplication | None, written: bool, expected: Rollout
+) -> None:
+    assert model_rollout(serving, target, app, just_written=written) == expected
+
+
+def test_deployed_model_version_reads_the_args_defensively() -> None:
+    assert deployed_model_version(None) is None
+    assert deployed_model_version(ServeApplication("a", "RUNNING")) is None
+    assert deployed_model_version(_app("RUNNING", None)) == ""
+    assert deployed_model_version(_app("RUNNING", "v" * 500)) == "v" * 128
+    odd = ServeApplication("a", "RUNNING", deployed_config={"args": ["not", "a", "dict"]})
+    assert deployed_model_version(odd) == ""
+
+
+def test_output_version_prefers_the_reported_one() -> None:
+    reported = ProgressReport(step=1, model_version="20261129-1-ab")
+    assert output_version(reported, "0123456789ab", 2) == "20261129-1-ab"
+    assert output_version(ProgressReport(step=1), "0123456789ab", 2) == "01234567-2"
+    assert output_version(None, "", 0) == "job-0"
+
+
+def test_serve_app_config_carries_the_model_version() -> None:
+    spec = LLMDeploymentSpec.model_validate({"model": {"fromTrainingJob": "ft"}})
+    kwargs: dict[str, Any] = {
+        "app_name": "chat",
+        "route_prefix": "/",
+        "resource_name": "chat",
+        "spec": spec,
+        "model_path": "/out/ft",
+        "api_key": None,
+        "api_key_in_pods": True,
+    }
+    assert "modelVersion" not in serve_app_config(**kwargs)["args"]
+    v1 = serve_app_config(**kwargs, model_version="v1")
+    assert v1["args"]["modelVersion"] == "v1"
+    assert serve_app_config(**kwargs, model_version="v2") != v1  # a new code version for Serve

@@ -13,7 +13,7 @@ import pytest
 from fastapi.responses import StreamingResponse
 
 from llmray_workloads.serve.api import OpenAIServer, create_app, merge_streams
-from llmray_workloads.serve.config import ApiSettings
+from llmray_workloads.serve.config import MODEL_VERSION_HEADER, ApiSettings
 from llmray_workloads.serve.engine import (
     EngineError,
     EngineOverloadedError,
@@ -337,3 +337,22 @@ async def test_adapters_are_model_ids_listed_and_routed(http: httpx.AsyncClient,
         missing.json()["error"]["code"] == "model_not_found" and missing.json()["error"]["param"] == "model"
     )
     assert (await http.get("/v1/models/sql")).status_code == 404
+
+
+async def test_every_response_names_the_model_version(engine: FakeEngine) -> None:
+    settings = ApiSettings(served_model_name="m", max_tokens=20, model_version="20261129-1-ab")
+    app = create_app(OpenAIServer(engine, settings, KEY))  # type: ignore[arg-type]
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=AUTH) as client:
+        body = {"model": "m", "prompt": "hi", "max_tokens": 2}
+        plain = await client.post("/v1/completions", json=body)
+        stream = await client.post("/v1/completions", json={**body, "stream": True})
+        refused = await client.get("/v1/models", headers={"Authorization": "Bearer wrong"})
+    for response in (plain, stream, refused):
+        assert response.headers[MODEL_VERSION_HEADER] == "20261129-1-ab"
+    assert plain.status_code == stream.status_code == 200 and refused.status_code == 401
+
+
+async def test_no_version_header_without_a_version(http: httpx.AsyncClient) -> None:
+    response = await http.get("/v1/models")
+    assert MODEL_VERSION_HEADER not in response.headers

@@ -101,6 +101,8 @@ def test_deployment_options_limits_and_backpressure() -> None:
     assert options["max_queued_requests"] == 1  # Serve cannot express an empty queue
     assert options["backpressure_config"] == {"status_code": 503, "retry_after_s": 1.0}
     assert options["ray_actor_options"]["num_cpus"] == 1.0
+    # A new model version rolls over with new replicas up before the old ones stop.
+    assert options["max_surge_percent"] == 100
 
 
 @pytest.mark.parametrize(
@@ -165,7 +167,9 @@ def test_server_settings() -> None:
         9,
     )
     assert settings.api.api_key_env == "LLMRAY_API_KEY"
+    assert settings.api.model_version == ""
     assert type(settings).model_validate(settings.model_dump(mode="json")) == settings
+    assert server_settings(a.model_copy(update={"model_version": "v7"})).api.model_version == "v7"
 
 
 def test_gpu_replicas_use_cuda() -> None:

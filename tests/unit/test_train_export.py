@@ -10,7 +10,14 @@ import pytest
 
 from llmray.api.runtime import parse_progress
 from llmray_workloads.tiny import build_tiny_model
-from llmray_workloads.train.export import clean_stale, merge_adapter, publish, staging_dir
+from llmray_workloads.train.export import (
+    clean_stale,
+    merge_adapter,
+    new_model_version,
+    publish,
+    read_model_version,
+    staging_dir,
+)
 from llmray_workloads.train.progress import ProgressTracker, emit, progress_path, read_progress
 
 pytestmark = pytest.mark.unit
@@ -47,6 +54,20 @@ def test_republish_replaces_model_keeps_checkpoints_and_progress(tmp_path: Path)
     assert (out / "checkpoints" / "run" / "snapshot.json").read_text() == "ckpt"
     assert (out / ".llmray" / "progress.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging / old leftovers
+
+
+def test_each_export_records_its_version(tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    assert read_model_version(out) is None
+    v1 = new_model_version("a1b2c3d4e5f6", now=0.0)
+    assert v1 == "19700101-000000-a1b2c3d4"
+    publish(make_stage(out, "a1", {"model.safetensors": "w1"}), out, v1)
+    assert read_model_version(out) == v1
+    v2 = new_model_version("ffff0000", now=60.0)
+    publish(make_stage(out, "b2", {"model.safetensors": "w2"}), out, v2)
+    assert read_model_version(out) == v2 != v1
+    (out / ".llmray" / "manifest.json").write_text("[1, 2]")  # not an object: no version
+    assert read_model_version(out) is None
 
 
 def test_clean_stale_removes_only_this_outputs_leftovers(tmp_path: Path) -> None:

@@ -97,6 +97,22 @@ async def test_progress_is_mirrored_from_the_log() -> None:
     assert (progress["step"], progress["percent"], progress["loss"]) == (5, 50, "1.5000")
 
 
+async def test_succeeded_job_reports_the_exported_model_version() -> None:
+    world = World()
+    key, uid = await running_job(world)
+    head = world.head_of(key)
+    head.logs[sid(uid, 0)] = (
+        'LLMRAY_PROGRESS {"step": 10, "totalSteps": 10, "state": "finished", '
+        '"modelVersion": "20261129-170000-abcdef12"}\nshutting down\n'
+    )
+    head.set_job(sid(uid, 0), JobStatus.SUCCEEDED)
+    await world.reconcile(key)
+    assert world.kube.status(key)["output"] == {
+        "uri": "file:///out/tiny",
+        "version": "20261129-170000-abcdef12",
+    }
+
+
 async def test_running_to_succeeded_then_pods_deleted() -> None:
     world = World()
     key, uid = await running_job(world)
@@ -105,6 +121,7 @@ async def test_running_to_succeeded_then_pods_deleted() -> None:
     status = world.kube.status(key)
     assert status["phase"] == "Succeeded"
     assert status["output"]["uri"] == "file:///out/tiny"
+    assert status["output"]["version"] == f"{uid[:8]}-0"  # no version reported: uid + attempt
     assert status["completionTime"]
     assert "JobSucceeded" in world.reasons()
     await world.reconcile(key)  # finished: the Ray pods go (ttlSecondsAfterFinished 0)
