@@ -123,6 +123,40 @@ def start_local_ray(
     )
 
 
+def start_local_worker(
+    head: LocalRay, num_cpus: int, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Join a second Ray node on 127.0.0.1 to ``head`` (its own free ports; ``env`` for its processes).
+
+    Stop it with :func:`stop_local_ray_process`. The caller waits for it to show up as alive.
+    """
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    cmd = [
+        ray_bin,
+        "start",
+        "--block",
+        f"--address={head.gcs_address}",
+        f"--node-ip-address={LOOPBACK}",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        "--disable-usage-stats",
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
+    log = (head.temp_dir / f"ray-worker-{free_port()}.log").open("wb")
+    return subprocess.Popen(
+        cmd,
+        env={**os.environ, **head.env, **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
 def session_pids(sid: int) -> list[int]:
     """Every live process of session ``sid`` (Ray's actors get own process groups, not sessions)."""
     pids = []

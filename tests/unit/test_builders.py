@@ -360,8 +360,56 @@ def test_serve_service_follows_spec_service() -> None:
     assert svc["metadata"]["name"] == "qwen-chat-serve"
     assert svc["spec"]["type"] == "LoadBalancer"
     assert svc["spec"]["ports"] == [{"name": "serve", "port": 443, "targetPort": 8000, "protocol": "TCP"}]
-    assert svc["spec"]["selector"]["ray.io/node-type"] == "head"
+    # Every Ray pod of the deployment (head and workers); Kubernetes keeps the ones whose proxy is Ready.
+    assert svc["spec"]["selector"] == {"ray.io/cluster": "qwen-chat", "llmray.io/kind": "LLMDeployment"}
     assert b.serve_endpoint(_deployment()) == "http://qwen-chat-serve.ml.svc.cluster.local:8000/v1"
+
+
+def _selects(selector: dict[str, str], pod: dict[str, Any]) -> bool:
+    labels = pod["metadata"]["labels"]
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_serve_service_and_network_policy_cover_head_and_workers_alike() -> None:
+    cluster = _deployment()
+    selector = b.serve_service(cluster)["spec"]["selector"]
+    policy = b.network_policy(cluster, OPERATOR)
+    guarded = policy["spec"]["podSelector"]["matchLabels"]
+    serve_rule = next(
+        r for r in policy["spec"]["ingress"] if r.get("ports") == [{"port": 8000, "protocol": "TCP"}]
+    )
+    for pod in (b.head_pod(cluster, "u"), b.worker_pod(cluster, 0, "u"), b.worker_pod(cluster, 3, "u")):
+        assert _selects(selector, pod) and _selects(guarded, pod)  # an endpoint, under the same rules
+        ports = {p["name"]: p["containerPort"] for p in _container(pod)["ports"]}
+        assert ports["serve"] == 8000
+    assert serve_rule["from"] == [{"podSelector": {}}]
+    other = b.head_pod(_training(), "u")
+    assert not _selects(selector, other)
+
+
+@pytest.mark.parametrize("which", ["head", "worker"])
+def test_serving_pods_are_ready_while_their_proxy_is(which: str) -> None:
+    cluster = _deployment()
+    pod = b.head_pod(cluster, "u") if which == "head" else b.worker_pod(cluster, 0, "u")
+    container = _container(pod)
+    ray_health = (
+        {"path": "/api/gcs_healthz", "port": 8265}
+        if which == "head"
+        else {"path": "/api/local_raylet_healthz", "port": 52365}
+    )
+    assert container["readinessProbe"]["httpGet"] == {"path": "/-/healthz", "port": 8000}
+    assert container["readinessProbe"]["failureThreshold"] == 1  # a draining proxy leaves at once
+    assert container["startupProbe"]["httpGet"] == ray_health  # the operator waits for the Ray node
+    assert container["livenessProbe"]["httpGet"] == ray_health  # a missing proxy never restarts a node
+    startup = container["startupProbe"]
+    assert startup["failureThreshold"] * startup["periodSeconds"] >= 240
+
+
+def test_training_pods_have_no_serve_probe() -> None:
+    for pod in (b.head_pod(_training(), "u"), b.worker_pod(_training(), 0, "u")):
+        container = _container(pod)
+        assert "startupProbe" not in container
+        assert container["readinessProbe"]["httpGet"]["port"] != 8000
 
 
 def test_auth_secret() -> None:

@@ -147,6 +147,39 @@ def test_cluster_health_progression() -> None:
     assert done.ready and done.head_ready and done.workers_ready == 2
 
 
+def test_serving_cluster_counts_started_pods_whatever_their_proxy() -> None:
+    """An LLMDeployment's pods are Ready only while their proxy is: a worker with no replica (no
+    proxy) and a head whose Serve is not started yet are still up Ray nodes."""
+    head = PodView(name="h", node_type="head", phase="Running", ready=False, started=True)
+    idle = PodView(name="w0", node_type="worker", phase="Running", ready=False, started=True)
+    booting = PodView(name="w1", node_type="worker", phase="Running", ready=False, started=False)
+    serving = cluster_health(head, [idle, booting], desired_workers=2, at=T0, serving=True)
+    assert (serving.head_ready, serving.workers_ready, serving.reason) == (True, 1, "WorkersNotReady")
+    training = cluster_health(head, [idle, booting], desired_workers=2, at=T0)
+    assert (training.head_ready, training.reason) == (False, "HeadPodNotReady")
+
+
+@pytest.mark.parametrize(
+    ("statuses", "ready", "started"),
+    [
+        ([{"name": "c", "ready": False, "started": True}], False, True),  # kubelet: proxy not ready
+        ([{"name": "c", "ready": False, "started": False}], False, False),
+        ([{"name": "c", "ready": True}], True, True),  # a simulated kubelet sets no "started"
+        (None, True, True),  # no container statuses: Ready stands in
+        (None, False, False),
+    ],
+)
+def test_pod_view_started(statuses: list[dict[str, Any]] | None, ready: bool, started: bool) -> None:
+    status: dict[str, Any] = {
+        "phase": "Running",
+        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+    }
+    if statuses is not None:
+        status["containerStatuses"] = statuses
+    view = PodView.of({"metadata": {"name": "p"}, "status": status})
+    assert (view.ready, view.started, view.up(True)) == (ready, started, started)
+
+
 def test_cluster_health_names_what_to_fix() -> None:
     head = PodView(name="h", node_type="head", phase="Running", ready=True)
     stuck = _worker(

@@ -7,7 +7,8 @@ it from a resource's spec, so both kinds get the same (KubeRay-style) pods:
   ``--memory``), requests = limits (Ray must not be promised more than the pod has).
 - Token auth on every container (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN`` from the Secret).
 - Probes on Ray's unauthenticated health endpoints: the dashboard's ``/api/gcs_healthz`` (head)
-  and the dashboard agent's ``/api/local_raylet_healthz`` (every node).
+  and the dashboard agent's ``/api/local_raylet_healthz`` (every node); an LLMDeployment's pods
+  use them as startup and liveness probes and are Ready while their Serve proxy is.
 - ``/dev/shm`` as a memory emptyDir (Ray's object store lives there).
 - The ``restricted`` Pod Security Standard: non-root uid 1000, no privilege escalation, all
   capabilities dropped, RuntimeDefault seccomp, only volume types it allows.
@@ -17,7 +18,8 @@ it from a resource's spec, so both kinds get the same (KubeRay-style) pods:
 - Bounded local disk: ephemeral-storage request/limit and size-limited emptyDirs for TMPDIR, Ray's
   session directory (logs) and the model cache, from ``spec.*.storage``.
 - A NetworkPolicy: Ray's ports only from the cluster's own pods and the operator, the serve port
-  from where the serve Service is meant to be reached.
+  (on the head and the workers alike: every proxy is a serve Service endpoint) from where the
+  serve Service is meant to be reached.
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ S3_SESSION_TOKEN_KEY = "AWS_SESSION_TOKEN"
 S3_ENDPOINT_ENV, S3_REGION_ENV = "AWS_ENDPOINT_URL_S3", "AWS_REGION"
 ENV_FIELDS = {API_KEY_ENV: "spec.apiKeySecretRef", HF_TOKEN_ENV: "spec.model.secretRef"}
 """The spec field behind each Secret-backed variable of ClusterSpec.env."""
+SERVE_HEALTH_PATH = "/-/healthz"
+"""Health route of a Serve HTTP proxy: 200 while it takes traffic, 503 while it drains."""
 
 
 @dataclass(frozen=True)
@@ -251,7 +255,10 @@ def head_service(cluster: ClusterSpec) -> dict[str, Any]:
 def serve_service(cluster: ClusterSpec) -> dict[str, Any]:
     """The ``<name>-serve`` Service in front of the OpenAI endpoint (LLMDeployment).
 
-    It targets the head pod, whose Serve HTTP proxy always runs and routes to replicas anywhere.
+    It selects every Ray pod of the cluster; Kubernetes sends traffic only to the Ready ones, and
+    a serving pod is Ready while its Serve proxy answers ``/-/healthz`` (Serve runs a proxy on the
+    head and on each node that hosts a replica, ``proxy_location: EveryNode``). So traffic is
+    spread over the nodes that run replicas and survives the loss of any one proxy, the head's too.
     """
     service = cluster.serve or ServiceSpec()
     port: dict[str, Any] = {
@@ -269,7 +276,7 @@ def serve_service(cluster: ClusterSpec) -> dict[str, Any]:
             "metadata": metadata(cluster.owner, serve_service_name(cluster.name), "serve"),
             "spec": {
                 "type": service.type,
-                "selector": _head_selector(cluster),
+                "selector": dict(_cluster_pods(cluster)["matchLabels"]),
                 "ports": [port],
             },
         }
@@ -535,6 +542,20 @@ def _pod_spec(cluster: ClusterSpec, node_type: str) -> dict[str, Any]:
         if is_head
         else ("/api/local_raylet_healthz", DASHBOARD_AGENT_PORT)
     )
+    probes = {
+        "readinessProbe": _probe(health_path, health_port, initial=10, period=5, failures=10),
+        "livenessProbe": _probe(health_path, health_port, initial=30, period=10, failures=12),
+    }
+    if cluster.serve is not None:
+        # Serving pods: the Ray node's health gates start-up (the operator waits for it) and
+        # liveness; Ready means "this pod's Serve proxy takes traffic", so the serve Service sends
+        # requests to every pod whose proxy is up (the head's, and each worker's that hosts a
+        # replica) and to none whose proxy is missing, starting or draining.
+        probes = {
+            "startupProbe": _probe(health_path, health_port, initial=5, period=3, failures=100),
+            "readinessProbe": _probe(SERVE_HEALTH_PATH, SERVE_PORT, initial=0, period=2, failures=1),
+            "livenessProbe": _probe(health_path, health_port, initial=0, period=10, failures=12),
+        }
     storage = placement.storage
     scratch = [
         (TMP_VOLUME, TMP_PATH, storage.tmp),
@@ -564,8 +585,7 @@ def _pod_spec(cluster: ClusterSpec, node_type: str) -> dict[str, Any]:
         "env": _env(cluster),
         "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in ports],
         "resources": _resources(res, storage),
-        "readinessProbe": _probe(health_path, health_port, initial=10, period=5, failures=10),
-        "livenessProbe": _probe(health_path, health_port, initial=30, period=10, failures=12),
+        **probes,
         "volumeMounts": mounts,
         "securityContext": _container_security(),
     }

@@ -128,6 +128,9 @@ class PodView:
     waiting_message: str = ""
     pod_ip: str = ""
     """The pod's IP: a Ray node started in the pod reports it as its node IP (autoscaling match)."""
+    started: bool = False
+    """Every container passed its startup probe (the Ray node is up). An LLMDeployment's pods are
+    Ready only while their Serve proxy is (the serve Service's endpoints), so "up" is this instead."""
 
     @classmethod
     def of(cls, obj: dict[str, Any]) -> PodView:
@@ -155,6 +158,9 @@ class PodView:
                 waiting_reason = str(waiting["reason"])
                 waiting_message = str(waiting.get("message") or "")
                 break
+        statuses = [cs for cs in status.get("containerStatuses") or [] if isinstance(cs, dict)]
+        # No "started" (a simulated kubelet) or no container statuses at all: Ready stands in.
+        started = all(bool(cs.get("started", cs.get("ready"))) for cs in statuses) if statuses else ready
         index_label = labels.get(LABEL_WORKER_INDEX)
         return cls(
             name=meta.get("name", ""),
@@ -173,6 +179,7 @@ class PodView:
             unschedulable_message=unschedulable_message,
             waiting_reason=waiting_reason,
             waiting_message=waiting_message,
+            started=started,
         )
 
     @property
@@ -183,3 +190,12 @@ class PodView:
     @property
     def running_ready(self) -> bool:
         return self.phase == "Running" and self.ready and not self.deleting
+
+    @property
+    def running_started(self) -> bool:
+        """Running with its Ray node up (startup probe passed), whether or not it takes traffic."""
+        return self.phase == "Running" and self.started and not self.deleting
+
+    def up(self, serving: bool) -> bool:
+        """The pod's Ray node is up: Ready, or for serving pods (Ready = proxy ready) started."""
+        return self.running_started if serving else self.running_ready

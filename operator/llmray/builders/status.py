@@ -108,15 +108,17 @@ def cluster_health(
     desired_workers: int,
     at: datetime,
     kind_hint: str = "spec.workers",
+    serving: bool = False,
 ) -> ClusterHealth:
     """Whether head and workers are Running and Ready, and if not, the most useful reason why.
 
     Order of reasons: a stuck container (bad image, missing Secret key) or an unschedulable pod
-    say what the user must fix; "not ready yet" is only progress.
+    say what the user must fix; "not ready yet" is only progress. ``serving`` (an LLMDeployment):
+    pods are Ready only while their Serve proxy is, so a Ray node counts as up once started.
     """
     live_workers = [p for p in workers if not p.deleting]
-    workers_ready = sum(1 for p in live_workers if p.running_ready)
-    head_ready = head is not None and head.running_ready
+    workers_ready = sum(1 for p in live_workers if p.up(serving))
+    head_ready = head is not None and head.up(serving)
     pods = ([head] if head is not None else []) + live_workers
     stuck = next((p for p in pods if p.waiting_reason), None)
     unschedulable = [p for p in pods if p.unschedulable_since is not None and not p.deleting]

@@ -665,7 +665,12 @@ class ClusterController(Generic[SpecT, StatusT]):
         if p.want_cluster and p.cluster is not None:
             live_workers = [w for w in p.workers if not w.deleting]
             p.health = cluster_health(
-                p.head, live_workers, desired_workers=p.desired_workers, at=p.at, kind_hint=self.workers_field
+                p.head,
+                live_workers,
+                desired_workers=p.desired_workers,
+                at=p.at,
+                kind_hint=self.workers_field,
+                serving=p.cluster.serve is not None,
             )
             p.status.ray_cluster.name = p.name
             p.status.ray_cluster.head_service = head_name(p.name)

@@ -90,7 +90,7 @@ def joined_worker_states(
     """
     live = [w for w in workers if not w.deleting]
     states = worker_states([(w.name, w.pod_ip or None) for w in live], nodes, now=now)
-    ready = {w.name for w in live if w.ready}
+    ready = {w.name for w in live if w.started}  # Ready means "proxy ready" on serving pods
     for name in [n for n in ready_since if n not in ready]:
         del ready_since[name]
     if not shared:
@@ -108,7 +108,7 @@ def joined_worker_states(
     out: list[WorkerState] = []
     for pod, state in zip(live, states, strict=True):
         matched = bool(pod.pod_ip) and any(n.ip == pod.pod_ip and n.alive and not n.is_head for n in nodes)
-        if matched or not pod.ready:
+        if matched or not pod.started:
             out.append(state)
             continue
         if has_demand:  # idle time counts from the last pass that saw demand
