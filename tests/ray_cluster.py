@@ -123,33 +123,37 @@ def start_local_ray(
     )
 
 
+_WORKER_NODE = """
+import signal, sys
+import ray._private.node, ray._private.parameter
+cpus, gcs, agent, agent_grpc, metrics, env_agent = sys.argv[1:7]
+params = ray._private.parameter.RayParams(
+    gcs_address=gcs, node_ip_address="127.0.0.1", num_cpus=int(cpus), num_gpus=0,
+    include_log_monitor=False, node_manager_port=0, min_worker_port=0, max_worker_port=0,
+    dashboard_agent_listen_port=int(agent), metrics_agent_port=int(agent_grpc),
+    metrics_export_port=int(metrics), runtime_env_agent_port=int(env_agent),
+)
+node = ray._private.node.Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
+print("node up", node.node_id, flush=True)
+signal.sigwait([signal.SIGTERM, signal.SIGINT])
+node.kill_all_processes(check_alive=False, allow_graceful=True)
+"""
+
+
 def start_local_worker(
     head: LocalRay, num_cpus: int, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    """Join a second Ray node on 127.0.0.1 to ``head`` (its own free ports; ``env`` for its processes).
+    """Join a second Ray node on 127.0.0.1 to ``head`` (own free ports; ``env`` for its processes).
 
-    Stop it with :func:`stop_local_ray_process`. The caller waits for it to show up as alive.
+    Started like ``ray.cluster_utils.Cluster.add_node`` does (a ``Node`` in a process of its own):
+    ``ray start`` refuses a worker node while ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which keeps
+    every address on loopback. Stop it with :func:`stop_local_ray_process`; the caller waits for
+    it to show up as alive.
     """
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    cmd = [
-        ray_bin,
-        "start",
-        "--block",
-        f"--address={head.gcs_address}",
-        f"--node-ip-address={LOOPBACK}",
-        f"--num-cpus={num_cpus}",
-        "--num-gpus=0",
-        "--disable-usage-stats",
-        f"--node-manager-port={free_port()}",
-        f"--object-manager-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
-    ]
-    log = (head.temp_dir / f"ray-worker-{free_port()}.log").open("wb")
+    ports = [str(free_port()) for _ in range(4)]
+    log = (head.temp_dir / f"ray-worker-{ports[0]}.log").open("wb")
     return subprocess.Popen(
-        cmd,
+        [sys.executable, "-c", _WORKER_NODE, str(num_cpus), head.gcs_address, *ports],
         env={**os.environ, **head.env, **(env or {})},
         stdout=log,
         stderr=subprocess.STDOUT,

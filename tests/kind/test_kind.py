@@ -252,6 +252,29 @@ def test_deployment_from_training_serves_through_the_serve_service(kind: Kind, t
     )
     assert {"requestsPerSecond", "running", "waiting"} <= set(serving), serving
 
+    # Proxies on every node: the serve Service's ready endpoints are the head's proxy and the proxy
+    # of the worker that hosts the replica (each pod Ready while its proxy answers /-/healthz).
+    pod_ips = {p["status"].get("podIP") for p in kind.pods(ns, sel)}
+    worker_ips = {p["status"].get("podIP") for p in kind.pods(ns, f"{sel},ray.io/node-type=worker")}
+
+    def ready_endpoints() -> set[str] | None:
+        slices = kind.json(
+            "get", "endpointslices", "-n", ns, "-l", f"kubernetes.io/service-name={DEPLOY}-serve"
+        )
+        ips = {
+            address
+            for item in slices["items"]
+            for endpoint in item.get("endpoints") or []
+            if (endpoint.get("conditions") or {}).get("ready")
+            for address in endpoint.get("addresses") or []
+        }
+        return ips if worker_ips <= ips else None
+
+    endpoints = wait_for(
+        ready_endpoints, timeout=120, interval=3, what="the worker's proxy as a serve endpoint"
+    )
+    assert endpoints <= pod_ips and len(endpoints) == 2  # head + worker, nothing else
+
 
 def test_idle_worker_is_removed_after_its_timeout(kind: Kind, tenant: str) -> None:
     ns = tenant

@@ -145,7 +145,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
     os.environ["RAY_ADDRESS"] = head.gcs_address
     worker = start_local_worker(head, 4, {"RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(worker_port)})
     try:
-        ray_api.shutdown()  # another module's connection (the session head) must not be reused
+        if ray_api.is_initialized():  # another module's connection (the session head) must not be reused
+            ray_api.shutdown()
         ray_api.init(address=head.gcs_address, log_to_driver=False)
         wait_for(
             lambda: len([n for n in ray_api.nodes() if n["Alive"]]) == 2,
