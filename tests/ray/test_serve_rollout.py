@@ -130,7 +130,6 @@ def complete(client: httpx.Client, base: str, *, stream: bool = False) -> httpx.
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
     """Head (0 CPUs) + worker node (4 CPUs, own proxy port) on 127.0.0.1; the driver connected."""
-    import ray as ray_api
     from llmray_workloads.tiny import build_tiny_model
 
     base = Path(tempfile.gettempdir())
@@ -144,7 +143,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
     os.environ.update(head.env)
     os.environ["RAY_ADDRESS"] = head.gcs_address
     worker = start_local_worker(head, 4, {"RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(worker_port)})
+    # Imported only now: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 at import time, and only then
+    # does the driver keep 127.0.0.1 instead of resolving it to the machine's interface address.
+    from ray._private import ray_constants
+
+    import ray as ray_api
+
     try:
+        assert not ray_constants.ENABLE_RAY_CLUSTER, "ray was imported before its env: not loopback-only"
         if ray_api.is_initialized():  # another module's connection (the session head) must not be reused
             ray_api.shutdown()
         ray_api.init(address=head.gcs_address, log_to_driver=False)
@@ -155,7 +161,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
         )
         yield TwoNodes(head, free_port(), worker_port, tmp_path_factory.mktemp("rollout") / "model", sources)
     finally:
-        ray_api.shutdown()
+        if ray_api.is_initialized():
+            ray_api.shutdown()
         stop_local_ray_process(worker)
         stop_local_ray(head)
         for key, value in saved.items():
