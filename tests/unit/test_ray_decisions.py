@@ -163,7 +163,10 @@ def test_sandbox_workers_without_ray_node_absorb_demand_then_idle() -> None:
     from llmray.controllers.deployment import joined_worker_states
 
     seen: dict[str, float] = {}
-    workers = [PodView(name="x-worker-gpu-aaaaa", ready=True), PodView(name="x-worker-gpu-bbbbb")]
+    workers = [
+        PodView(name="x-worker-gpu-aaaaa", ready=True, started=True),
+        PodView(name="x-worker-gpu-bbbbb"),
+    ]
     with_demand = joined_worker_states(workers, [], seen, has_demand=True, shared=True, now=100.0)
     assert [(w.in_ray, w.idle_seconds) for w in with_demand] == [(False, None), (False, None)]
     idle = joined_worker_states(workers, [], seen, has_demand=False, shared=True, now=103.0)
@@ -181,7 +184,7 @@ def test_own_head_worker_without_a_replica_is_idle_since_first_seen_so() -> None
     from llmray.controllers.deployment import joined_worker_states
     from llmray.ray.cluster import RayNode
 
-    pod = PodView(name="x-worker-cpu-aaaaa", ready=True, pod_ip="10.244.0.9")
+    pod = PodView(name="x-worker-cpu-aaaaa", ready=False, started=True, pod_ip="10.244.0.9")
     ip = "10.244.0.9"
     node = RayNode(node_id="n1", ip=ip, is_head=False, alive=True, idle_seconds=None, start_time_s=0.0)
     seen: dict[str, float] = {}
