@@ -234,11 +234,19 @@ def test_retrain_into_the_same_path_rolls_out_with_zero_failed_requests(deployed
         publish_version(cluster, "v2")
         rollout_started = time.monotonic()
         assert deploy(cluster, "v2")
+        running: list[int] = []  # replicas RUNNING at each look that lists the deployment's replicas
+
+        def rolled_out() -> bool:
+            app = get_app(cluster)
+            if app is not None and any(d.replica_states for d in app.deployments.values()):
+                running.append(app.running_replicas)  # (none listed while Serve rebuilds the app)
+            return model_rollout("v1", "v2", app, just_written=False).serving == "v2"
+
         wait_for(
-            lambda: model_rollout("v1", "v2", get_app(cluster), just_written=False).serving == "v2",
+            rolled_out,
             timeout=300,
             what="Serve to run the v2 config (the operator's rollout decision)",
-            interval=1.0,
+            interval=0.5,
         )
         rolled_out = time.monotonic()
         wait_for(
@@ -254,6 +262,8 @@ def test_retrain_into_the_same_path_rolls_out_with_zero_failed_requests(deployed
     outcomes = [o for loop in loops for o in loop.outcomes]
     during = [o for o in outcomes if rollout_started <= o[0] < rolled_out]
     assert [o for loop in loops for o in loop.failures()] == []
+    # Surge: the new replica starts next to the old one, so capacity never dropped to zero.
+    assert len(running) >= 3 and min(running) >= 1, running
     assert len(during) >= 2, "no request ran while the new version was rolling out"
     assert {o[2] for o in during} <= {"v1", "v2"}
     assert "v1" in {o[2] for o in during}, "the old version did not keep serving while v2 loaded"
