@@ -364,7 +364,8 @@ def test_deployment_from_training_job_follows_the_job(kube: Kube, namespace: str
         {"status": {"phase": "Succeeded", "output": {"uri": output}, "completionTime": "2026-01-01T00:00:00Z"}},  # noqa: E501
     )  # fmt: skip
     status = wait_cluster_ready(kube, "LLMDeployment", namespace, "tiny-tuned", 1)
-    assert status["model"] == {"uri": output, "name": "tiny-tuned"}
+    # No Serve app runs here (fictional pod IPs): no model version serves or rolls out yet.
+    assert status["model"] == {"uri": output, "name": "tiny-tuned", "version": "", "pendingVersion": ""}
     assert condition(status, "ModelResolved")["status"] == "True"
     # ... and the finished job's Ray pods are gone (ttlSecondsAfterFinished unset = 0)
     wait_for(
