@@ -67,6 +67,26 @@ class Kube:
             raise KubectlError(proc)
         return proc
 
+    def wait_established(self, *crds: str, timeout: float = 60) -> None:
+        """Wait until each CRD (``plural.group``) is Established.
+
+        Not ``kubectl wait --for=condition=Established``: right after an apply the CRD may have no
+        ``status.conditions`` yet, and kubectl then fails at once instead of waiting.
+        """
+        from tests.waiting import wait_for
+
+        query = '{.status.conditions[?(@.type=="Established")].status}'
+        for crd in crds:
+            wait_for(
+                lambda crd=crd: (
+                    self.kubectl("get", f"crd/{crd}", "-o", f"jsonpath={query}", check=False).stdout.strip()
+                    == "True"
+                ),
+                timeout=timeout,
+                interval=0.2,
+                what=f"CRD {crd} Established",
+            )
+
     @property
     def api_client(self) -> Any:
         """A ``kubernetes.client.ApiClient`` configured from :attr:`kubeconfig` (created once)."""

@@ -117,7 +117,7 @@ WIDGET_CRD = {
 @pytest.fixture(scope="module")
 def widget_crd(kube: Kube) -> Any:
     apply_yaml(kube, WIDGET_CRD)
-    kube.kubectl("wait", "--for=condition=Established", "crd/widgets.test.llmray.io", "--timeout=60s")
+    kube.wait_established("widgets.test.llmray.io")
     yield client.CustomObjectsApi(kube.api_client)
     kube.kubectl("delete", "crd/widgets.test.llmray.io", "--timeout=60s")
 

@@ -130,8 +130,7 @@ class Operator:
 def crds_fixture(kube: Kube) -> None:
     """The llmray CRDs, applied from crds/ (the committed, generated YAML)."""
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    for plural in PLURALS.values():
-        kube.kubectl("wait", "--for=condition=Established", f"crd/{plural}.{GROUP}", "--timeout=60s")
+    kube.wait_established(*(f"{plural}.{GROUP}" for plural in PLURALS.values()))
 
 
 @pytest.fixture(name="operator_factory")

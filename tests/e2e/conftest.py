@@ -151,8 +151,7 @@ def e2e(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
     saved_path = os.environ.get("PATH", "")
     os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + saved_path
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    for plural in PLURALS.values():
-        kube.kubectl("wait", "--for=condition=Established", f"crd/{plural}.{GROUP}", "--timeout=60s")
+    kube.wait_established(*(f"{plural}.{GROUP}" for plural in PLURALS.values()))
     core = client.CoreV1Api(kube.api_client)
     namespace = f"e2e-{uuid.uuid4().hex[:6]}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
