@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.waiting import WaitTimeout, async_wait_for, wait_for
+from tests.waiting import WaitTimeout, async_wait_for, restore_environ, wait_for
 
 __all__ = ["Kube", "KubectlError", "WaitTimeout", "apply_yaml", "async_wait_for", "wait_for"]
 
@@ -173,11 +173,7 @@ def kube() -> Iterator[Kube]:
     try:
         yield handle
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_environ(saved)
         if handle._api_client is not None:
             handle._api_client.close()
         if handle.started_here and os.environ.get("LLMRAY_KEEP_CLUSTER") != "1":

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.waiting import wait_for
+from tests.waiting import restore_environ, wait_for
 
 LOOPBACK = "127.0.0.1"
 
@@ -204,11 +204,7 @@ def local_ray_session() -> Iterator[LocalRay]:
     try:
         yield ray
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_environ(saved)
         stop_local_ray(ray)
 
 

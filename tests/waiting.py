@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -62,3 +63,12 @@ async def async_wait_for(
         if time.monotonic() > deadline:
             raise WaitTimeout(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last!r}")
         await asyncio.sleep(interval)
+
+
+def restore_environ(saved: dict[str, str | None]) -> None:
+    """Put back environment variables saved as ``{name: value or None (was unset)}``."""
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

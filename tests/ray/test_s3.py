@@ -26,6 +26,7 @@ from llmray_workloads import storage
 from llmray_workloads.tiny import build_tiny_model, data_dir
 from tests.ray_cluster import LocalRay, start_local_ray, stop_local_ray
 from tests.s3_server import S3Server, make_bucket, s3_server
+from tests.waiting import restore_environ
 
 pytestmark = pytest.mark.ray
 
@@ -42,11 +43,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             make_bucket(server, BUCKET)
             yield server
         finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+            restore_environ(saved)
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ from tests.ray_cluster import (
     stop_local_ray,
     stop_local_ray_process,
 )
-from tests.waiting import wait_for
+from tests.waiting import restore_environ, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -165,11 +165,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
             ray_api.shutdown()
         stop_local_ray_process(worker)
         stop_local_ray(head)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_environ(saved)
 
 
 @pytest.fixture(scope="module")
