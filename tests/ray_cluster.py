@@ -68,13 +68,16 @@ def ray_env(token: str) -> dict[str, str]:
 
 
 def start_local_ray(
-    num_cpus: int = 8, extra_args: list[str] | None = None, extra_env: dict[str, str] | None = None
+    num_cpus: int = 8,
+    extra_args: list[str] | None = None,
+    extra_env: dict[str, str] | None = None,
+    token: str | None = None,
 ) -> LocalRay:
     """Start a Ray head bound to loopback and wait until its dashboard answers.
 
     ``extra_env``: variables every Ray process gets, as a pod's environment would (e.g. S3 credentials).
     """
-    token = secrets.token_hex(16)
+    token = token or secrets.token_hex(16)
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     gcs_port, dash_port, metrics_port = free_port(), free_port(), free_port()
     # Workers export metrics to the agent every 2 s instead of 10 s: metric tests wait less.

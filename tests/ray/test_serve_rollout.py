@@ -137,7 +137,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
         "v1": build_tiny_model(base / "llmray-tiny-rollout-v1", seed=0),
         "v2": build_tiny_model(base / "llmray-tiny-rollout-v2", seed=1),
     }
-    head = start_local_ray(num_cpus=0)
+    # A driver process keeps the first Ray token it read: after another module's cluster, this
+    # process can only connect to a head that uses that same token.
+    head = start_local_ray(num_cpus=0, token=os.environ.get("RAY_AUTH_TOKEN"))
     worker_port = free_port()
     saved = {k: os.environ.get(k) for k in [*head.env, "RAY_ADDRESS"]}
     os.environ.update(head.env)
