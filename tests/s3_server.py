@@ -13,6 +13,7 @@ installs it on first use.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import subprocess
@@ -27,27 +28,31 @@ from tests.ray_cluster import LOOPBACK, free_port
 from tests.waiting import wait_for
 
 MOTO_VERSION = "5.2.5"
-MOTO_REQUIREMENT = f"moto[s3,server]=={MOTO_VERSION}"
+#: moto[s3,server] and everything it pulls in, pinned (installed with --no-deps).
+REQUIREMENTS = Path(__file__).with_name("s3-server-requirements.txt")
 ACCESS_KEY, SECRET_KEY, REGION = "llmray-test-key", "llmray-test-secret", "us-east-1"
 
 
 def moto_venv() -> Path:
+    """The server's venv; named after the pinned set, so a change of pins gets a fresh one."""
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmray"
-    return root / f"moto-{MOTO_VERSION}"
+    digest = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()[:12]
+    return root / f"moto-{MOTO_VERSION}-{digest}"
 
 
 def moto_server_bin() -> Path:
     """The ``moto_server`` executable, installed into its own venv when missing."""
     venv = moto_venv()
-    binary = venv / "bin" / "moto_server"
-    if binary.is_file():
+    binary, done = venv / "bin" / "moto_server", venv / ".installed"
+    if done.is_file() and binary.is_file():  # the stamp: an interrupted install is redone
         return binary
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
     subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", MOTO_REQUIREMENT],
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "-r", str(REQUIREMENTS)],
         check=True,
         env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
     )
+    done.touch()
     return binary
 
 
