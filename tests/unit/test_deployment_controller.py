@@ -12,7 +12,7 @@ from llmray.api.deployment import KIND
 from llmray.api.training import KIND as TRAINING_KIND
 from llmray.controllers.settings import Settings
 from llmray.controllers.topology import SharedHead
-from llmray.ray import ResourceDemand
+from llmray.ray import RayNotFound, ResourceDemand
 from llmray.ray.cluster import ClusterStatus
 
 from .fakes import World
@@ -305,6 +305,13 @@ async def test_adapters_resolve_deploy_as_user_config_and_turn_ready() -> None:
         "oops": "Failed",
     }
     assert "could not load" in adapters["poet"]["message"] and world.reasons().count("AdapterFailed") == 2
+    # A pass with no listing (the replica did not answer) keeps what the last listing showed:
+    # no flap back to Ready, no second Warning.
+    world.ray.models[url] = RayNotFound("GET", url, 503, "busy")
+    await world.reconcile(key)
+    states = {a["name"]: a["state"] for a in world.kube.status(key)["adapters"]}
+    assert states == {"poet": "Failed", "sql": "Ready", "oops": "Failed"}
+    assert world.reasons().count("AdapterFailed") == 2
 
 
 async def test_retrain_into_the_same_uri_rolls_out_the_new_version() -> None:

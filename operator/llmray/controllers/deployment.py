@@ -171,7 +171,15 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
         statuses = adapter_statuses(p.adapters, None, running=False)
         for adapter in statuses:
             before = previous.get(adapter.name)
-            if before is not None and before.state == "Ready" and adapter.uri == before.uri:
+            # What the Serve step last saw (Ready, or Failed: not listed by a replica) holds until
+            # it looks again; resolution alone would say "Loading" and flap the state and Events.
+            fresh = adapter.state == "Loading"
+            if (
+                before is not None
+                and before.state in ("Ready", "Failed")
+                and fresh
+                and adapter.uri == before.uri
+            ):
                 adapter.state, adapter.message = before.state, before.message
         self._adapter_events(p, previous, statuses)
         p.status.adapters = statuses
@@ -358,6 +366,13 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
         statuses = adapter_statuses(
             p.adapters, deployed_adapters(app), running=running, listed=p.served_models
         )
+        if p.served_models is None:  # no listing this pass: a load failure seen before still holds
+            for adapter in statuses:
+                before = previous.get(adapter.name)
+                held = before is not None and before.state == "Failed" and before.uri == adapter.uri
+                if held and adapter.state == "Ready":
+                    assert before is not None
+                    adapter.state, adapter.message = before.state, before.message
         self._adapter_events(p, previous, statuses)
         p.status.adapters = statuses
         if any(a.state == "Loading" for a in statuses):
