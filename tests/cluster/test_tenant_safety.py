@@ -1,7 +1,8 @@
 """Tenant safety against the real API server: the chart's ValidatingAdmissionPolicy refuses an
 LLMTrainingJob/LLMDeployment that would grant its creator more than the creator already has
-(a Secret or claim they may not read, an image or a catch-all toleration that needs the right to
-create pods), naming the field; the same manifests pass for a user who has those rights."""
+(a Secret or claim they may not read; an image, a catch-all toleration, an object store reached with
+the ambient cloud identity, an unprefixed envFrom, a ServiceAccount token or a scheduling class that
+needs the right to create pods), naming the field; the same manifests pass for a user who has those rights."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ TRAINING: dict[str, Any] = {
     "spec": {
         "model": {"uri": "hf://Qwen/Qwen2.5-0.5B"},
         "dataset": {"uri": "file:///data/train.jsonl"},
-        "output": {"uri": "s3://bucket/out"},
+        "output": {"uri": "file:///out"},
     },
 }
 DEPLOYMENT: dict[str, Any] = {
@@ -175,6 +176,80 @@ ESCALATIONS += [
     ),
 ]
 
+# Object stores without spec.objectStorage.secretRef (the node's / ServiceAccount's cloud identity),
+# and pod-template fields only a user who may create pods gets.
+ESCALATIONS += [
+    ("ambient-output", _with(TRAINING, "spec.output.uri", "s3://bucket/out"), "spec.output.uri"),
+    ("ambient-model", _with(TRAINING, "spec.model.uri", "gs://bucket/base"), "spec.model.uri"),
+    ("ambient-dataset", _with(TRAINING, "spec.dataset.uri", "s3://bucket/d.jsonl"), "spec.dataset.uri"),
+    (
+        "ambient-checkpoint",
+        _with(TRAINING, "spec.checkpoint", {"storageUri": "gs://bucket/ckpt"}),
+        "spec.checkpoint.storageUri",
+    ),
+    (
+        "ambient-with-endpoint-only",
+        _with(
+            _with(DEPLOYMENT, "spec.model.uri", "s3://bucket/chat"),
+            "spec.objectStorage",
+            {"endpoint": "http://minio:9000", "region": "eu-1"},
+        ),
+        "spec.model.uri",
+    ),
+    (
+        "ambient-adapter",
+        _with(
+            DEPLOYMENT,
+            "spec.adapters",
+            [{"name": "ok", "uri": "file:///models/a"}, {"name": "x", "uri": "s3://bucket/lora"}],
+        ),
+        "spec.adapters[].uri",
+    ),
+    (
+        "envfrom-without-prefix",
+        _with(TRAINING, "spec.podTemplate", {"envFrom": [{"configMapRef": {"name": "settings"}}]}),
+        "spec.podTemplate.envFrom",
+    ),
+    (
+        "own-secret-envfrom-without-prefix",
+        _with(
+            DEPLOYMENT,
+            "spec.workers.podTemplate",
+            {
+                "envFrom": [
+                    {"prefix": "APP_", "configMapRef": {"name": "a"}},
+                    {"secretRef": {"name": "alice-key"}},
+                ]
+            },
+        ),
+        "spec.workers.podTemplate.envFrom",
+    ),
+    (
+        "service-account-token",
+        _with(
+            TRAINING,
+            "spec.workers.podTemplate",
+            {"volumes": [{"name": "t", "projected": {"sources": [{"serviceAccountToken": {"path": "t"}}]}}]},
+        ),
+        "spec.workers.podTemplate.volumes",
+    ),
+    (
+        "priority-class",
+        _with(TRAINING, "spec.podTemplate", {"priorityClassName": "system-cluster-critical"}),
+        "spec.podTemplate.priorityClassName",
+    ),
+    (
+        "runtime-class",
+        _with(DEPLOYMENT, "spec.head.podTemplate", {"runtimeClassName": "runc-privileged"}),
+        "spec.head.podTemplate.runtimeClassName",
+    ),
+    (
+        "scheduler",
+        _with(TRAINING, "spec.workers.podTemplate", {"schedulerName": "my-scheduler"}),
+        "spec.workers.podTemplate.schedulerName",
+    ),
+]
+
 # Allowed for Alice too: her own Secret, the project's image, a toleration that names its taint.
 HARMLESS: list[tuple[str, dict[str, Any]]] = [
     ("plain-training", TRAINING),
@@ -184,7 +259,19 @@ HARMLESS: list[tuple[str, dict[str, Any]]] = [
     ("file-adapter", _with(DEPLOYMENT, "spec.adapters", [{"name": "a", "uri": "file:///models/a"}])),
     (
         "own-s3-credentials",
-        _with(TRAINING, "spec.objectStorage", {"secretRef": {"name": "alice-key"}, "region": "eu-1"}),
+        _with(
+            _with(TRAINING, "spec.output.uri", "s3://bucket/out"),
+            "spec.objectStorage",
+            {"secretRef": {"name": "alice-key"}, "region": "eu-1"},
+        ),
+    ),
+    (
+        "own-gs-credentials-for-adapters",
+        _with(
+            _with(DEPLOYMENT, "spec.adapters", [{"name": "a", "uri": "gs://bucket/lora"}]),
+            "spec.objectStorage",
+            {"secretRef": {"name": "alice-key"}},
+        ),
     ),
     ("workload-identity", _with(DEPLOYMENT, "spec.objectStorage", {"endpoint": "http://minio:9000"})),
     (
@@ -200,15 +287,17 @@ HARMLESS: list[tuple[str, dict[str, Any]]] = [
                 "labels": {"team": "nlp"},
                 "serviceAccountName": "default",
                 "imagePullSecrets": [{"name": "alice-key"}],
-                "priorityClassName": "training-high",
                 "env": [{"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "alice-key", "key": "key"}}}],
-                "envFrom": [{"secretRef": {"name": "alice-key"}}, {"configMapRef": {"name": "settings"}}],
+                "envFrom": [
+                    {"prefix": "KEY_", "secretRef": {"name": "alice-key"}},
+                    {"prefix": "SETTINGS_", "configMapRef": {"name": "settings"}},
+                ],
                 "volumes": [
                     {"name": "k", "secret": {"secretName": "alice-key"}},
                     {"name": "s", "emptyDir": {"sizeLimit": "1Gi"}},
                     {
                         "name": "t",
-                        "projected": {"sources": [{"serviceAccountToken": {"path": "t", "audience": "a"}}]},
+                        "projected": {"sources": [{"secret": {"name": "alice-key"}}]},
                     },
                 ],
             },
@@ -250,7 +339,7 @@ metadata: {name: llm-user}
 rules:
 - apiGroups: [llmray.io]
   resources: [llmtrainingjobs, llmdeployments]
-  verbs: [create, get]
+  verbs: [create, get, patch]
 - apiGroups: [""]
   resources: [secrets]
   resourceNames: [alice-key]
@@ -350,3 +439,36 @@ def test_image_prefixes_are_configurable(kube: Kube, crds: None, namespace: str)
     kube.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered)  # the CEL compiles
     off = _helm(kube, "template", release, str(CHART), "--set", "admission.enabled=false")
     assert "ValidatingAdmissionPolicy" not in off
+
+
+def test_on_update_only_what_changed_is_checked(kube: Kube, tenants: str) -> None:
+    """Bob's job uses rights Alice lacks; Alice may still edit other fields, not those."""
+    job = _with(
+        _with(TRAINING, "spec.output.uri", "s3://bucket/out"),
+        "spec.podTemplate",
+        {
+            "priorityClassName": "training-high",
+            "envFrom": [{"configMapRef": {"name": "settings"}}],
+            "volumes": [{"name": "t", "projected": {"sources": [{"serviceAccountToken": {"path": "t"}}]}}],
+        },
+    )
+    kube.kubectl("create", "--as", BOB, "-n", tenants, "-f", "-", input=yaml.safe_dump(job))
+
+    def patch(spec: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        return kube.kubectl(
+            "patch", "llmtrainingjob", "job", "--as", ALICE, "-n", tenants, "--type", "merge",
+            "--dry-run=server", "-p", json.dumps({"spec": spec}), check=False,
+        )  # fmt: skip
+
+    kept = patch({"podTemplate": {"labels": {"team": "nlp"}}, "dataset": {"uri": "file:///data/b.jsonl"}})
+    assert kept.returncode == 0, kept.stderr
+    for spec, field in [
+        ({"output": {"uri": "gs://other/out"}}, "spec.output.uri"),
+        (
+            {"podTemplate": {"priorityClassName": "system-cluster-critical"}},
+            "spec.podTemplate.priorityClassName",
+        ),
+        ({"podTemplate": {"envFrom": [{"configMapRef": {"name": "other"}}]}}, "spec.podTemplate.envFrom"),
+    ]:
+        refused = patch(spec)
+        assert refused.returncode != 0 and f"{field}:" in refused.stderr, (spec, refused.stderr)
