@@ -224,6 +224,8 @@ def test_object_storage_credentials_endpoint_and_region(which: str) -> None:
         "value": "http://minio.minio.svc:9000",
     }
     assert env["AWS_REGION"]["value"] == "eu-1"
+    # the creator's keys only: no fall-back to the node's role through instance metadata
+    assert env["AWS_EC2_METADATA_DISABLED"]["value"] == "true"
     # never the whole Secret: it could set any variable (the Ray token among them)
     assert "envFrom" not in _container(pod)
     # nothing to mount for object stores
@@ -236,6 +238,7 @@ def test_object_storage_without_secret_uses_workload_identity() -> None:
     env = _env(b.head_pod(cluster, "u"))
     assert "AWS_ACCESS_KEY_ID" not in env and "AWS_SECRET_ACCESS_KEY" not in env
     assert env["AWS_REGION"]["value"] == "us-west-2" and "AWS_ENDPOINT_URL_S3" not in env
+    assert "AWS_EC2_METADATA_DISABLED" not in env  # workload identity may be the node's role
     assert not [n for n in _env(b.head_pod(_deployment(), "u")) if n.startswith("AWS_")]
 
 

@@ -445,6 +445,9 @@ def object_storage_env(storage: ObjectStorage | None) -> list[dict[str, Any]]:
                 "valueFrom": {"secretKeyRef": {"name": name, "key": S3_SESSION_TOKEN_KEY, "optional": True}},
             }
         )
+        # With the creator's own keys, never fall back to the node's role (instance metadata): an
+        # empty or wrong key must fail, not quietly read with the node's identity.
+        env.append({"name": "AWS_EC2_METADATA_DISABLED", "value": "true"})
     if storage.endpoint:
         env.append({"name": S3_ENDPOINT_ENV, "value": storage.endpoint})
     if storage.region:
