@@ -71,6 +71,43 @@ REFUSED: list[tuple[str, dict[str, Any], list[str]]] = [
         ["spec.podTemplate.volumeMounts", "operator's mount paths"],
     ),
     (
+        "gpu-visibility-env",
+        _t("spec.workers.podTemplate", {"env": [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"}]}),
+        ["spec.workers.podTemplate.env", "NVIDIA_"],
+    ),
+    (
+        "code-loading-env",
+        _t("spec.podTemplate", {"env": [{"name": "LD_PRELOAD", "value": "/x.so"}]}),
+        ["spec.podTemplate.env", "set by the operator"],
+    ),
+    (
+        "mount-over-code",
+        _t(
+            "spec.podTemplate",
+            {"volumes": SCRATCH, "volumeMounts": [{"name": "v", "mountPath": "/usr/local/lib"}]},
+        ),
+        ["spec.podTemplate.volumeMounts", "hold the pod's code"],
+    ),
+    (
+        "mount-path-not-normalised",
+        _t(
+            "spec.podTemplate",
+            {"volumes": SCRATCH, "volumeMounts": [{"name": "v", "mountPath": "/x/../usr"}]},
+        ),
+        ["spec.podTemplate.volumeMounts[0].mountPath"],
+    ),
+    (
+        "sub-path-climbing",
+        _t(
+            "spec.podTemplate",
+            {
+                "volumes": SCRATCH,
+                "volumeMounts": [{"name": "v", "mountPath": "/data", "subPath": "a/../../x"}],
+            },
+        ),
+        ["spec.podTemplate.volumeMounts[0].subPath", "must not contain '..'"],
+    ),
+    (
         "mount-without-volume",
         _t("spec.podTemplate", {"volumeMounts": [{"name": "ghost", "mountPath": "/x"}]}),
         ["spec.podTemplate.volumeMounts", "same podTemplate"],

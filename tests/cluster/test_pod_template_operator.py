@@ -74,8 +74,8 @@ def test_template_fields_land_on_restricted_pods_and_changes_recreate_them(
             {"name": "ca", "configMap": {"name": "ca-bundle"}},
             {"name": "token", "projected": {"sources": [{"serviceAccountToken": TOKEN}]}},
         ],
-        "volumeMounts": [{"name": "ca", "mountPath": "/etc/ssl/corp", "readOnly": True},
-                         {"name": "token", "mountPath": "/var/run/cloud"}],
+        "volumeMounts": [{"name": "ca", "mountPath": "/etc/ssl/certs/corp", "readOnly": True},
+                         {"name": "token", "mountPath": "/mnt/cloud"}],
         "topologySpreadConstraints": [
             {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
              "labelSelector": {"matchLabels": {"ray.io/cluster": NAME}}}
@@ -107,7 +107,7 @@ def test_template_fields_land_on_restricted_pods_and_changes_recreate_them(
         assert env["RAY_AUTH_TOKEN"].value_from.secret_key_ref.name == f"{NAME}-ray-auth"
         assert container.env_from[0].config_map_ref.name == "ca-bundle"
         mounts = {m.mount_path: m.name for m in container.volume_mounts}
-        assert mounts["/etc/ssl/corp"] == "ca" and mounts["/var/run/cloud"] == "token"
+        assert mounts["/etc/ssl/certs/corp"] == "ca" and mounts["/mnt/cloud"] == "token"
         assert ("/data" in mounts) == is_worker
         volumes = {v.name: v for v in spec.volumes}
         assert volumes["token"].projected.sources[0].service_account_token.audience == "sts"

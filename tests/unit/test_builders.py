@@ -401,7 +401,8 @@ def test_serving_pods_are_ready_while_their_proxy_is(which: str) -> None:
         else {"path": "/api/local_raylet_healthz", "port": 52365}
     )
     assert container["readinessProbe"]["httpGet"] == {"path": "/-/healthz", "port": 8000}
-    assert container["readinessProbe"]["failureThreshold"] == 1  # a draining proxy leaves at once
+    # a draining proxy leaves within 6s; one slow answer under load keeps the only endpoint
+    assert container["readinessProbe"]["failureThreshold"] == 3
     assert container["startupProbe"]["httpGet"] == ray_health  # the operator waits for the Ray node
     assert container["livenessProbe"]["httpGet"] == ray_health  # a missing proxy never restarts a node
     startup = container["startupProbe"]

@@ -326,7 +326,9 @@ def test_training_stalled_thresholds() -> None:
     assert quiet is not None and not quiet.active
     stalled = training_stalled("Running", t0, t0 + timedelta(seconds=725), 600)
     assert stalled is not None and stalled.active and stalled.reason == "NoProgress"
-    assert "12m05s" in stalled.message
+    assert "for more than 10m" in stalled.message and "12m" not in stalled.message
+    later_still = training_stalled("Running", t0, t0 + timedelta(seconds=900), 600)
+    assert later_still is not None and later_still.message == stalled.message  # no write every pass
 
 
 def test_queue_full_thresholds() -> None:

@@ -50,9 +50,9 @@ TEMPLATE: dict[str, Any] = {
         {"name": "data", "persistentVolumeClaim": {"claimName": "datasets", "readOnly": True}},
     ],
     "volumeMounts": [
-        {"name": "ca", "mountPath": "/etc/ssl/custom", "readOnly": True},
-        {"name": "creds", "mountPath": "/var/run/creds"},
-        {"name": "cloud-token", "mountPath": "/var/run/cloud"},
+        {"name": "ca", "mountPath": "/etc/ssl/certs/custom", "readOnly": True},
+        {"name": "creds", "mountPath": "/mnt/creds"},
+        {"name": "cloud-token", "mountPath": "/mnt/cloud"},
         {"name": "data", "mountPath": "/data"},
     ],
     "priorityClassName": "ml-high",
@@ -112,6 +112,24 @@ def _with(template: dict[str, Any], **changes: Any) -> dict[str, Any]:
             "podTemplate.volumeMounts: /dev/shm",
         ),
         ({**SCRATCH, "volumeMounts": [{"name": "v", "mountPath": "/mnt/pvc/x"}]}, "podTemplate.volumeMounts"),
+        ({"env": [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"}]}, "podTemplate.env: .*NVIDIA_"),
+        ({"env": [{"name": "LD_PRELOAD", "value": "/x.so"}]}, "podTemplate.env"),
+        ({"env": [{"name": "PYTHONPATH", "value": "/x"}]}, "podTemplate.env"),
+        ({"env": [{"name": "PATH", "value": "/x"}]}, "podTemplate.env"),
+        ({"env": [{"name": "BASH_ENV", "value": "/x"}]}, "podTemplate.env"),
+        ({**SCRATCH, "volumeMounts": [{"name": "v", "mountPath": "/usr/local/lib"}]}, "hold the pod's code"),
+        ({**SCRATCH, "volumeMounts": [{"name": "v", "mountPath": "/src"}]}, "hold the pod's code"),
+        ({**SCRATCH, "volumeMounts": [{"name": "v", "mountPath": "/home/ray/x"}]}, "hold the pod's code"),
+        ({**SCRATCH, "volumeMounts": [{"name": "v", "mountPath": "/etc/ssl"}]}, "hold the pod's code"),
+        ({**SCRATCH, "volumeMounts": [{"name": "v", "mountPath": "/var/lib/x"}]}, "hold the pod's code"),
+        ({**SCRATCH, "volumeMounts": [{"name": "v", "mountPath": "/"}]}, "mountPath"),
+        ({**SCRATCH, "volumeMounts": [{"name": "v", "mountPath": "//usr"}]}, "mountPath"),
+        ({**SCRATCH, "volumeMounts": [{"name": "v", "mountPath": "/data/../usr"}]}, "mountPath"),
+        ({**SCRATCH, "volumeMounts": [{"name": "v", "mountPath": "/usr/"}]}, "mountPath"),
+        (
+            {**SCRATCH, "volumeMounts": [{"name": "v", "mountPath": "/data", "subPath": "a/../../x"}]},
+            "subPath: must not contain",
+        ),
         ({"privileged": True}, "privileged"),
         ({"securityContext": {"runAsUser": 0}}, "securityContext"),
         ({"hostNetwork": True}, "hostNetwork"),
@@ -155,6 +173,23 @@ def test_reserved_names_cover_what_the_operator_builds() -> None:
 
 
 # --- merging ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path", ["/etc/ssl/certs", "/etc/ssl/certs/corp", "/usr/local/share/ca-certificates/corp.crt", "/data"]
+)
+def test_ca_bundles_and_data_paths_may_be_mounted(path: str) -> None:
+    PodTemplate.model_validate({**SCRATCH, "volumeMounts": [{"name": "v", "mountPath": path}]})
+
+
+def test_merge_may_exceed_a_lists_limit_without_failing() -> None:
+    """5 + 5 pull secrets (at most 8 each): both templates are valid, so is the role's pod."""
+    shared = PodTemplate.model_validate({"imagePullSecrets": [{"name": f"shared-{i}"} for i in range(5)]})
+    role = PodTemplate.model_validate({"imagePullSecrets": [{"name": f"role-{i}"} for i in range(5)]})
+    merged = merge_templates(shared, role)
+    assert merged is not None and len(merged.image_pull_secrets or []) == 10
+    dumped = merged.model_dump(by_alias=True, exclude_none=True)
+    assert [s["name"] for s in dumped["imagePullSecrets"]][-1] == "role-4"
 
 
 def test_role_template_adds_to_the_shared_one_and_wins_a_clash() -> None:
@@ -212,7 +247,7 @@ def test_template_fields_land_on_the_pods(which: str) -> None:
     assert volumes["creds"]["secret"] == {"secretName": "s3", "defaultMode": 0o440}
     assert volumes["data"]["persistentVolumeClaim"] == {"claimName": "datasets", "readOnly": True}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    assert mounts["/etc/ssl/custom"] == "ca" and mounts["/dev/shm"] == "dshm"
+    assert mounts["/etc/ssl/certs/custom"] == "ca" and mounts["/dev/shm"] == "dshm"
     # Still restricted: the security contexts are the operator's.
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert spec["securityContext"]["runAsNonRoot"] is True

@@ -252,14 +252,17 @@ def test_backoff_holds_the_next_attempt_until_its_time() -> None:
         submitted=True, backoff_seconds=15, at=at,
     )  # fmt: skip
     assert (step.action, step.attempt, step.delay, step.reason) == ("restart", 1, 15.0, "BackingOff")
-    assert "restarting in 15s" in step.message and "oom" in step.message
+    assert "restarting at 2026-01-01T00:00:15Z (backoff 15s)" in step.message and "oom" in step.message
     not_before = at + timedelta(seconds=step.delay)
-    kwargs = {"attempt": 1, "restarts": 1, "max_restarts": 2, "job": None, "cluster_ready": True}
+    kwargs = {"attempt": 1, "restarts": 1, "max_restarts": 2, "job": None, "cluster_ready": True,
+              "backoff_seconds": 15}  # fmt: skip
     waiting = decide_training(
         **kwargs, submission_id="a1", not_before=not_before, at=at + timedelta(seconds=5)
     )
     assert (waiting.action, waiting.requeue_after) == ("backoff", 10.0)
-    assert "restarting in 10s" in waiting.message
+    assert "restarting at 2026-01-01T00:00:15Z (backoff 15s" in waiting.message
+    again = decide_training(**kwargs, submission_id="a1", not_before=not_before, at=at + timedelta(seconds=9))
+    assert (again.message, again.requeue_after) == (waiting.message, 6.0)  # same text every pass
     due = decide_training(**kwargs, submission_id="a1", not_before=not_before, at=not_before)
     assert due.action == "submit"
 

@@ -393,13 +393,15 @@ async def test_backoff_waits_before_each_restart_and_doubles() -> None:
     again = await world.reconcile(key)
     status = world.kube.status(key)
     assert (status["phase"], status["attempt"], status["restarts"], status["jobId"]) == ("Running", 1, 1, "")
-    assert "restarting in 30s" in status["message"] and status["nextAttemptAt"]
+    assert "(backoff 30s)" in status["message"] and status["nextAttemptAt"]
+    first = status["message"]
     assert world.condition(key, "JobRunning")["reason"] == "BackingOff"
     assert again is not None and 25 <= again <= 30  # woken when the backoff ends
     assert sid(uid, 1) not in head.jobs_  # nothing submitted while backing off
     again = await world.reconcile(key)
     assert sid(uid, 1) not in head.jobs_
-    assert "restarting in 30s" in world.kube.status(key)["message"]
+    assert "(backoff 30s" in world.kube.status(key)["message"]
+    assert "restarting at " in world.kube.status(key)["message"] and "restarting at " in first
     assert again is not None and again <= 30
     await set_status(world, key, nextAttemptAt=ago(1))  # the backoff is over
     await world.reconcile(key)
@@ -408,7 +410,7 @@ async def test_backoff_waits_before_each_restart_and_doubles() -> None:
     assert head.calls.count("submit") == 2
     head.set_job(sid(uid, 1), JobStatus.FAILED, "boom again")
     await world.reconcile(key)
-    assert "restarting in 60s" in world.kube.status(key)["message"]  # exponential: 30s x 2
+    assert "(backoff 60s)" in world.kube.status(key)["message"]  # exponential: 30s x 2
 
 
 async def test_no_backoff_resubmits_at_once() -> None:

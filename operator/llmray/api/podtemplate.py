@@ -41,8 +41,13 @@ RESERVED_ENV: tuple[str, ...] = (
     "RAY_TMPDIR",
     "HF_HOME",
     "HF_TOKEN",
+    # what loads code or picks the GPUs: a shell's startup file, the search path, the loader's and
+    # Python's own settings, and NVIDIA_VISIBLE_DEVICES (=all shows every GPU of the node)
+    "PATH",
+    "BASH_ENV",
+    "ENV",
 )
-RESERVED_ENV_PREFIXES: tuple[str, ...] = ("LLMRAY_", "RAY_AUTH")
+RESERVED_ENV_PREFIXES: tuple[str, ...] = ("LLMRAY_", "RAY_AUTH", "PYTHON", "LD_", "NVIDIA_")
 RESERVED_VOLUMES: tuple[str, ...] = ("dshm", "tmp", "ray-session", "model-cache")
 RESERVED_VOLUME_PREFIXES: tuple[str, ...] = ("pvc-",)
 RESERVED_MOUNT_PATHS: tuple[str, ...] = (
@@ -52,6 +57,32 @@ RESERVED_MOUNT_PATHS: tuple[str, ...] = (
     "/home/ray/.cache/huggingface",
     "/mnt/pvc",
 )
+SYSTEM_MOUNT_PATHS: tuple[str, ...] = (
+    "/usr",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/bin",
+    "/sbin",
+    "/etc",
+    "/opt",
+    "/root",
+    "/home",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/run",
+    "/var/run",
+    "/var/lib",
+    "/boot",
+    "/src",
+)
+"""Code and system directories (the image's WORKDIRs /src and /home/ray, Python under /usr/local):
+a mount at or below one would shadow what the pod runs. ``/`` itself is refused by the pattern."""
+CA_MOUNT_PATHS: tuple[str, ...] = ("/etc/ssl/certs", "/usr/local/share/ca-certificates")
+"""Where CA bundles go: allowed (at and below) although under :data:`SYSTEM_MOUNT_PATHS`."""
+MOUNT_PATH = r"^(/([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+))+$"
+"""An absolute, normalised path: no empty, ``.`` or ``..`` segment, no trailing slash."""
 VOLUME_SOURCES: tuple[str, ...] = (
     "configMap",
     "secret",
@@ -396,18 +427,42 @@ class Volume(ApiModel):
         return self
 
 
+SUB_PATH_MESSAGE = "podTemplate.volumeMounts[].subPath: must not contain '..'"
+
+
 class VolumeMount(ApiModel):
     """Where a volume of the same podTemplate appears in the Ray container."""
 
+    model_config = with_cel_rules(
+        cel_rule(
+            "!has(self.subPath) || !self.subPath.contains('..')",
+            SUB_PATH_MESSAGE,
+            ".subPath",
+            "FieldValueForbidden",
+        )
+    )
+
     name: str = Field(..., min_length=1, max_length=63, pattern=DNS_LABEL, description="Volume name.")
-    mount_path: str = Field(..., min_length=2, max_length=1024, pattern=r"^/.", description="Absolute path.")
+    mount_path: str = Field(
+        ...,
+        min_length=2,
+        max_length=1024,
+        pattern=MOUNT_PATH,
+        description="Absolute, normalised path (no ., .. or empty segments, no trailing slash).",
+    )
     sub_path: str | None = Field(
         None,
         max_length=1024,
         pattern=r"^[^/]",
-        description="Path inside the volume to mount instead of its root.",
+        description="Path inside the volume to mount instead of its root (without '..').",
     )
     read_only: bool | None = Field(None, description="Mount read-only.")
+
+    @model_validator(mode="after")
+    def _sub_path(self) -> VolumeMount:
+        if self.sub_path is not None and ".." in self.sub_path:
+            raise ValueError(SUB_PATH_MESSAGE)
+        return self
 
 
 LabelSelector = Annotated[
@@ -476,6 +531,27 @@ _MOUNT_RULE = (
 MOUNT_MESSAGE = (
     f"podTemplate.volumeMounts: {', '.join(RESERVED_MOUNT_PATHS)} (and below) are the operator's mount paths"
 )
+
+
+def _at_or_below(var: str, path: str) -> str:
+    return f"({var} == '{path}' || {var}.startsWith('{path}/'))"
+
+
+def _is_at_or_below(path: str, roots: tuple[str, ...]) -> bool:
+    return any(path == r or path.startswith(r + "/") for r in roots)
+
+
+_SYSTEM_MOUNT_RULE = (
+    "!has(self.volumeMounts) || self.volumeMounts.all(m, "
+    + " || ".join(_at_or_below("m.mountPath", p) for p in CA_MOUNT_PATHS)
+    + " || !("
+    + " || ".join(_at_or_below("m.mountPath", p) for p in SYSTEM_MOUNT_PATHS)
+    + "))"
+)
+SYSTEM_MOUNT_MESSAGE = (
+    f"podTemplate.volumeMounts: {', '.join(SYSTEM_MOUNT_PATHS)} (and below) hold the pod's code and "
+    f"system files; only {' and '.join(CA_MOUNT_PATHS)} (and below) may be mounted there"
+)
 _MOUNT_VOLUME_RULE = (
     "!has(self.volumeMounts) || self.volumeMounts.all(m, has(self.volumes) && "
     "self.volumes.exists(v, v.name == m.name))"
@@ -507,6 +583,7 @@ class PodTemplate(ApiModel):
         cel_rule(_ENV_RULE, ENV_MESSAGE, ".env", "FieldValueForbidden"),
         cel_rule(_VOLUME_RULE, VOLUME_MESSAGE, ".volumes", "FieldValueForbidden"),
         cel_rule(_MOUNT_RULE, MOUNT_MESSAGE, ".volumeMounts", "FieldValueForbidden"),
+        cel_rule(_SYSTEM_MOUNT_RULE, SYSTEM_MOUNT_MESSAGE, ".volumeMounts", "FieldValueForbidden"),
         cel_rule(_MOUNT_VOLUME_RULE, MOUNT_VOLUME_MESSAGE, ".volumeMounts"),
     )
 
@@ -577,10 +654,11 @@ class PodTemplate(ApiModel):
         if any(_reserved(v.name, RESERVED_VOLUMES, RESERVED_VOLUME_PREFIXES) for v in self.volumes or []):
             raise ValueError(VOLUME_MESSAGE)
         for mount in self.volume_mounts or []:
-            if any(
-                mount.mount_path == p or mount.mount_path.startswith(p + "/") for p in RESERVED_MOUNT_PATHS
-            ):
+            if _is_at_or_below(mount.mount_path, RESERVED_MOUNT_PATHS):
                 raise ValueError(MOUNT_MESSAGE)
+            path = mount.mount_path
+            if _is_at_or_below(path, SYSTEM_MOUNT_PATHS) and not _is_at_or_below(path, CA_MOUNT_PATHS):
+                raise ValueError(SYSTEM_MOUNT_MESSAGE)
         names = [v.name for v in self.volumes or []]
         if any(m.name not in names for m in self.volume_mounts or []):
             raise ValueError(MOUNT_VOLUME_MESSAGE)
@@ -605,10 +683,14 @@ def _by_key(shared: list[Any] | None, role: list[Any] | None, key: str) -> list[
 
 
 def merge_templates(shared: PodTemplate | None, role: PodTemplate | None) -> PodTemplate | None:
-    """The template in force for one role: ``role`` added to ``shared`` (the role wins a clash)."""
+    """The template in force for one role: ``role`` added to ``shared`` (the role wins a clash).
+
+    Built without validation: both inputs are valid, and the union may exceed a list's max_length
+    (5 + 5 imagePullSecrets of at most 8), which must not fail every reconcile.
+    """
     if shared is None or role is None:
         return role or shared
-    return PodTemplate(
+    return PodTemplate.model_construct(
         labels={**(shared.labels or {}), **(role.labels or {})} or None,
         annotations={**(shared.annotations or {}), **(role.annotations or {})} or None,
         service_account_name=role.service_account_name or shared.service_account_name,

@@ -208,7 +208,7 @@ class FailurePolicy(ApiModel):
         le=3600,
         description="Wait before resubmitting after a failure, doubling with each restart "
         "(backoffSeconds x 2^(restart-1), at most 1 hour); the Ray pods stay up meanwhile and "
-        "status.message says 'restarting in Ns'. 0 resubmits at once.",
+        "status.message says 'restarting at <time> (backoff Ns)'. 0 resubmits at once.",
     )
 
 

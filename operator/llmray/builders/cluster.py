@@ -556,7 +556,7 @@ def _pod_spec(cluster: ClusterSpec, node_type: str) -> dict[str, Any]:
         # replica) and to none whose proxy is missing, starting or draining.
         probes = {
             "startupProbe": _probe(health_path, health_port, initial=5, period=3, failures=100),
-            "readinessProbe": _probe(SERVE_HEALTH_PATH, SERVE_PORT, initial=0, period=2, failures=1),
+            "readinessProbe": _probe(SERVE_HEALTH_PATH, SERVE_PORT, initial=0, period=2, failures=3),
             "livenessProbe": _probe(health_path, health_port, initial=0, period=10, failures=12),
         }
     storage = placement.storage

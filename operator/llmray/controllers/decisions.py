@@ -12,7 +12,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from llmray.api.deployment import LLMDeploymentSpec
@@ -135,18 +135,21 @@ def decide_training(
     - FAILED/STOPPED: the next attempt while ``restarts < max_restarts`` (it resumes from the run's
       checkpoints by itself), else Failed. With ``backoff_seconds`` the restart carries a delay
       (:func:`restart_delay`): the caller records ``not_before`` and submits nothing until then;
-      until ``at`` reaches it the step is ``backoff`` ("restarting in Ns").
+      until ``at`` reaches it the step is ``backoff`` ("restarting at <time> (backoff Ns)").
     """
     if job is None and not submitted and not_before is not None and at is not None and at < not_before:
         left = math.ceil((not_before - at).total_seconds())
+        delay = math.ceil(restart_delay(backoff_seconds, restarts))
+        backoff = f"backoff {delay}s, " if delay > 0 else ""
+        # the absolute time, not the seconds left: the condition stays the same on every pass
         return TrainingStep(
             "backoff",
             attempt,
             restarts,
             "Running",
             R_BACKING_OFF,
-            f"attempt {attempt - 1} failed; restarting in {left}s (restart {restarts}/{max_restarts}, "
-            "failurePolicy.backoffSeconds)",
+            f"attempt {attempt - 1} failed; restarting at {_utc(not_before)} ({backoff}restart "
+            f"{restarts}/{max_restarts}, failurePolicy.backoffSeconds)",
             float(left),
         )
     if job is None and submitted:
@@ -162,6 +165,7 @@ def decide_training(
             restarts=restarts,
             max_restarts=max_restarts,
             backoff=backoff_seconds,
+            at=at,
         )
     if job is None:
         if not cluster_ready:
@@ -209,16 +213,32 @@ def decide_training(
         restarts=restarts,
         max_restarts=max_restarts,
         backoff=backoff_seconds,
+        at=at,
     )
 
 
+def _utc(when: datetime) -> str:
+    """``2026-11-29T18:40:00Z``: the form status timestamps take."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _failed_attempt(
-    why: str, reason: str, *, attempt: int, restarts: int, max_restarts: int, backoff: int = 0
+    why: str,
+    reason: str,
+    *,
+    attempt: int,
+    restarts: int,
+    max_restarts: int,
+    backoff: int = 0,
+    at: datetime | None = None,
 ) -> TrainingStep:
     """A failed (or lost) attempt: the next one (after the backoff) while restarts are left, else Failed."""
     if restarts < max_restarts:
         delay = restart_delay(backoff, restarts + 1)
-        when = f" in {math.ceil(delay)}s" if delay > 0 else ""
+        when = ""
+        if delay > 0:
+            start = f" at {_utc(at + timedelta(seconds=delay))}" if at is not None else ""
+            when = f"{start} (backoff {math.ceil(delay)}s)"
         return TrainingStep(
             "restart",
             attempt + 1,

@@ -200,10 +200,17 @@ def training_stalled(phase: str, last_progress: datetime | None, at: datetime, a
             COND_STALLED,
             True,
             "NoProgress",
-            f"no new progress report for {int(quiet // 60)}m{int(quiet % 60):02d}s (threshold "
-            f"{int(after)}s): check the Ray job's logs (`ray job logs`) or the workers' pods",
+            # stable text (the threshold, not the time elapsed): no status write on every pass
+            f"no new progress report for more than {_duration(after)}: check the Ray job's logs "
+            "(`ray job logs`) or the workers' pods",
         )
     return Alarm(COND_STALLED, False, "Progressing", "progress reports keep coming")
+
+
+def _duration(seconds: float) -> str:
+    """``600`` -> ``10m``, ``90`` -> ``90s``."""
+    whole = int(seconds)
+    return f"{whole // 60}m" if whole >= 60 and whole % 60 == 0 else f"{whole}s"
 
 
 def queue_full(waiting: int, max_queued: int, ratio: float) -> Alarm:
