@@ -81,6 +81,11 @@ REFUSED: list[tuple[str, dict[str, Any], list[str]]] = [
         ["spec.podTemplate.env", "set by the operator"],
     ),
     (
+        "env-from-prefix-completing-a-loader-name",
+        _t("spec.podTemplate", {"envFrom": [{"prefix": "LD_", "configMapRef": {"name": "c"}}]}),
+        ["spec.podTemplate.envFrom[0]", "use a prefix of your own"],
+    ),
+    (
         "mount-over-code",
         _t(
             "spec.podTemplate",

@@ -14,6 +14,7 @@ from llmray.api.podtemplate import (
     RESERVED_ENV,
     RESERVED_MOUNT_PATHS,
     RESERVED_VOLUMES,
+    EnvFromSource,
     PodTemplate,
     merge_templates,
 )
@@ -294,3 +295,27 @@ def test_deployment_pods_get_their_templates_too() -> None:
         assert pod["spec"]["imagePullSecrets"] == [{"name": "registry"}]
         assert pod["metadata"]["labels"]["team"] == "chat"
     assert worker["spec"]["priorityClassName"] == "serving-high" and "priorityClassName" not in head["spec"]
+
+
+@pytest.mark.parametrize(
+    ("prefix", "ok"),
+    [
+        (None, True),
+        ("APP_", True),
+        ("WANDB_", True),
+        ("LD_", False),  # + PRELOAD
+        ("L", False),  # + D_PRELOAD
+        ("P", False),  # + ATH / YTHONPATH
+        ("PYTHONX_", False),
+        ("NVIDIA_", False),  # + VISIBLE_DEVICES
+        ("E", False),  # + NV
+        ("RAY_AUTH_", False),
+    ],
+)
+def test_an_env_from_prefix_cannot_complete_a_guarded_name(prefix: str | None, ok: bool) -> None:
+    source = {"configMapRef": {"name": "cfg"}, **({"prefix": prefix} if prefix else {})}
+    if ok:
+        EnvFromSource.model_validate(source)
+    else:
+        with pytest.raises(ValidationError, match=r"envFrom\[\]\.prefix"):
+            EnvFromSource.model_validate(source)

@@ -212,11 +212,34 @@ class EnvVar(ApiModel):
 _ENV_FROM_SOURCES = ("configMapRef", "secretRef")
 _env_from_rule, _env_from_message = _one_of(_ENV_FROM_SOURCES, "envFrom[]")
 
+#: Names an envFrom prefix must not be able to complete (prefix + a key): the code-loading and GPU
+#: names and the operator's prefixes. The operator's exact names need no rule: env wins over envFrom.
+_ENV_FROM_GUARDED = ("PATH", "BASH_ENV", "ENV")
+ENV_FROM_PREFIX_MESSAGE = (
+    "podTemplate.envFrom[].prefix: prefix + key could make "
+    f"{', '.join(_ENV_FROM_GUARDED)} or a name starting with {', '.join(RESERVED_ENV_PREFIXES)}; "
+    "use a prefix of your own such as APP_"
+)
+_ENV_FROM_PREFIX_RULE = cel_rule(
+    "!has(self.prefix) || self.prefix == '' || "
+    f"(!{_cel_list(_ENV_FROM_GUARDED + RESERVED_ENV_PREFIXES)}.exists(d, d.startsWith(self.prefix)) "
+    f"&& !({_starts('self.prefix', RESERVED_ENV_PREFIXES)}))",
+    ENV_FROM_PREFIX_MESSAGE,
+)
+
+
+def env_from_prefix_ok(prefix: str | None) -> bool:
+    """Whether keys under ``prefix`` can never become a guarded or reserved env name."""
+    if not prefix:
+        return True  # without a prefix the creator needs the right to create pods (admission)
+    guarded = _ENV_FROM_GUARDED + RESERVED_ENV_PREFIXES
+    return not any(d.startswith(prefix) for d in guarded) and not prefix.startswith(RESERVED_ENV_PREFIXES)
+
 
 class EnvFromSource(ApiModel):
     """Every key of a ConfigMap or Secret as env vars (explicit env vars, the operator's first, win)."""
 
-    model_config = with_cel_rules(_env_from_rule)
+    model_config = with_cel_rules(_env_from_rule, _ENV_FROM_PREFIX_RULE)
 
     prefix: str | None = Field(
         None, max_length=128, pattern=ENV_NAME, description="Prefix added to each name."
@@ -227,6 +250,8 @@ class EnvFromSource(ApiModel):
     @model_validator(mode="after")
     def _one_source(self) -> EnvFromSource:
         _check_one_of(self, _ENV_FROM_SOURCES, _env_from_message)
+        if not env_from_prefix_ok(self.prefix):
+            raise ValueError(ENV_FROM_PREFIX_MESSAGE)
         return self
 
 
