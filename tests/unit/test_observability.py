@@ -209,6 +209,19 @@ def route_url(world: World, name: str = "chat") -> str:
     return world.settings.topology.head(name, dep.NS).serve_url
 
 
+@pytest.mark.parametrize(("running", "target"), [(0, 0), (1, 0), (0, 1)])
+async def test_an_app_at_or_toward_zero_replicas_is_not_polled(running: int, target: int) -> None:
+    """A stats poll is a request: at zero replicas Serve would start one for it (scale-from-zero),
+    so an app Serve is taking to zero, or that has no replica yet, is never polled."""
+    world = World()
+    key = await dep.up(world, autoscaling={"minReplicas": 0, "maxReplicas": 1})
+    world.head_of(key).set_app("chat", "RUNNING", running=running, target=target)
+    world.ray.stats[route_url(world)] = ServingStats(requests_per_second=4.0)
+    await world.reconcile(key)
+    assert world.ray.stats_calls == []
+    assert world.kube.status(key).get("serving", {}).get("requestsPerSecond", 0) == 0
+
+
 async def test_deployment_status_mirrors_serving_and_raises_queue_full() -> None:
     world = World()
     key = await dep.up(world, limits={"maxQueuedRequests": 10})
