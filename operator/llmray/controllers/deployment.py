@@ -37,7 +37,6 @@ from llmray.builders.observe import PodView
 from llmray.builders.status import COND_MODEL_RESOLVED, R_MODEL_RESOLVED
 from llmray.kube import KubeError
 from llmray.ray import RayAuthError, RayError, RayNode, serve_route
-from llmray.ray.serve import ServeApplication
 from llmray.ray.serving import serving_status
 
 from .cluster import ClusterController, Deps, Pass
@@ -120,16 +119,6 @@ def joined_worker_states(
             since = ready_since.setdefault(pod.name, now)
             out.append(WorkerState(pod.name, in_ray=True, idle_seconds=now - since))
     return out
-
-
-def has_live_replicas(app: ServeApplication) -> bool:
-    """Replicas run and Serve is not taking them to zero (min replicas 0, no traffic).
-
-    Any HTTP request to the app, the operator's own stats poll included, counts as traffic: sent
-    to an app at zero replicas it makes Serve start one, so such an app is never polled.
-    """
-    targets = [d.target_replicas for d in app.deployments.values() if d.target_replicas is not None]
-    return app.running_replicas > 0 and (not targets or sum(targets) > 0)
 
 
 class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentStatus]):
@@ -328,7 +317,7 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
             p.serve_app = await ray.serve.get_application(route.app_name)
             p.serve_seen = True
             if p.serve_app is not None and p.serve_app.status == "RUNNING":
-                if has_live_replicas(p.serve_app):
+                if p.serve_app.has_live_replicas:
                     # Own head: the cluster's Ray token opens the read-only routes (stats, model
                     # list), so the operator never needs the user's API-key Secret.
                     await self._poll_stats(p, route.url, api_key if head.shared else head.token)

@@ -65,6 +65,16 @@ class ServeApplication:
         return sum(d.target_replicas or 0 for d in self.deployments.values())
 
     @property
+    def has_live_replicas(self) -> bool:
+        """Replicas run and Serve is not taking them to zero (min replicas 0, no traffic).
+
+        Any HTTP request to the app, the operator's own stats poll included, counts as traffic:
+        sent to an app at zero replicas it makes Serve start one, so such an app is never polled.
+        """
+        targets = [d.target_replicas for d in self.deployments.values() if d.target_replicas is not None]
+        return self.running_replicas > 0 and (not targets or sum(targets) > 0)
+
+    @property
     def replica_ips(self) -> frozenset[str]:
         """IPs of the nodes that host a replica of this application."""
         return frozenset(ip for d in self.deployments.values() for ip in d.replica_ips)
