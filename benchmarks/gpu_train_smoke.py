@@ -2,8 +2,9 @@
 
 Self-contained (config built in code, no weights, no data, no network), a few minutes at most.
 Runs inside a Ray Train ``TorchTrainer`` with one GPU worker when Ray is importable (the path the
-product uses), else in-process. Prints tokens/s and MFU (model FLOPs utilisation: 6 x params +
-attention FLOPs per token, against the GPU's dense bf16 peak) and one summary line:
+product uses), else in-process. Prints tokens/s and MFU (model FLOPs utilisation, the same formula
+and GPU peak table as the product's progress reports: ``llmray_workloads.train.mfu``) and one
+summary line:
 
     GPU_TRAIN_SMOKE ok=1 device=... params=0.66B tokens_per_s=... mfu=...% path=ray-train
 
@@ -20,16 +21,12 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
-PEAK_BF16_TFLOPS = {
-    "H200": 989.0,
-    "H100 PCIe": 756.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "A10": 125.0,
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workloads"))
+
+from llmray_workloads.train import mfu
 
 MODEL_0_66B: dict[str, Any] = {
     "vocab_size": 32000,
@@ -70,27 +67,13 @@ class SmokeResult:
 
     device: str
     params: int
+    matmul_params: int  # what MFU counts: params minus an untied input embedding (mfu.count_params)
     dtype: str
     tokens_per_s: float
     step_s: float
     loss_first: float
     loss_last: float
     peak_mem_gb: float
-
-
-def flops_per_token(params: int, layers: int, hidden: int, seq: int) -> float:
-    """Training FLOPs per token: 6N for the weights plus 12 * layers * hidden * seq for attention."""
-    return 6.0 * params + 12.0 * layers * hidden * seq
-
-
-def peak_tflops(device_name: str, override: float | None) -> float | None:
-    """Dense bf16 peak of a GPU by name (first match), or the user's figure."""
-    if override:
-        return override
-    for key, value in PEAK_BF16_TFLOPS.items():
-        if key in device_name:
-            return value
-    return None
 
 
 def train_steps(config: SmokeConfig) -> SmokeResult:
@@ -113,6 +96,7 @@ def train_steps(config: SmokeConfig) -> SmokeResult:
         model: Any = LlamaForCausalLM(model_config)  # fp32 master weights; bf16 autocast below
     model.train()
     params = sum(p.numel() for p in model.parameters())
+    matmul_params, _ = mfu.count_params(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, fused=cuda)
     generator = torch.Generator(device="cpu").manual_seed(0)
     tokens = torch.randint(0, model_config.vocab_size, (config.batch, config.seq), generator=generator).to(
@@ -145,6 +129,7 @@ def train_steps(config: SmokeConfig) -> SmokeResult:
     return SmokeResult(
         device=torch.cuda.get_device_name(device) if cuda else "cpu",
         params=params,
+        matmul_params=matmul_params,
         dtype="bf16" if bf16 else "fp32",
         tokens_per_s=config.batch * config.seq * config.steps / elapsed,
         step_s=elapsed / config.steps,
@@ -196,18 +181,25 @@ def run_with_ray(config: SmokeConfig) -> SmokeResult:
         ray.shutdown()
 
 
+def peak_flops(result: SmokeResult, config: SmokeConfig, override_tflops: float | None) -> float | None:
+    """Peak FLOP/s of the GPU at the run's precision (the user's figure first); None on CPU."""
+    if not config.use_gpu:
+        return None
+    return override_tflops * 1e12 if override_tflops else mfu.peak_flops(result.device, result.dtype)
+
+
 def summary(result: SmokeResult, config: SmokeConfig, path: str, peak: float | None) -> str:
-    """The one line to grep for."""
-    model = config.model
-    flops = flops_per_token(result.params, model["num_hidden_layers"], model["hidden_size"], config.seq)
+    """The one line to grep for (``peak``: FLOP/s of the GPU, None when unknown)."""
+    flops = mfu.flops_per_token(config.model, result.matmul_params, config.seq)
     achieved = flops * result.tokens_per_s / 1e12
-    mfu = f"{100 * achieved / peak:.1f}%" if peak else "n/a"
+    utilisation = mfu.mfu(result.tokens_per_s, flops, peak, 1)
+    mfu_text = f"{100 * utilisation:.1f}%" if utilisation is not None else "n/a"
     ok = math.isfinite(result.loss_last) and result.loss_last < result.loss_first
     return (
         f"GPU_TRAIN_SMOKE ok={int(ok)} device={result.device.replace(' ', '_')} "
         f"params={result.params / 1e9:.2f}B dtype={result.dtype} batch={config.batch} seq={config.seq} "
         f"steps={config.steps} tokens_per_s={result.tokens_per_s:.0f} step_s={result.step_s:.3f} "
-        f"model_tflops={achieved:.1f} mfu={mfu} peak_mem_gb={result.peak_mem_gb:.1f} "
+        f"model_tflops={achieved:.1f} mfu={mfu_text} peak_mem_gb={result.peak_mem_gb:.1f} "
         f"loss={result.loss_first:.3f}->{result.loss_last:.3f} path={path}"
     )
 
@@ -253,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         use_ray = False
     started = time.perf_counter()
     result = run_with_ray(config) if use_ray else train_steps(config)
-    peak = peak_tflops(result.device, args.peak_tflops) if config.use_gpu else None
+    peak = peak_flops(result, config, args.peak_tflops)
     print(
         json.dumps(
             {"config": asdict(config), "result": asdict(result), "wall_s": time.perf_counter() - started}

@@ -26,12 +26,21 @@ def test_gpu_smoke_dry_run_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
     )
 
 
-def test_mfu_inputs() -> None:
-    assert gpu_train_smoke.peak_tflops("NVIDIA H100 80GB HBM3", None) == 989.0
-    assert gpu_train_smoke.peak_tflops("NVIDIA H100 PCIe", None) == 756.0
-    assert gpu_train_smoke.peak_tflops("Some GPU", None) is None
-    assert gpu_train_smoke.peak_tflops("Some GPU", 100.0) == 100.0
-    assert gpu_train_smoke.flops_per_token(1_000, 2, 8, 16) == 6_000 + 12 * 2 * 8 * 16
+def test_smoke_mfu_is_the_products_formula() -> None:
+    """The smoke's MFU is llmray_workloads.train.mfu's: matmul params (no untied embedding), GPU table."""
+    config = gpu_train_smoke.smoke_config(gpu_train_smoke.parse_args([]))
+    result = gpu_train_smoke.SmokeResult(
+        device="NVIDIA H200", params=700_000_000, matmul_params=600_000_000, dtype="bf16", tokens_per_s=1e4,
+        step_s=0.1, loss_first=10.0, loss_last=1.0, peak_mem_gb=1.0,
+    )  # fmt: skip
+    peak = gpu_train_smoke.peak_flops(result, config, None)
+    assert peak == 989e12
+    assert gpu_train_smoke.peak_flops(result, config, 100.0) == 100e12  # --peak-tflops wins
+    cpu = gpu_train_smoke.smoke_config(gpu_train_smoke.parse_args(["--dry-run"]))
+    assert gpu_train_smoke.peak_flops(result, cpu, None) is None
+    flops = 6 * 600e6 + 12 * 20 * 1536 * 2048  # 6 x matmul params + 12 L d S (MODEL_0_66B)
+    line = gpu_train_smoke.summary(result, config, "plain", peak)
+    assert f"mfu={100 * 1e4 * flops / 989e12:.1f}%" in line and "params=0.70B" in line
 
 
 def test_throughput_helpers() -> None:
