@@ -11,7 +11,14 @@ from llmray.api.crd import deployment_crd
 from llmray.api.deployment import AdapterStatus, LLMDeploymentSpec
 from llmray.api.runtime import SERVE_DEPLOYMENT_NAME, AdapterSource, ServeAppArgs, ServeUserConfig
 from llmray.builders.cluster import deployment_cluster
-from llmray.builders.model import adapter_source, adapter_statuses, resolve_adapters
+from llmray.builders.model import (
+    HOLD_OVER_RESOLUTION,
+    HOLD_WITHOUT_LISTING,
+    adapter_source,
+    adapter_statuses,
+    hold_verdicts,
+    resolve_adapters,
+)
 from llmray.controllers.decisions import deployed_adapters, serve_app_config
 from llmray.ray.serve import ServeApplication
 
@@ -236,6 +243,32 @@ def test_a_replica_that_does_not_list_a_deployed_adapter_failed_to_load_it() -> 
     assert "could not load" in states[1].message
     loading = adapter_statuses(resolved, {"a": "/a"}, running=True, listed=frozenset({"base", "a"}))
     assert [s.state for s in loading] == ["Ready", "Loading"]  # not deployed yet: not a failure
+
+
+def _st(name: str, state: Any, uri: str = "file:///a", message: str = "") -> AdapterStatus:
+    return AdapterStatus(name=name, uri=uri, state=state, message=message or state.lower())
+
+
+def test_the_last_verdict_holds_where_a_pass_knows_less() -> None:
+    """Resolution alone (Loading) keeps Ready/Failed; a pass without a model listing keeps Failed
+    over Ready; a moved uri or any other pair takes the new state."""
+    before = [_st("a", "Ready"), _st("b", "Failed", message="not listed"), _st("c", "Ready", uri="file:///c")]
+    resolved = [_st("a", "Loading"), _st("b", "Loading"), _st("c", "Loading", uri="file:///c2")]
+    got = hold_verdicts(resolved, before, HOLD_OVER_RESOLUTION)
+    assert [(s.state, s.message) for s in got] == [
+        ("Ready", "ready"),
+        ("Failed", "not listed"),
+        ("Loading", "loading"),
+    ]
+    unlisted = [
+        _st("a", "Ready"),
+        _st("b", "Ready"),
+        _st("c", "Loading", uri="file:///c"),
+        _st("new", "Ready"),
+    ]
+    got = hold_verdicts(unlisted, before, HOLD_WITHOUT_LISTING)
+    assert [s.state for s in got] == ["Ready", "Failed", "Loading", "Ready"]
+    assert got[1].message == "not listed" and unlisted[1].state == "Ready"  # inputs are not changed
 
 
 def test_model_listing_is_read_defensively() -> None:

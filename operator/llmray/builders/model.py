@@ -232,6 +232,34 @@ def adapter_statuses(
     return out
 
 
+HOLD_OVER_RESOLUTION: frozenset[tuple[AdapterState, AdapterState]] = frozenset(
+    {("Ready", "Loading"), ("Failed", "Loading")}
+)
+"""Before the Serve step looks: resolution alone says Loading, so what Serve last saw holds."""
+HOLD_WITHOUT_LISTING: frozenset[tuple[AdapterState, AdapterState]] = frozenset({("Failed", "Ready")})
+"""No model listing this pass: a load failure seen before (not listed by a replica) still holds."""
+
+
+def hold_verdicts(
+    now: Sequence[AdapterStatus],
+    previous: Sequence[AdapterStatus],
+    holds: frozenset[tuple[AdapterState, AdapterState]],
+) -> list[AdapterStatus]:
+    """``now`` with the last verdict kept where this pass knows less than the last one did.
+
+    ``holds``: (previous state, new state) pairs in which the previous state and message stay, for
+    the same adapter at the same uri; without it the state would flap (and send an Event) each pass.
+    """
+    before = {a.name: a for a in previous}
+    out: list[AdapterStatus] = []
+    for adapter in now:
+        last = before.get(adapter.name)
+        if last is not None and last.uri == adapter.uri and (last.state, adapter.state) in holds:
+            adapter = adapter.model_copy(update={"state": last.state, "message": last.message})
+        out.append(adapter)
+    return out
+
+
 def serve_model_path(uri: str) -> str | None:
     """What the Serve app loads a resolved model from (its ``modelPath``).
 

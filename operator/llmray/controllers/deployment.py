@@ -26,8 +26,11 @@ from llmray.autoscaling import WorkerState, decide, worker_offer, worker_states
 from llmray.builders.cluster import deployment_cluster, serve_endpoint, serve_service
 from llmray.builders.common import SERVE_PORT
 from llmray.builders.model import (
+    HOLD_OVER_RESOLUTION,
+    HOLD_WITHOUT_LISTING,
     adapter_source,
     adapter_statuses,
+    hold_verdicts,
     model_version,
     resolve_adapters,
     resolve_model,
@@ -169,19 +172,9 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
         }
         previous = {a.name: a for a in p.status.adapters}
         p.adapters = resolve_adapters(spec, jobs, p.status.adapters, p.status.model.name)
-        statuses = adapter_statuses(p.adapters, None, running=False)
-        for adapter in statuses:
-            before = previous.get(adapter.name)
-            # What the Serve step last saw (Ready, or Failed: not listed by a replica) holds until
-            # it looks again; resolution alone would say "Loading" and flap the state and Events.
-            fresh = adapter.state == "Loading"
-            if (
-                before is not None
-                and before.state in ("Ready", "Failed")
-                and fresh
-                and adapter.uri == before.uri
-            ):
-                adapter.state, adapter.message = before.state, before.message
+        statuses = hold_verdicts(
+            adapter_statuses(p.adapters, None, running=False), p.status.adapters, HOLD_OVER_RESOLUTION
+        )
         self._adapter_events(p, previous, statuses)
         p.status.adapters = statuses
 
@@ -372,13 +365,8 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
         statuses = adapter_statuses(
             p.adapters, deployed_adapters(app), running=running, listed=p.served_models
         )
-        if p.served_models is None:  # no listing this pass: a load failure seen before still holds
-            for adapter in statuses:
-                before = previous.get(adapter.name)
-                held = before is not None and before.state == "Failed" and before.uri == adapter.uri
-                if held and adapter.state == "Ready":
-                    assert before is not None
-                    adapter.state, adapter.message = before.state, before.message
+        if p.served_models is None:
+            statuses = hold_verdicts(statuses, p.status.adapters, HOLD_WITHOUT_LISTING)
         self._adapter_events(p, previous, statuses)
         p.status.adapters = statuses
         if any(a.state == "Loading" for a in statuses):
