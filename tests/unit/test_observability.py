@@ -29,7 +29,7 @@ from llmray.metrics import RESOURCES, endpoint_label, status_class
 from llmray.ray import NO_RETRY, RayBadResponse, RayHeadUnavailable, RayResponseTooLarge
 from llmray.ray._http import RayHTTP
 from llmray.ray.jobs import JobStatus
-from llmray.ray.serving import fetch_serving_stats, serving_status
+from llmray.ray.serving import fetch_serving_stats, serving_status, significant, steady_serving
 
 from . import test_deployment_controller as dep
 from . import test_training_controller as tr
@@ -201,8 +201,38 @@ def test_untrusted_figures_are_bounded() -> None:
     assert (status.requests_per_second, status.ttft_p50_ms, status.running) == (0.0, None, 0)
     assert status.waiting == 10_000_000
     fine = serving_status(ServingStats(requests_per_second=2.3456, ttft_p50_seconds=0.0421, running=3))
-    assert (fine.requests_per_second, fine.ttft_p50_ms, fine.running) == (2.35, 42, 3)
+    assert (fine.requests_per_second, fine.ttft_p50_ms, fine.running) == (2.3, 42, 3)
     assert serving_status(ServingStats(ttft_p50_seconds=1e9)).ttft_p50_ms == 3_600_000
+    assert (significant(1234.5), significant(0.04567), significant(0.0)) == (1200.0, 0.046, 0.0)
+    assert serving_status(ServingStats(ttft_p50_seconds=1.2345)).ttft_p50_ms == 1200
+
+
+def _figures(rps: float, ttft: float | None = 0.2, running: int = 20, waiting: int = 0) -> Any:
+    return serving_status(
+        ServingStats(requests_per_second=rps, ttft_p50_seconds=ttft, running=running, waiting=waiting)
+    )
+
+
+def test_serving_figures_are_rewritten_on_real_change_only() -> None:
+    shown = _figures(40.0)
+    for jitter in (0.9, 1.1, 0.95, 1.15):  # a steady load: every poll differs a little
+        steady = _figures(40.0 * jitter, ttft=0.2 * jitter, running=round(20 * jitter))
+        assert steady != shown and steady_serving(shown, steady) is shown
+    for moved in (
+        _figures(80.0),
+        _figures(40.0, ttft=0.5),
+        _figures(40.0, running=40),
+        _figures(40.0, waiting=1),
+    ):
+        assert steady_serving(shown, moved) is moved  # 2x, or a queue appears
+    assert steady_serving(shown, _figures(0.0)).requests_per_second == 0.0  # idle again
+    assert steady_serving(shown, _figures(40.0, ttft=None)).ttft_p50_ms is None
+    assert steady_serving(None, shown) is shown and steady_serving(shown, None) is None
+    # Compared with what status shows, not the last poll: a slow drift is written once it adds up.
+    assert (
+        steady_serving(shown, _figures(44.0)) is shown
+        and steady_serving(shown, _figures(52.0)).requests_per_second == 52.0
+    )
 
 
 def route_url(world: World, name: str = "chat") -> str:
@@ -250,6 +280,32 @@ async def test_deployment_status_mirrors_serving_and_raises_queue_full() -> None
     await world.reconcile(key)
     assert world.condition(key, "QueueFull")["status"] == "False"
     assert world.reasons().count("BelowLimit") == 1  # the Normal "cleared" Event
+
+
+async def test_a_steady_load_writes_no_status_and_a_doubled_one_does() -> None:
+    """Under traffic the figures change on most polls; only a real change costs a status write."""
+    world = World()
+    key = await dep.up(world)
+    world.head_of(key).set_app("chat", "RUNNING")
+    url = route_url(world)
+    world.ray.stats[url] = ServingStats(requests_per_second=40.0, ttft_p50_seconds=0.2, running=20)
+    await world.reconcile(key)
+    assert world.kube.status(key)["serving"]["requestsPerSecond"] == 40.0
+
+    def writes() -> int:
+        return sum(1 for c in world.kube.calls if c[0] == "patch_status")
+
+    before = writes()
+    for jitter in (1.04, 0.93, 1.12, 0.97, 1.08):
+        world.ray.stats[url] = ServingStats(
+            requests_per_second=40.0 * jitter, ttft_p50_seconds=0.2 * jitter, running=round(20 * jitter)
+        )
+        await world.reconcile(key)
+    assert writes() == before and len(world.ray.stats_calls) >= 6  # polled every pass, written never
+    world.ray.stats[url] = ServingStats(requests_per_second=80.0, ttft_p50_seconds=0.2, running=20)
+    await world.reconcile(key)
+    assert writes() == before + 1
+    assert world.kube.status(key)["serving"]["requestsPerSecond"] == 80.0
 
 
 async def test_no_stats_route_means_no_serving_status_and_no_condition() -> None:

@@ -40,7 +40,7 @@ from llmray.builders.observe import PodView
 from llmray.builders.status import COND_MODEL_RESOLVED, R_MODEL_RESOLVED
 from llmray.kube import KubeError
 from llmray.ray import RayAuthError, RayError, RayNode, serve_route
-from llmray.ray.serving import serving_status
+from llmray.ray.serving import serving_status, steady_serving
 
 from .cluster import ClusterController, Deps, Pass
 from .decisions import deployed_adapters, model_rollout, serve_app_config
@@ -244,14 +244,16 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
             p.condition(COND_SERVE, "Unknown", p.ray_problem.reason, p.ray_problem.message)
         if verdict is not None and nxt.phase != "Ready":
             p.requeue(POLL_DEPLOYING_S)
+        figures = status.serving  # QueueFull judges this pass's figures where it polled
         if p.serving_seen:
-            status.serving = serving_status(p.serving) if p.serving is not None else None
+            figures = serving_status(p.serving) if p.serving is not None else None
+            status.serving = steady_serving(status.serving, figures)
         if nxt.phase not in ("Ready", "Degraded"):
-            status.serving = None
-        if status.serving is None or spec is None:
+            status.serving = figures = None
+        if figures is None or spec is None:
             self.alarm(p, None, COND_QUEUE_FULL)
         else:
-            waiting, limit = status.serving.waiting, spec.limits.max_queued_requests
+            waiting, limit = figures.waiting, spec.limits.max_queued_requests
             self.alarm(p, queue_full(waiting, limit, self.settings.queue_full_ratio), COND_QUEUE_FULL)
 
     # --- Ray half ----------------------------------------------------------------------------------

@@ -22,6 +22,9 @@ STATS_DEADLINE_S = 5.0
 MAX_RPS = 1e6
 MAX_TTFT_S = 3600.0
 MAX_SEQUENCES = 10_000_000
+SERVING_TOLERANCE = 0.2
+"""status.serving is rewritten when a figure moves by more than this fraction (or to/from zero):
+under a steady load the figures jitter on every poll, and each change would cost a status write."""
 
 
 async def fetch_serving_stats(http: RayHTTP) -> ServingStats | None:
@@ -69,19 +72,55 @@ def _finite(value: Any, cap: float) -> float:
     return min(number, cap) if math.isfinite(number) and number > 0 else 0.0
 
 
+def significant(value: float, digits: int = 2) -> float:
+    """``value`` rounded to ``digits`` significant figures (1234.5 -> 1200.0, 0.04567 -> 0.046)."""
+    return float(f"{value:.{digits}g}")
+
+
 def serving_status(stats: ServingStats) -> ServingStatus:
-    """Status figures from untrusted stats: finite, non-negative, capped, rounded (so an idle
-    deployment's status does not change, and cost a write, on every poll)."""
+    """Status figures from untrusted stats: finite, non-negative, capped; the rate and TTFT to two
+    significant figures (more would be noise, and a status change to write)."""
     ttft = stats.ttft_p50_seconds
     ttft_ms = (
-        None if ttft is None or not math.isfinite(ttft) or ttft < 0 else round(min(ttft, MAX_TTFT_S) * 1000)
+        None
+        if ttft is None or not math.isfinite(ttft) or ttft < 0
+        else round(significant(min(ttft, MAX_TTFT_S) * 1000))
     )
     return ServingStatus(
-        requests_per_second=round(_finite(stats.requests_per_second, MAX_RPS), 2),
+        requests_per_second=significant(_finite(stats.requests_per_second, MAX_RPS)),
         ttft_p50_ms=ttft_ms,
         running=int(_finite(stats.running, MAX_SEQUENCES)),
         waiting=int(_finite(stats.waiting, MAX_SEQUENCES)),
     )
+
+
+def serving_moved(shown: ServingStatus, fresh: ServingStatus, tolerance: float) -> bool:
+    """Whether ``fresh`` differs from the figures status shows by more than jitter: a figure went
+    to or from zero (or TTFT to or from unknown), or moved by more than ``tolerance`` of the larger."""
+    pairs: list[tuple[float | None, float | None]] = [
+        (shown.requests_per_second, fresh.requests_per_second),
+        (shown.ttft_p50_ms, fresh.ttft_p50_ms),
+        (shown.running, fresh.running),
+        (shown.waiting, fresh.waiting),
+    ]
+    for old, new in pairs:
+        if old is None or new is None:
+            if old != new:
+                return True
+        elif (old == 0) != (new == 0) or abs(new - old) > tolerance * max(abs(old), abs(new)):
+            return True
+    return False
+
+
+def steady_serving(
+    shown: ServingStatus | None, fresh: ServingStatus | None, tolerance: float = SERVING_TOLERANCE
+) -> ServingStatus | None:
+    """What status.serving says after a poll: ``fresh``, or ``shown`` unchanged (no status write)
+    while every figure is within ``tolerance`` of it. Compared with what status shows, not with the
+    last poll, so a slow drift is written once it adds up."""
+    if shown is None or fresh is None or serving_moved(shown, fresh, tolerance):
+        return fresh
+    return shown
 
 
 def stats_http(base_url: str, api_key: str | None, client: Any) -> RayHTTP:
