@@ -25,6 +25,7 @@ from llmray.controllers import runtime
 from llmray.controllers.decisions import mfu_text, progress_status
 from llmray.controllers.machines import queue_full, training_stalled
 from llmray.controllers.settings import Settings
+from llmray.controllers.topology import SharedHead
 from llmray.metrics import RESOURCES, endpoint_label, status_class
 from llmray.ray import NO_RETRY, RayBadResponse, RayHeadUnavailable, RayResponseTooLarge
 from llmray.ray._http import RayHTTP
@@ -354,6 +355,24 @@ async def test_own_head_stats_use_the_cluster_token_not_the_users_secret() -> No
     await world.reconcile(key)
     assert world.ray.stats_calls[-1] == (route_url(world), cluster_token(world))
     assert [c for c in world.kube.calls if c[:2] == ("get", "Secret")] == reads  # no Secret read
+
+
+async def test_a_shared_head_stats_poll_reads_no_secret_of_its_own() -> None:
+    """On a shared head the deploy step reads the app key; the poll uses that (even when it is
+    empty) and never reads the user's Secret a second time."""
+    world = World(Settings(topology=SharedHead("http://127.0.0.1:8265", "http://127.0.0.1:8000")))
+    world.kube.objects[("Secret", dep.NS, "chat-key")] = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "chat-key", "namespace": dep.NS},
+        "data": {"key": ""},  # present but empty: the app has no key
+    }
+    key = await dep.up(world, apiKeySecretRef={"name": "chat-key", "key": "key"})
+    world.head_of(key).set_app("team-chat", "RUNNING")
+    reads = sum(1 for c in world.kube.calls if c[:2] == ("get", "Secret"))
+    await world.reconcile(key)
+    assert world.ray.stats_calls and world.ray.stats_calls[-1][1] is None
+    assert sum(1 for c in world.kube.calls if c[:2] == ("get", "Secret")) == reads + 1  # the deploy's
 
 
 # --- training: MFU and Stalled -------------------------------------------------------------------------

@@ -38,7 +38,6 @@ from llmray.builders.model import (
 )
 from llmray.builders.observe import PodView
 from llmray.builders.status import COND_MODEL_RESOLVED, R_MODEL_RESOLVED
-from llmray.kube import KubeError
 from llmray.ray import RayAuthError, RayError, RayNode, serve_route
 from llmray.ray.serving import serving_status, steady_serving
 
@@ -333,16 +332,10 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
         """The app's live figures (status.serving, QueueFull); no stats route (404) means none.
 
         Best effort: an error is logged and the figures are dropped (stale numbers mislead), but it
-        is no problem of the deployment. ``api_key`` is the shared head's app key or the cluster's
-        Ray token; only without either is the user's Secret read, where the operator may.
+        is no problem of the deployment. ``api_key``: the cluster's own Ray token (never None on
+        an own head), or on a shared head the app key the deploy step already read (None when the
+        app has none): the poll itself reads no Secret.
         """
-        if api_key is None and p.parsed.api_key_secret_ref is not None and self._user_secrets_readable:
-            try:
-                api_key = await self._api_key(p)
-            except KubeError as err:
-                if err.status != 403:
-                    raise
-                self._user_secrets_readable = False
         serving = self.heads.serving(url, api_key)
         try:
             p.serving = await serving.stats()
