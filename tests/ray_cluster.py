@@ -34,6 +34,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_open(port: int) -> bool:
+    """Whether something accepts connections on loopback ``port`` now."""
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((LOOPBACK, port)) == 0
+
+
 @dataclass
 class LocalRay:
     """Handle on a running local Ray head."""

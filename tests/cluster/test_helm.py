@@ -11,7 +11,7 @@ import yaml
 
 from tests.kube import Kube
 
-from .test_operator_fixtures import REPO, crds_fixture  # noqa: F401 - fixture
+from .test_operator_fixtures import REPO
 
 pytestmark = [pytest.mark.cluster, pytest.mark.helm]
 

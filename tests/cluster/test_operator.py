@@ -19,15 +19,11 @@ from .test_operator_fixtures import (
     Operator,
     apply,
     condition,
-    crds_fixture,  # noqa: F401 - fixture
     events_for,
     example,
     get_cr,
-    operator_factory_fixture,  # noqa: F401 - fixture
-    operator_fixture,  # noqa: F401 - fixture
     owned_children,
     pods_of,
-    pvc_fixture,  # noqa: F401 - fixture
     running_ready,
     status_of,
     wait_cluster_ready,

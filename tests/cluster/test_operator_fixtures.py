@@ -1,4 +1,5 @@
-"""Fixtures and helpers shared by the operator's cluster tests (this module holds no tests).
+"""Fixtures and helpers shared by the cluster tests (this module holds no tests; ``conftest.py``
+registers its fixtures for every test under tests/cluster).
 
 The operator runs as a real subprocess (``python -m llmray.cli operator``), exactly as users run
 it, so tests can kill -9 it mid-reconcile and start it again. Its health endpoint sits on a free
@@ -7,10 +8,10 @@ loopback port; its log is attached to failures.
 
 from __future__ import annotations
 
+import copy
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,17 +25,12 @@ import yaml
 from kubernetes import client
 
 from tests.kube import Kube, apply_yaml, wait_for
+from tests.ray_cluster import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 GROUP, VERSION = "llmray.io", "v1alpha1"
 PLURALS = {"LLMTrainingJob": "llmtrainingjobs", "LLMDeployment": "llmdeployments"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Operator:
@@ -129,6 +125,11 @@ class Operator:
 @pytest.fixture(scope="session", name="crds")
 def crds_fixture(kube: Kube) -> None:
     """The llmray CRDs, applied from crds/ (the committed, generated YAML)."""
+    apply_crds(kube)
+
+
+def apply_crds(kube: Kube) -> None:
+    """Apply crds/ (the committed, generated YAML) and wait until the API server serves them."""
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
     kube.wait_established(*(f"{plural}.{GROUP}" for plural in PLURALS.values()))
 
@@ -309,3 +310,58 @@ def wait_gone(kube: Kube, namespace: str, name: str, timeout: float = 60) -> Non
 
 def now() -> float:
     return time.monotonic()
+
+
+def with_field(obj: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """Copy of ``obj`` with the dotted ``path`` set (``None``: removed)."""
+    out = copy.deepcopy(obj)
+    node = out
+    keys = path.split(".")
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    if value is None:
+        node.pop(keys[-1], None)
+    else:
+        node[keys[-1]] = value
+    return out
+
+
+def dry_run(kube: Kube, manifest: dict[str, Any]) -> Any:
+    """``kubectl create --dry-run=server`` of ``manifest``: what admission says, nothing stored."""
+    return kube.kubectl(
+        "create", "--dry-run=server", "-n", "default", "-o", "json", "-f", "-",
+        input=yaml.safe_dump(manifest),
+        check=False,
+    )  # fmt: skip
+
+
+def assert_refused(kube: Kube, manifest: dict[str, Any], expected: list[str]) -> None:
+    """The API server refuses ``manifest``, and its answer contains every text of ``expected``."""
+    proc = dry_run(kube, manifest)
+    assert proc.returncode != 0, f"accepted: {yaml.safe_dump(manifest)}"
+    for text in expected:
+        assert text in proc.stderr, f"{text!r} not in: {proc.stderr}"
+
+
+def small_job(name: str, workers: int = 2) -> dict[str, Any]:
+    """The tiny CPU training example with ``workers`` workers of 10m CPU (many fit on a kwok node)."""
+    (job,) = example("training-tiny-cpu.yaml")
+    job["metadata"]["name"] = name
+    job["spec"]["workers"] = {"replicas": workers, "resources": {"cpu": "10m", "memory": "16Mi"}}
+    job["spec"]["head"] = {"resources": {"cpu": "10m", "memory": "16Mi"}}
+    return job
+
+
+def assert_one_set(kube: Kube, namespace: str, name: str, workers: int) -> None:
+    """Exactly one set of children: one head Service, one auth Secret, one head and ``workers``
+    workers with distinct indexes, none of them terminating (nothing was made twice)."""
+    children = owned_children(kube, namespace, name)
+    assert children["services"] == [f"{name}-head"], children
+    assert children["secrets"] == [f"{name}-ray-auth"], children
+    selector = f"app.kubernetes.io/instance={name},app.kubernetes.io/managed-by=llmray-operator"
+    pods = client.CoreV1Api(kube.api_client).list_namespaced_pod(namespace, label_selector=selector).items
+    assert all(p.metadata.deletion_timestamp is None for p in pods), sorted(p.metadata.name for p in pods)
+    heads = [p for p in pods if p.metadata.labels["ray.io/node-type"] == "head"]
+    worker_pods = [p for p in pods if p.metadata.labels["ray.io/node-type"] == "worker"]
+    assert len(heads) == 1 and len(worker_pods) == workers, sorted(p.metadata.name for p in pods)
+    assert len({p.metadata.labels["llmray.io/worker-index"] for p in worker_pods}) == workers

@@ -16,12 +16,10 @@ from tests.kube import Kube, wait_for
 
 from .test_operator_fixtures import (
     apply,
-    crds_fixture,  # noqa: F401 - fixture
-    example,
-    operator_factory_fixture,  # noqa: F401 - fixture
-    owned_children,
+    assert_one_set,
     pods_of,
     running_ready,
+    small_job,
     wait_cluster_ready,
 )
 
@@ -32,14 +30,6 @@ DURATION, RENEW, RETRY = 15.0, 10.0, 2.0  # the chart's defaults
 TAKEOVER_BOUND = DURATION + 2 * RETRY + 3  # lease duration + two retry periods (jittered) + slack
 
 
-def _job(name: str) -> dict[str, Any]:
-    (job,) = example("training-tiny-cpu.yaml")
-    job["metadata"]["name"] = name
-    job["spec"]["workers"] = {"replicas": 2, "resources": {"cpu": "10m", "memory": "16Mi"}}
-    job["spec"]["head"] = {"resources": {"cpu": "10m", "memory": "16Mi"}}
-    return job
-
-
 def _holder(kube: Kube, namespace: str) -> str | None:
     try:
         lease = client.CoordinationV1Api(kube.api_client).read_namespaced_lease(LEASE, namespace)
@@ -48,17 +38,6 @@ def _holder(kube: Kube, namespace: str) -> str | None:
             return None
         raise
     return lease.spec.holder_identity
-
-
-def _assert_one_set(kube: Kube, namespace: str, name: str) -> None:
-    children = owned_children(kube, namespace, name)
-    assert children["services"] == [f"{name}-head"], children
-    assert children["secrets"] == [f"{name}-ray-auth"], children
-    pods = pods_of(kube, namespace, name)
-    heads = [p for p in pods if p.metadata.labels["ray.io/node-type"] == "head"]
-    workers = [p for p in pods if p.metadata.labels["ray.io/node-type"] == "worker"]
-    assert len(heads) == 1 and len(workers) == 2, sorted(p.metadata.name for p in pods)
-    assert len(children["pods"]) == 3, children  # nothing terminating either
 
 
 def test_standby_takes_over_within_the_lease_duration_with_one_set_of_children(
@@ -75,7 +54,7 @@ def test_standby_takes_over_within_the_lease_duration_with_one_set_of_children(
 
     names = ["lead-1", "lead-2", "lead-3"]
     for name in names:
-        apply(kube, _job(name), namespace)
+        apply(kube, small_job(name), namespace)
     for name in names:
         wait_cluster_ready(kube, "LLMTrainingJob", namespace, name, 2, timeout=120)
     assert second.metric("llmray_reconciles_total") == 0, "the standby reconciled"
@@ -108,10 +87,10 @@ def test_standby_takes_over_within_the_lease_duration_with_one_set_of_children(
         timeout=60,
         what="the deleted worker replaced by the new leader",
     )
-    apply(kube, _job("lead-4"), namespace)
+    apply(kube, small_job("lead-4"), namespace)
     wait_cluster_ready(kube, "LLMTrainingJob", namespace, "lead-4", 2, timeout=120)
     for name in [*names, "lead-4"]:
-        _assert_one_set(kube, namespace, name)
+        assert_one_set(kube, namespace, name, 2)
 
     # the old leader comes back: it stays standby, still one set of children
     first.start()
@@ -124,7 +103,7 @@ def test_standby_takes_over_within_the_lease_duration_with_one_set_of_children(
     assert first.metric("llmray_leader") == 0 and first.metric("llmray_reconciles_total") == 0
     assert _holder(kube, namespace) == "op-b"
     for name in [*names, "lead-4"]:
-        _assert_one_set(kube, namespace, name)
+        assert_one_set(kube, namespace, name, 2)
 
 
 def test_a_leader_shut_down_cleanly_hands_over_at_once(
@@ -136,7 +115,7 @@ def test_a_leader_shut_down_cleanly_hands_over_at_once(
     wait_for(lambda: _holder(kube, namespace) == "op-a", timeout=30, what="op-a holds the Lease")
     second = operator_factory(namespace, *flags, env={"POD_NAME": "op-b"}).start()
     assert second.metric("llmray_leader") == 0
-    apply(kube, _job("roll"), namespace)
+    apply(kube, small_job("roll"), namespace)
     wait_cluster_ready(kube, "LLMTrainingJob", namespace, "roll", 2, timeout=120)
     stopping = time.monotonic()
     first.stop()
@@ -156,5 +135,5 @@ def test_a_leader_shut_down_cleanly_hands_over_at_once(
         timeout=60,
         what="the deleted worker replaced by the new leader",
     )
-    _assert_one_set(kube, namespace, "roll")
+    assert_one_set(kube, namespace, "roll", 2)
     assert second.metric("llmray_leader") == 1

@@ -13,10 +13,7 @@ from tests.kube import Kube, wait_for
 from .test_operator_fixtures import (
     Operator,
     apply,
-    crds_fixture,  # noqa: F401 - fixture
     example,
-    operator_factory_fixture,  # noqa: F401 - fixture
-    operator_fixture,  # noqa: F401 - fixture
     status_of,
     wait_cluster_ready,
     wait_gone,

@@ -16,10 +16,8 @@ from tests.kube import Kube, wait_for
 from .test_operator_fixtures import (
     REPO,
     apply,
-    crds_fixture,  # noqa: F401 - fixture
     events_for,
     example,
-    operator_factory_fixture,  # noqa: F401 - fixture
     pods_of,
     running_ready,
     status_of,

@@ -6,47 +6,18 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from kubernetes import client
 
 from tests.kube import Kube, wait_for
 
 from .test_operator_fixtures import (
     apply,
-    crds_fixture,  # noqa: F401 - fixture
-    example,
-    operator_factory_fixture,  # noqa: F401 - fixture
-    owned_children,
+    assert_one_set,
     pods_of,
+    small_job,
     wait_cluster_ready,
 )
 
 pytestmark = pytest.mark.cluster
-
-
-def _big_job(workers: int) -> dict[str, Any]:
-    (job,) = example("training-tiny-cpu.yaml")
-    job["metadata"]["name"] = "big"
-    job["spec"]["workers"] = {"replicas": workers, "resources": {"cpu": "10m", "memory": "16Mi"}}
-    job["spec"]["head"] = {"resources": {"cpu": "10m", "memory": "16Mi"}}
-    return job
-
-
-def _assert_one_set(kube: Kube, namespace: str, workers: int) -> None:
-    children = owned_children(kube, namespace, "big")
-    assert sorted(children["services"]) == ["big-head"]
-    assert children["secrets"] == ["big-ray-auth"]
-    pods = (
-        client.CoreV1Api(kube.api_client)
-        .list_namespaced_pod(namespace, label_selector="app.kubernetes.io/instance=big")
-        .items
-    )
-    heads = [p for p in pods if p.metadata.labels["ray.io/node-type"] == "head"]
-    worker_pods = [p for p in pods if p.metadata.labels["ray.io/node-type"] == "worker"]
-    assert len(heads) == 1
-    assert len(worker_pods) == workers, sorted(p.metadata.name for p in worker_pods)
-    assert len({p.metadata.name for p in worker_pods}) == workers
-    assert len({p.metadata.labels["llmray.io/worker-index"] for p in worker_pods}) == workers
-    assert all(p.metadata.deletion_timestamp is None for p in pods)
 
 
 def _wait_some_workers(kube: Kube, namespace: str, at_least: int) -> int:
@@ -67,7 +38,7 @@ def test_killed_mid_reconcile_and_restarted_makes_exactly_one_set(
     workers = 120
     op = operator_factory(namespace)
     op.start()
-    apply(kube, _big_job(workers), namespace)
+    apply(kube, small_job("big", workers), namespace)
     seen = [_wait_some_workers(kube, namespace, 1)]
     op.kill()  # SIGKILL right after the first pods appeared: most creates are still to come
     for at_least in (seen[-1] + 1, workers // 2):
@@ -77,7 +48,7 @@ def test_killed_mid_reconcile_and_restarted_makes_exactly_one_set(
     assert min(seen) < workers, f"the kills all came too late to interrupt a reconcile: {seen}"
     op.start()
     wait_cluster_ready(kube, "LLMTrainingJob", namespace, "big", workers, timeout=180)
-    _assert_one_set(kube, namespace, workers)
+    assert_one_set(kube, namespace, "big", workers)
     # ... and stays so over the next resync passes
     done = op.metric("llmray_reconciles_total", kind="LLMTrainingJob", result="ok")
     wait_for(
@@ -85,7 +56,7 @@ def test_killed_mid_reconcile_and_restarted_makes_exactly_one_set(
         timeout=30,
         what="two more reconcile passes",
     )
-    _assert_one_set(kube, namespace, workers)
+    assert_one_set(kube, namespace, "big", workers)
 
 
 def test_two_operators_at_once_make_exactly_one_set(
@@ -96,6 +67,6 @@ def test_two_operators_at_once_make_exactly_one_set(
     first.start(wait=False)
     second.start(wait=False)
     wait_for(lambda: first.healthy() and second.healthy(), timeout=60, what="both operators healthy")
-    apply(kube, _big_job(workers), namespace)
+    apply(kube, small_job("big", workers), namespace)
     wait_cluster_ready(kube, "LLMTrainingJob", namespace, "big", workers, timeout=180)
-    _assert_one_set(kube, namespace, workers)
+    assert_one_set(kube, namespace, "big", workers)

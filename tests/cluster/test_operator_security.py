@@ -15,12 +15,8 @@ from .test_operator_fixtures import (
     Operator,
     apply,
     condition,
-    crds_fixture,  # noqa: F401 - fixture
     example,
-    operator_factory_fixture,  # noqa: F401 - fixture
-    operator_fixture,  # noqa: F401 - fixture
     pods_of,
-    pvc_fixture,  # noqa: F401 - fixture
     wait_cluster_ready,
 )
 

@@ -17,12 +17,8 @@ from tests.kube import Kube, wait_for
 from .test_operator_fixtures import (
     Operator,
     apply,
-    crds_fixture,  # noqa: F401 - fixture
     example,
-    operator_factory_fixture,  # noqa: F401 - fixture
-    operator_fixture,  # noqa: F401 - fixture
     pods_of,
-    pvc_fixture,  # noqa: F401 - fixture
     running_ready,
     wait_cluster_ready,
 )

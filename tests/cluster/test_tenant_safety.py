@@ -6,7 +6,6 @@ needs the right to create pods), naming the field; the same manifests pass for a
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import uuid
@@ -18,7 +17,8 @@ import yaml
 
 from tests.kube import Kube, wait_for
 
-from .test_operator_fixtures import REPO, crds_fixture  # noqa: F401 - fixture
+from .test_operator_fixtures import REPO
+from .test_operator_fixtures import with_field as _with
 
 pytestmark = [pytest.mark.cluster, pytest.mark.helm]
 
@@ -42,16 +42,6 @@ DEPLOYMENT: dict[str, Any] = {
     "metadata": {"name": "dep"},
     "spec": {"model": {"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct"}},
 }
-
-
-def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    node = out
-    keys = path.split(".")
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-    node[keys[-1]] = value
-    return out
 
 
 # (id, manifest, the field the refusal must name)

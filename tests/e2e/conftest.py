@@ -20,9 +20,9 @@ from kubernetes import client
 
 from llmray.cli import SHARED_TOKEN_ENV
 from llmray.ray import RayClient
-from tests.cluster.test_operator_fixtures import GROUP, PLURALS, REPO, Operator
+from tests.cluster.test_operator_fixtures import GROUP, PLURALS, REPO, Operator, apply_crds
 from tests.kube import Kube
-from tests.ray_cluster import LOOPBACK, LocalRay, free_port, start_local_ray, stop_local_ray
+from tests.ray_cluster import LOOPBACK, LocalRay, free_port, port_open, start_local_ray, stop_local_ray
 from tests.waiting import wait_for
 
 DATA = REPO / "workloads" / "llmray_workloads" / "data" / "instructions.jsonl"
@@ -137,21 +137,13 @@ async def _start_serve(ray: LocalRay, port: int) -> None:
         await c.serve.start({"http_options": {"host": LOOPBACK, "port": port}, "proxy_location": "HeadOnly"})
 
 
-def _port_open(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        return s.connect_ex((LOOPBACK, port)) == 0
-
-
 @pytest.fixture(scope="session")
 def e2e(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
     work = tmp_path_factory.mktemp("e2e")
     # Job entrypoints say `python`: the head (and so every driver) must find this venv's first.
     saved_path = os.environ.get("PATH", "")
     os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + saved_path
-    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    kube.wait_established(*(f"{plural}.{GROUP}" for plural in PLURALS.values()))
+    apply_crds(kube)
     core = client.CoreV1Api(kube.api_client)
     namespace = f"e2e-{uuid.uuid4().hex[:6]}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
@@ -171,7 +163,7 @@ def e2e(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
     try:
         serve_port = free_port()
         asyncio.run(_start_serve(ray, serve_port))
-        wait_for(lambda: _port_open(serve_port), timeout=120, what="Serve HTTP proxy")
+        wait_for(lambda: port_open(serve_port), timeout=120, what="Serve HTTP proxy")
         serve_url = f"http://{LOOPBACK}:{serve_port}"
         operator = Operator(
             kube.kubeconfig,

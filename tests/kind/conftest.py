@@ -17,7 +17,6 @@ import base64
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import time
 import uuid
@@ -31,6 +30,7 @@ import yaml
 
 from llmray.demo import shared_claim
 from tests.kube import Kube
+from tests.ray_cluster import free_port, port_open
 from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,7 +105,7 @@ class Kind:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             wait_for(
-                lambda: _port_open(local) or proc.poll() is not None,
+                lambda: port_open(local) or proc.poll() is not None,
                 timeout=30,
                 what=f"port-forward {target}",
             )
@@ -116,18 +116,6 @@ class Kind:
             proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _kind_env() -> dict[str, str]:
