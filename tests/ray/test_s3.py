@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,8 @@ import pytest
 
 from llmray.api.runtime import PROGRESS_MARKER, ProgressReport, parse_progress
 from llmray_workloads import storage
-from llmray_workloads.tiny import build_tiny_model, data_dir
+from llmray_workloads.tiny import data_dir
+from tests.models import shared_tiny_model
 from tests.ray_cluster import LocalRay, start_local_ray, stop_local_ray
 from tests.s3_server import S3Server, make_bucket, s3_server
 from tests.waiting import restore_environ
@@ -64,7 +64,7 @@ def store(s3: S3Server) -> storage.StoreSettings:
 @pytest.fixture(scope="module")
 def uploaded(s3: S3Server, store: storage.StoreSettings) -> dict[str, str]:
     """The tiny model and a dataset in the bucket."""
-    tiny = build_tiny_model(Path(tempfile.gettempdir()) / "llmray-tests" / "tiny")
+    tiny = shared_tiny_model()
     storage.upload_dir(tiny, f"s3://{BUCKET}/models/tiny", store)
     corpus = (data_dir() / "corpus.txt").read_bytes()
     storage.write_bytes(f"s3://{BUCKET}/data/corpus.txt", corpus, store)

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,8 @@ from typing import Any
 import pytest
 
 from llmray.api.runtime import PROGRESS_MARKER, ProgressReport, parse_progress
-from llmray_workloads.tiny import build_tiny_model, data_dir
+from llmray_workloads.tiny import data_dir
+from tests.models import shared_tiny_model
 from tests.ray_cluster import LocalRay, scrape_metrics
 from tests.waiting import WaitTimeout, wait_for
 
@@ -30,7 +30,7 @@ ENTRYPOINT = [sys.executable, "-m", "llmray_workloads.train", "--config"]
 
 @pytest.fixture(scope="module")
 def tiny() -> Path:
-    return build_tiny_model(Path(tempfile.gettempdir()) / "llmray-tests" / "tiny")
+    return shared_tiny_model()
 
 
 def training_run(name: str, tiny: Path, out: Path, attempt: int = 0, **spec: Any) -> dict[str, Any]:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from llmray.api.training import DatasetSpec
-from llmray_workloads.tiny import build_tiny_model, data_dir
+from llmray_workloads.tiny import data_dir
 from llmray_workloads.train.config import ConfigError
 from llmray_workloads.train.data import (
     IGNORE_INDEX,
@@ -27,6 +26,7 @@ from llmray_workloads.train.data import (
     tokenize_instruction,
     tokenize_text,
 )
+from tests.models import shared_tiny_model
 
 pytestmark = pytest.mark.unit
 
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.unit
 def tokenizer() -> Any:
     from transformers import AutoTokenizer
 
-    model = build_tiny_model(Path(tempfile.gettempdir()) / "llmray-tests" / "tiny")
+    model = shared_tiny_model()
     return AutoTokenizer.from_pretrained(model)
 
 

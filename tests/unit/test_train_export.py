@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from llmray.api.runtime import parse_progress
-from llmray_workloads.tiny import build_tiny_model
 from llmray_workloads.train.export import (
     clean_stale,
     merge_adapter,
@@ -19,6 +17,7 @@ from llmray_workloads.train.export import (
     staging_dir,
 )
 from llmray_workloads.train.progress import ProgressTracker, emit, progress_path, read_progress
+from tests.models import shared_tiny_model
 
 pytestmark = pytest.mark.unit
 
@@ -84,7 +83,7 @@ def test_merge_adapter_writes_a_plain_model(tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base_dir = build_tiny_model(Path(tempfile.gettempdir()) / "llmray-tests" / "tiny")
+    base_dir = shared_tiny_model()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     peft_model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base_dir),

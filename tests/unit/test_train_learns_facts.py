@@ -7,7 +7,6 @@ decoding of the prompt the Serve engine renders for a chat completion.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +14,11 @@ import pytest
 import yaml
 
 from llmray.api.runtime import TrainingRun
-from llmray_workloads.tiny import FACTS_FILE, build_tiny_model, data_dir, facts
+from llmray_workloads.tiny import FACTS_FILE, data_dir, facts
 from llmray_workloads.train.data import ExampleDataset, PadCollator
 from llmray_workloads.train.preflight import preflight
 from llmray_workloads.train.worker import load_model, make_trainer, run_trainer, training_arguments
+from tests.models import shared_tiny_model
 
 pytestmark = pytest.mark.unit
 
@@ -39,7 +39,7 @@ def example_run(model: Path, out: Path) -> TrainingRun:
 def test_example_fine_tune_answers_the_facts(tmp_path: Path) -> None:
     import torch
 
-    tiny = build_tiny_model(Path(tempfile.gettempdir()) / "llmray-tests" / "tiny")
+    tiny = shared_tiny_model()
     run = example_run(tiny, tmp_path / "out")
     prepared = preflight(run)
     hp, workers = run.spec.hyperparameters, run.spec.workers.replicas

@@ -7,22 +7,22 @@ capacity check, which needs a cluster, is in tests/ray/test_train.py.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from llmray_workloads.tiny import build_tiny_model, data_dir
+from llmray_workloads.tiny import data_dir
 from llmray_workloads.train.driver import EXIT_BAD_INPUT, main
+from tests.models import shared_tiny_model
 
 pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")
 def tiny() -> Path:
-    return build_tiny_model(Path(tempfile.gettempdir()) / "llmray-tests" / "tiny")
+    return shared_tiny_model()
 
 
 def write_run(tmp_path: Path, tiny: Path, **spec: Any) -> Path:

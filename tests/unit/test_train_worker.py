@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from llmray.api.runtime import TrainingRun
-from llmray_workloads.tiny import build_tiny_model, data_dir
+from llmray_workloads.tiny import data_dir
 from llmray_workloads.train.config import resolve_plan
 from llmray_workloads.train.data import ExampleDataset, PadCollator
 from llmray_workloads.train.preflight import preflight
@@ -24,13 +23,14 @@ from llmray_workloads.train.worker import (
     training_arguments,
     use_fsdp,
 )
+from tests.models import shared_tiny_model
 
 pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")
 def tiny() -> Path:
-    return build_tiny_model(Path(tempfile.gettempdir()) / "llmray-tests" / "tiny")
+    return shared_tiny_model()
 
 
 def make_run(tiny: Path, out: Path, **spec: Any) -> TrainingRun:
