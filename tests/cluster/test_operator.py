@@ -29,6 +29,7 @@ from .test_operator_fixtures import (
     wait_cluster_ready,
     wait_gone,
     wait_phase,
+    wait_reason,
 )
 
 pytestmark = pytest.mark.cluster
@@ -272,16 +273,7 @@ def test_missing_hub_token_secret_keeps_training_pending(
     job["spec"]["model"]["secretRef"] = {"name": "hf-token"}
     apply(kube, job, namespace)
     status = wait_phase(kube, "LLMTrainingJob", namespace, "tiny-train", "Pending")
-    wait_for(
-        lambda: (
-            condition(status_of(kube, "LLMTrainingJob", namespace, "tiny-train"), "RayClusterReady").get(
-                "reason"
-            )
-            == "SecretNotFound"
-        ),
-        timeout=30,
-        what="SecretNotFound condition",
-    )
+    wait_reason(kube, "LLMTrainingJob", namespace, "tiny-train", "RayClusterReady", "SecretNotFound")
     kube.kubectl("create", "secret", "generic", "hf-token", "-n", namespace, "--from-literal=wrong=x")
     wait_for(
         lambda: "has no key 'token'" in status_of(kube, "LLMTrainingJob", namespace, "tiny-train")["message"],
@@ -329,30 +321,12 @@ def test_unschedulable_workers_fail_the_job_with_guidance_and_a_fix_retries(
 def test_deployment_from_training_job_follows_the_job(kube: Kube, namespace: str, operator: Operator) -> None:
     apply(kube, example("deployment-from-training.yaml"), namespace)
     status = wait_phase(kube, "LLMDeployment", namespace, "tiny-tuned", "Pending")
-    wait_for(
-        lambda: (
-            condition(status_of(kube, "LLMDeployment", namespace, "tiny-tuned"), "ModelResolved").get(
-                "reason"
-            )
-            == "TrainingJobNotFound"
-        ),
-        timeout=30,
-        what="ModelResolved=False TrainingJobNotFound",
-    )
+    wait_reason(kube, "LLMDeployment", namespace, "tiny-tuned", "ModelResolved", "TrainingJobNotFound")
     assert not pods_of(kube, namespace, "tiny-tuned")
 
     apply(kube, example("training-tiny-cpu.yaml"), namespace)
     wait_cluster_ready(kube, "LLMTrainingJob", namespace, "tiny-train", 2)
-    wait_for(
-        lambda: (
-            condition(status_of(kube, "LLMDeployment", namespace, "tiny-tuned"), "ModelResolved").get(
-                "reason"
-            )
-            == "TrainingJobNotSucceeded"
-        ),
-        timeout=30,
-        what="deployment waiting for the job to succeed",
-    )
+    wait_reason(kube, "LLMDeployment", namespace, "tiny-tuned", "ModelResolved", "TrainingJobNotSucceeded")
     # The Ray integration marks the job Succeeded; simulate that part of its status.
     output = "file:///tmp/llmray/outputs/tiny-train/final"
     client.CustomObjectsApi(kube.api_client).patch_namespaced_custom_object_status(

@@ -254,6 +254,18 @@ def wait_phase(
     return wait_for(probe, timeout=timeout, what=f"{kind} {namespace}/{name} phase {phase}")
 
 
+def wait_reason(
+    kube: Kube, kind: str, namespace: str, name: str, type_: str, reason: str, timeout: float = 30
+) -> dict[str, Any]:
+    """Wait until the resource's condition ``type_`` has ``reason``; return that condition."""
+
+    def probe() -> dict[str, Any] | None:
+        cond = condition(status_of(kube, kind, namespace, name), type_)
+        return cond if cond.get("reason") == reason else None
+
+    return wait_for(probe, timeout=timeout, what=f"{kind} {namespace}/{name}: {type_} reason {reason}")
+
+
 def wait_cluster_ready(
     kube: Kube, kind: str, namespace: str, name: str, workers: int, timeout: float = 120
 ) -> dict[str, Any]:

@@ -40,6 +40,19 @@ def _holder(kube: Kube, namespace: str) -> str | None:
     return lease.spec.holder_identity
 
 
+def _delete_a_worker_and_see_it_replaced(kube: Kube, namespace: str, name: str) -> None:
+    """Only a reconciling (leading) operator brings a deleted worker back."""
+    victim = pods_of(kube, namespace, name, "worker")[0]
+    client.CoreV1Api(kube.api_client).delete_namespaced_pod(victim.metadata.name, namespace)
+
+    def replaced() -> bool:
+        workers = pods_of(kube, namespace, name, "worker")
+        back = victim.metadata.uid not in {p.metadata.uid for p in workers} and len(workers) == 2
+        return back and all(running_ready(p) for p in workers)
+
+    wait_for(replaced, timeout=60, what=f"the deleted worker of {name} replaced by the leader")
+
+
 def test_standby_takes_over_within_the_lease_duration_with_one_set_of_children(
     kube: Kube, namespace: str, operator_factory: Any
 ) -> None:
@@ -76,17 +89,7 @@ def test_standby_takes_over_within_the_lease_duration_with_one_set_of_children(
     wait_for(
         lambda: second.metric("llmray_reconciles_total", result="ok") > 0, timeout=30, what="op-b passes"
     )
-    victim = pods_of(kube, namespace, "lead-1", "worker")[0]
-    client.CoreV1Api(kube.api_client).delete_namespaced_pod(victim.metadata.name, namespace)
-    wait_for(
-        lambda: (
-            victim.metadata.uid not in {p.metadata.uid for p in pods_of(kube, namespace, "lead-1", "worker")}
-            and len(pods_of(kube, namespace, "lead-1", "worker")) == 2
-            and all(running_ready(p) for p in pods_of(kube, namespace, "lead-1", "worker"))
-        ),
-        timeout=60,
-        what="the deleted worker replaced by the new leader",
-    )
+    _delete_a_worker_and_see_it_replaced(kube, namespace, "lead-1")
     apply(kube, small_job("lead-4"), namespace)
     wait_cluster_ready(kube, "LLMTrainingJob", namespace, "lead-4", 2, timeout=120)
     for name in [*names, "lead-4"]:
@@ -125,15 +128,6 @@ def test_a_leader_shut_down_cleanly_hands_over_at_once(
     handover = time.monotonic() - stopping
     print(f"handover after SIGTERM of the leader: {handover:.1f}s")
     assert handover < DURATION, handover  # released, not expired
-    victim = pods_of(kube, namespace, "roll", "worker")[0]
-    client.CoreV1Api(kube.api_client).delete_namespaced_pod(victim.metadata.name, namespace)
-    wait_for(
-        lambda: (
-            victim.metadata.uid not in {p.metadata.uid for p in pods_of(kube, namespace, "roll", "worker")}
-            and len(pods_of(kube, namespace, "roll", "worker")) == 2
-        ),
-        timeout=60,
-        what="the deleted worker replaced by the new leader",
-    )
+    _delete_a_worker_and_see_it_replaced(kube, namespace, "roll")
     assert_one_set(kube, namespace, "roll", 2)
     assert second.metric("llmray_leader") == 1
