@@ -29,6 +29,7 @@ venv: $(VENV)/.installed
 
 bins:
 	bash tests/cluster/build.sh
+	bash tests/cluster/build.sh kueue
 
 # The S3 server of the ray tier's object-storage test (moto, in a venv of its own: tests/s3_server.py).
 s3-server: venv

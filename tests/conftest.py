@@ -1,3 +1,3 @@
 """Shared pytest configuration: fixture plugins for the whole suite."""
 
-pytest_plugins = ["tests.kube"]
+pytest_plugins = ["tests.kube", "tests.cluster.kueue"]
