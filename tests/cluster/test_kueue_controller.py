@@ -1,8 +1,9 @@
 """The ``kueue`` fixture runs a real Kueue: admission, preemption, requeue, webhooks.
 
-Workloads are created by hand, as llmray's operator creates them (no Kueue job framework owns them),
-and the test plays the job controller's part on eviction: clear the quota reservation through the
-status subresource (docs/kueue-notes.md), as Kueue's jobframework reconciler does.
+Workloads are created by hand, as llmray's operator creates them (owned by an LLMTrainingJob, a kind
+no Kueue job framework knows), and the test plays the job controller's part on eviction: clear the
+quota reservation through the status subresource (docs/kueue-notes.md), as Kueue's jobframework
+reconciler does. No llmray operator runs here.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import pytest
 
 from tests.cluster.kueue import GROUP, VERSION, Kueue
 from tests.kube import Kube, KubectlError, apply_yaml, wait_for
+
+from .test_operator_fixtures import EXAMPLES, crds_fixture  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.cluster
 
@@ -205,11 +208,17 @@ def release_quota_after_eviction(kube: Kube, namespace: str, name: str) -> None:
 
 
 def test_admission_preemption_requeue_readmission(
-    kueue: Kueue, namespace: str, queues: dict[str, str]
+    kueue: Kueue, namespace: str, queues: dict[str, str], crds: None
 ) -> None:
     kube = kueue.kube
     cq = queues["cq"]
-    apply_yaml(kube, workload("low", queues["lq"], queues["low"], 100, gpus=2), namespace=namespace)
+    # the owner: an LLMTrainingJob (unknown to Kueue); no operator runs, so it is just an object
+    (job,) = apply_yaml(kube, (EXAMPLES / "training-tiny-cpu.yaml").read_text(), namespace=namespace)
+    low_wl = workload("low", queues["lq"], queues["low"], 100, gpus=2)
+    owner = {"apiVersion": job["apiVersion"], "kind": job["kind"], "name": job["metadata"]["name"]}
+    owner |= {"uid": job["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+    low_wl["metadata"]["ownerReferences"] = [owner]
+    apply_yaml(kube, low_wl, namespace=namespace)
     low = wait_for(lambda: admitted_to(kube, namespace, "low", cq), timeout=60, what="low admitted")
     assignment = low["status"]["admission"]["podSetAssignments"][0]
     assert assignment["name"] == "workers"
@@ -249,6 +258,7 @@ def test_admission_preemption_requeue_readmission(
     kube.kubectl("delete", f"workloads.{GROUP}", "high", "-n", namespace, "--timeout=60s")
     low = wait_for(lambda: admitted_to(kube, namespace, "low", cq), timeout=60, what="low admitted again")
     assert not is_true(low, "Evicted"), low["status"]
+    assert low["metadata"]["ownerReferences"] == [owner]  # Kueue left the ownership alone
 
 
 def test_validating_webhook_refuses_invalid_workload(kueue: Kueue, namespace: str) -> None:
