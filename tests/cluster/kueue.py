@@ -47,7 +47,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.kube import Kube, KubectlError, wait_for
+from tests.kube import Kube, KubectlError, WaitTimeout, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SH = REPO / "tests" / "cluster" / "build.sh"
@@ -338,7 +338,10 @@ class Kueue:
                 "delete", f"mutatingwebhookconfiguration/{MUTATING}",
                 f"validatingwebhookconfiguration/{VALIDATING}", "--ignore-not-found", check=False,
             )  # fmt: skip
-            self._delete_objects(wait=0, strip_finalizers=True)  # whatever the manager left
+            try:
+                self._delete_objects(wait=0, strip_finalizers=True)  # whatever the manager left
+            except KubectlError as exc:
+                print(f"kueue teardown: {exc}")
             names = [
                 yaml.safe_load(p.read_text())["metadata"]["name"]
                 for p in (self.kueue_dir / "crds" / "bases").glob("*.yaml")
@@ -348,29 +351,32 @@ class Kueue:
             )
 
     def _delete_objects(self, wait: float, strip_finalizers: bool = False) -> None:
-        kinds = [(k, True) for k in NAMESPACED_KINDS] + [(k, False) for k in CLUSTER_KINDS]
-        for kind, namespaced in kinds:
-            resource = f"{kind}.{GROUP}"
-            scope = ["-A"] if namespaced else []
-            if strip_finalizers:
-                out = self.kube.kubectl("get", resource, *scope, "-o", "json", check=False)
-                if out.returncode == 0:
-                    for item in json.loads(out.stdout)["items"]:
-                        meta = item["metadata"]
-                        ns = ["-n", meta["namespace"]] if namespaced else []
-                        self.kube.kubectl(
-                            "patch", resource, meta["name"], *ns, "--type=merge",
-                            "-p", '{"metadata":{"finalizers":null}}', check=False,
-                        )  # fmt: skip
-            self.kube.kubectl("delete", resource, "--all", *scope, "--wait=false", check=False)
-            if wait:
-                wait_for(
-                    lambda r=resource, s=scope: (
-                        not self.kube.kubectl("get", r, *s, "-o", "name").stdout.strip()
-                    ),
-                    timeout=wait,
-                    what=f"all {resource} gone",
-                )
+        """Delete every Kueue object (one kubectl call per step); optionally drop finalizers first,
+        for what a stopped manager can no longer release."""
+        kinds = ",".join(f"{k}.{GROUP}" for k in (*NAMESPACED_KINDS, *CLUSTER_KINDS))
+
+        def listed() -> list[dict[str, Any]]:
+            return list(json.loads(self.kube.kubectl("get", kinds, "-A", "-o", "json").stdout)["items"])
+
+        if strip_finalizers:
+            for item in listed():
+                meta = item["metadata"]
+                if meta.get("finalizers"):
+                    ns = ["-n", meta["namespace"]] if meta.get("namespace") else []
+                    self.kube.kubectl(  # kind in lower case is the CRDs' singular name
+                        "patch", f"{item['kind'].lower()}.{GROUP}", meta["name"], *ns, "--type=merge",
+                        "-p", '{"metadata":{"finalizers":null}}', check=False,
+                    )  # fmt: skip
+        self.kube.kubectl("delete", kinds, "--all", "-A", "--wait=false", check=False)
+        if wait:
+            try:
+                wait_for(lambda: not listed(), timeout=wait, what="every Kueue object deleted")
+            except WaitTimeout as exc:
+                left = [
+                    f"{i['kind']} {i['metadata'].get('namespace', '')}/{i['metadata']['name']}"
+                    for i in listed()
+                ]
+                raise WaitTimeout(f"{exc}; still there (finalizers?): {left}") from None
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
