@@ -287,25 +287,27 @@ class Kueue:
 
     def _in_private_etc(self, cmd: list[str], cert_dir: Path) -> list[str]:
         """Wrap ``cmd`` so it sees ``/etc/kueue/metrics/certs`` (our cert) through a read-only overlay
-        on /etc in a mount namespace of its own (as root; else in a user namespace)."""
+        on /etc in a mount namespace of its own: as root if allowed, else in a user namespace (the
+        first of the two that works here; a container without CAP_SYS_ADMIN may allow neither)."""
+        need = f"kueue needs {METRICS_CERT_DIR}/tls.{{crt,key}} (any valid pair) or a working `unshare`"
         if not shutil.which("unshare"):
-            raise RuntimeError(f"kueue needs {METRICS_CERT_DIR}/tls.{{crt,key}} and `unshare` is missing")
+            raise RuntimeError(f"{need}: unshare is missing")
         layer = self.workdir / "etc-layer"
         shutil.copytree(cert_dir, layer / "kueue" / "metrics" / "certs", dirs_exist_ok=True)
-        userns = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
         script = 'mount -t overlay overlay -o "lowerdir=$0:/etc" /etc && exec "$@"'
-        return [
-            "unshare",
-            *userns,
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            script,
-            str(layer),
-            *cmd,
-        ]
+        tries = [["--user", "--map-root-user"]]
+        if os.geteuid() == 0:
+            tries.insert(0, [])
+        errors = []
+        for userns in tries:
+            wrap = ["unshare", *userns, "--mount", "--propagation", "private", "sh", "-c", script, str(layer)]
+            probe = subprocess.run(
+                [*wrap, "test", "-s", str(METRICS_CERT_DIR / "tls.crt")], capture_output=True, text=True
+            )
+            if probe.returncode == 0:
+                return [*wrap, *cmd]
+            errors.append(f"{' '.join(wrap[:-4])}: {probe.stderr.strip() or probe.returncode}")
+        raise RuntimeError(f"{need}; tried: {errors}")
 
     def _ready(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
