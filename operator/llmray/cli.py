@@ -100,6 +100,7 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Sett
         metrics_peer=operator_peer(args.metrics_scraper_namespace, args.metrics_scraper_pod_labels),
         stalled_after=args.stalled_after,
         queue_full_ratio=args.queue_full_ratio,
+        kueue_api=args.kueue_api,
         **extra,
     )
 
@@ -208,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=Settings.stalled_after,
         help="seconds without a new progress report before a Running training job is marked Stalled",
+    )
+    op.add_argument(
+        "--kueue-api",
+        default=Settings.kueue_api,
+        help="Kueue API group/version for the Workloads of jobs labelled kueue.x-k8s.io/queue-name "
+        "(detected at start-up; while it is not served such jobs are held)",
     )
     op.add_argument(
         "--queue-full-ratio",

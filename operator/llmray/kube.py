@@ -21,6 +21,7 @@ import os
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client, config
@@ -104,6 +105,17 @@ _CORE_PLURALS = {
     "NetworkPolicy": "networkpolicies",
 }
 
+
+@dataclass(frozen=True)
+class CustomKind:
+    """Where a custom kind of another API group is served."""
+
+    group: str
+    version: str
+    plural: str
+    namespaced: bool = True
+
+
 RequestTimeout = float | tuple[float, float]
 DEFAULT_REQUEST_TIMEOUT: RequestTimeout = (5.0, 30.0)
 """(connect, read) seconds per API request: connecting to a healthy API server takes
@@ -130,6 +142,27 @@ class Kube:
         self.networking = client.NetworkingV1Api(api_client)
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kube")
         self.requests: Counter[tuple[str, str]] = Counter()
+        self.custom_kinds: dict[str, CustomKind] = {}
+        """Other APIs' custom kinds this client may use (e.g. Kueue's), by kind."""
+
+    def register(self, kind: str, api_version: str, plural: str, namespaced: bool = True) -> None:
+        """Let create/read/delete/patch/patch_status handle a custom kind of another API group."""
+        group, _, version = api_version.partition("/")
+        self.custom_kinds[kind] = CustomKind(group, version, plural, namespaced)
+
+    def _custom(self, kind: str) -> CustomKind | None:
+        return self.custom_kinds.get(kind)
+
+    async def _custom_call(
+        self, verb: str, kind: str, namespace: str, name: str, method: str, *args: Any, **kw: Any
+    ) -> Any:
+        ck = self.custom_kinds[kind]
+        where = (namespace,) if ck.namespaced else ()
+        fn = getattr(self.custom, method if ck.namespaced else method.replace("namespaced_", "cluster_"))
+        return await self._call(
+            verb, ck.plural, f"{kind} {namespace}/{name}", fn, ck.group, ck.version, *where, ck.plural, *args,
+            _preload_content=False, **kw,
+        )  # fmt: skip
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -167,6 +200,12 @@ class Kube:
         kind = obj["kind"]
         ns = obj["metadata"]["namespace"]
         what = f"{kind} {ns}/{obj['metadata']['name']}"
+        if self._custom(kind) is not None:
+            return self._json(
+                await self._custom_call(
+                    "create", kind, ns, obj["metadata"]["name"], "create_namespaced_custom_object", obj
+                )
+            )
         method: Any = {
             "Pod": self.core.create_namespaced_pod,
             "Service": self.core.create_namespaced_service,
@@ -177,7 +216,15 @@ class Kube:
         return self._json(resp)
 
     async def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        """Read a Pod, Service, Secret or NetworkPolicy; None when it does not exist."""
+        """Read a Pod, Service, Secret, NetworkPolicy or registered custom kind; None when absent."""
+        if self._custom(kind) is not None:
+            try:
+                resp = await self._custom_call(
+                    "get", kind, namespace, name, "get_namespaced_custom_object", name
+                )
+            except NotFound:
+                return None
+            return self._json(resp)
         method: Any = {
             "Pod": self.core.read_namespaced_pod,
             "Service": self.core.read_namespaced_service,
@@ -206,6 +253,18 @@ class Kube:
         body: dict[str, Any] = {"propagationPolicy": "Background"}
         if uid:
             body["preconditions"] = {"uid": uid}
+        if self._custom(kind) is not None:
+            try:
+                await self._custom_call(
+                    "delete", kind, namespace, name, "delete_namespaced_custom_object", name, body=body
+                )
+            except NotFound:
+                return False
+            except KubeError as err:
+                if err.status == 409:
+                    return False
+                raise
+            return True
         try:
             await self._call(
                 "delete", _CORE_PLURALS[kind], f"{kind} {namespace}/{name}", method, name, namespace,
@@ -220,7 +279,15 @@ class Kube:
         return True
 
     async def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        """JSON-merge-patch a Service or NetworkPolicy (lists in the patch replace the stored ones)."""
+        """JSON-merge-patch a Service, NetworkPolicy or registered custom kind (lists in the patch
+        replace the stored ones)."""
+        if self._custom(kind) is not None:
+            return self._json(
+                await self._custom_call(
+                    "patch", kind, namespace, name, "patch_namespaced_custom_object", name, patch,
+                    _content_type="application/merge-patch+json",
+                )
+            )  # fmt: skip
         method: Any = {
             "Service": self.core.patch_namespaced_service,
             "NetworkPolicy": self.networking.patch_namespaced_network_policy,
@@ -246,6 +313,15 @@ class Kube:
         never overwrites a newer one.
         """
         body = status_patch_body(patch, resource_version)
+        custom = next((ck for ck in self.custom_kinds.values() if ck.plural == plural), None)
+        if custom is not None:
+            resp = await self._call(
+                "patch", f"{plural}/status", f"{plural} {namespace}/{name} status",
+                self.custom.patch_namespaced_custom_object_status,
+                custom.group, custom.version, namespace, plural, name, body,
+                _content_type="application/merge-patch+json", _preload_content=False,
+            )  # fmt: skip
+            return self._json(resp)
         resp = await self._call(
             "patch", f"{plural}/status", f"{plural} {namespace}/{name} status",
             self.custom.patch_namespaced_custom_object_status,

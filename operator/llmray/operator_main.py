@@ -15,6 +15,7 @@ the one holding the Lease runs reconcile passes.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -81,6 +82,10 @@ class App:
         # The operator only creates the auth Secret (see ClusterController.step_auth_secret).
         if self.kube is None:
             self.kube = Kube(load_api_client(self.kubeconfig), max_workers=max(4, self.settings.workers))
+        api = self.settings.kueue_api
+        self.kube.register("Workload", api, "workloads")
+        self.kube.register("ResourceFlavor", api, "resourceflavors", namespaced=False)
+        self.kube.register("WorkloadPriorityClass", api, "workloadpriorityclasses", namespaced=False)
         self.controllers = self._controllers()
         self.loop = ReconcileLoop(
             self.reconcile,
@@ -167,6 +172,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: An
     settings.networking.request_timeout = 60
     for plural in ("pods", "services"):
         settings.watching.label_selectors["v1", plural] = MANAGED_SELECTOR
+    settings.watching.label_selectors["kueue.x-k8s.io", "workloads"] = MANAGED_SELECTOR
     _app(memo).build(kwargs)
 
 
@@ -301,6 +307,24 @@ async def on_service(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await _on_child(body, memo)
 
 
+@kopf.on.event("kueue.x-k8s.io", "workloads", labels=_MANAGED)
+async def on_workload(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Kueue admitted, evicted or finished a job's Workload: cache it and wake its job.
+
+    Kopf watches Kueue's preferred version; where Kueue is not installed it watches nothing. The
+    fields the operator reads are the same in every served version.
+    """
+    app = _app(memo)
+    key = owner_key(dict(body))
+    if key is None:
+        return
+    if type == "DELETED":
+        app.store.workloads.pop(key, None)
+    else:
+        app.store.workloads[key] = _snapshot(body)
+    await _on_child(body, memo)
+
+
 # --- running -------------------------------------------------------------------------------------
 
 
@@ -341,6 +365,28 @@ def check_crds_installed(kubeconfig: str | None) -> str | None:
     return None
 
 
+def kueue_served(kubeconfig: str | None, api_version: str) -> bool:
+    """Whether the cluster serves Kueue's ``workloads`` in ``api_version`` (checked once at start)."""
+    from kubernetes import client
+
+    from llmray.kube import load_api_client as load
+
+    group, _, version = api_version.partition("/")
+    api = load(kubeconfig)
+    try:
+        resources = client.CustomObjectsApi(api).get_api_resources(group, version)
+    except Exception as exc:
+        logger.info("Kueue API %s not served (%s): queue-labelled jobs are held", api_version, exc)
+        return False
+    finally:
+        api.close()
+    served = resources is not None and any(r.name == "workloads" for r in resources.resources)
+    logger.info(
+        "Kueue API %s %s", api_version, "served" if served else "not served: queue-labelled jobs are held"
+    )
+    return served
+
+
 def run(config: RunConfig, settings: Settings) -> int:
     """Run the operator until SIGTERM/SIGINT; returns the exit code."""
     if config.kubeconfig:
@@ -349,6 +395,7 @@ def run(config: RunConfig, settings: Settings) -> int:
     if problem:
         logger.error(problem)
         return 2
+    settings = dataclasses.replace(settings, kueue_served=kueue_served(config.kubeconfig, settings.kueue_api))
     if config.metrics_port:
         from prometheus_client import start_http_server
 

@@ -38,7 +38,7 @@ from llmray.ray.cluster import ClusterStatus
 from llmray.ray.jobs import JobInfo, JobStatus, Submission
 from llmray.ray.serve import DeploymentStatus, ServeApplication
 
-PLURAL_KIND = {TRAINING_PLURAL: TRAINING_KIND, DEPLOYMENT_PLURAL: DEPLOYMENT_KIND}
+PLURAL_KIND = {TRAINING_PLURAL: TRAINING_KIND, DEPLOYMENT_PLURAL: DEPLOYMENT_KIND, "workloads": "Workload"}
 CUSTOM = (TRAINING_KIND, DEPLOYMENT_KIND)
 ObjKey = tuple[str, str, str]
 
@@ -158,7 +158,9 @@ class FakeKube:
 
     # --- test helpers ------------------------------------------------------------------------------
 
-    def apply(self, kind: str, namespace: str, name: str, spec: dict[str, Any]) -> Key:
+    def apply(
+        self, kind: str, namespace: str, name: str, spec: dict[str, Any], labels: dict[str, str] | None = None
+    ) -> Key:
         """Create or update a custom resource (generation moves when the spec changes)."""
         key = (kind, namespace, name)
         found = self.objects.get(key)
@@ -171,6 +173,7 @@ class FakeKube:
                     "namespace": namespace,
                     "uid": f"uid-{next(self._uid)}",
                     "generation": 1,
+                    **({"labels": dict(labels)} if labels else {}),
                 },
                 "spec": copy.deepcopy(spec),
             }
@@ -233,7 +236,19 @@ class FakeKube:
                 if k == DEPLOYMENT_KIND and job:
                     yield (ns, job), n
 
+        fake = self
+
+        class Workloads(dict):  # type: ignore[type-arg]
+            """Live view: owner key -> Workload (what the operator's Workload watch keeps)."""
+
+            def get(self, key: Any, default: Any = None) -> Any:
+                for (k, _, _), o in list(fake.objects.items()):
+                    if k == "Workload" and owner_key(o) == key:
+                        return copy.deepcopy(o)
+                return default
+
         return Store(
+            workloads=Workloads(),
             resources={
                 TRAINING_KIND: _Index(custom(TRAINING_KIND)),
                 DEPLOYMENT_KIND: _Index(custom(DEPLOYMENT_KIND)),

@@ -41,7 +41,7 @@ DESCRIPTION = (
     "workers, mirroring progress into its status and writing the trained model to spec.output.uri."
 )
 
-Phase = Literal["Pending", "Provisioning", "Running", "Succeeded", "Failed", "Suspended"]
+Phase = Literal["Pending", "Queued", "Provisioning", "Running", "Succeeded", "Failed", "Suspended"]
 TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed"})
 
 
@@ -358,11 +358,26 @@ class OutputStatus(StatusModel):
     )
 
 
+class QueueStatus(StatusModel):
+    """Kueue: where the job waits (label kueue.x-k8s.io/queue-name) and what Kueue decided."""
+
+    name: str = Field("", description="The Kueue LocalQueue (label kueue.x-k8s.io/queue-name).")
+    workload: str = Field("", description="The Kueue Workload that stands for this job in its queue.")
+    cluster_queue: str = Field("", description="The ClusterQueue that admitted it (empty while queued).")
+    preemptions: int = Field(
+        0,
+        description="Times Kueue evicted the running job (preempted, deactivated); each time its Ray "
+        "pods were removed and it waited in the queue again, then resumed from the latest checkpoint.",
+    )
+
+
 class LLMTrainingJobStatus(StatusModel):
     """Observed state of an LLMTrainingJob."""
 
     phase: Phase = Field(
-        "Pending", description="Pending, Provisioning, Running, Succeeded, Failed or Suspended."
+        "Pending",
+        description="Pending, Queued (waiting for Kueue to admit it), Provisioning, Running, Succeeded, "
+        "Failed or Suspended.",
     )
     conditions: Conditions = Field(description="Ready-style conditions per Kubernetes API conventions.")
     observed_generation: ObservedGeneration = 0
@@ -391,6 +406,9 @@ class LLMTrainingJobStatus(StatusModel):
         None, description="When the next attempt is submitted, while backing off after a failure."
     )
     completion_time: datetime | None = Field(None, description="When the job Succeeded or Failed.")
+    queue: QueueStatus | None = Field(
+        None, description="Kueue admission, for jobs labelled kueue.x-k8s.io/queue-name."
+    )
     message: StatusMessage = ""
 
 

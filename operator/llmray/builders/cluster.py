@@ -109,6 +109,14 @@ class PvcMount:
 
 
 @dataclass(frozen=True)
+class Assigned:
+    """Placement a queue assigned to a pod set (Kueue's ResourceFlavors), added to its pods."""
+
+    node_selector: tuple[tuple[str, str], ...] = ()
+    tolerations: tuple[tuple[tuple[str, str], ...], ...] = ()
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     """Everything the children of one Ray cluster depend on (derived from a resource's spec)."""
 
@@ -128,6 +136,10 @@ class ClusterSpec:
     extra_labels: dict[str, str] = field(default_factory=dict)
     pod_template: PodTemplate | None = None
     """``spec.podTemplate``: additions to every pod (the roles' own templates add to it)."""
+    head_assigned: Assigned | None = None
+    """What Kueue's admission assigned to the head pod set (None: not queued)."""
+    workers_assigned: Assigned | None = None
+    """What Kueue's admission assigned to the workers pod set (None: not queued)."""
 
     def template(self, node_type: str) -> PodTemplate | None:
         """The pod template in force for the head or the workers (shared, then the role's)."""
@@ -600,9 +612,14 @@ def _pod_spec(cluster: ClusterSpec, node_type: str) -> dict[str, Any]:
         "containers": [container],
         "volumes": volumes,
     }
-    if placement.node_selector:
-        spec["nodeSelector"] = dict(placement.node_selector)
+    assigned = cluster.head_assigned if is_head else cluster.workers_assigned
+    selector = {**dict(placement.node_selector or {}), **dict(assigned.node_selector if assigned else ())}
+    if selector:
+        spec["nodeSelector"] = selector
     tolerations = _tolerations(placement, gpu)
+    for toleration in assigned.tolerations if assigned else ():
+        if dict(toleration) not in tolerations:
+            tolerations.append(dict(toleration))
     if tolerations:
         spec["tolerations"] = tolerations
     if placement.affinity:

@@ -157,6 +157,8 @@ class Pass(Generic[SpecT, StatusT]):
     """Deployments: the model ids a replica listed on ``/v1/models`` this pass (None: not asked)."""
     requeue_after: float | None = None
     events: list[tuple[str, str, str]] = field(default_factory=list)
+    queue_hold: str | None = None
+    """Training: held by its queue (Kueue has not admitted it, or evicted it): why."""
 
     @property
     def kind(self) -> str:
@@ -258,6 +260,9 @@ class ClusterController(Generic[SpecT, StatusT]):
     async def ray_gone(self, key: Key) -> None:
         """A deleted resource (best effort: stop its Ray job, remove its Serve app)."""
 
+    async def step_gate(self, p: Pass[SpecT, StatusT]) -> None:
+        """Before any child is made: may hold the resource (``want_cluster`` False), e.g. in a queue."""
+
     def decide(self, p: Pass[SpecT, StatusT]) -> Next:
         """The kind's state machine applied to what the pass observed (pure)."""
         raise NotImplementedError
@@ -311,6 +316,8 @@ class ClusterController(Generic[SpecT, StatusT]):
         try:
             parsed = self.step_parse(p)
             self.step_observe(p)
+            if parsed:
+                await self.step_gate(p)
             if not p.want_cluster:
                 await self.step_teardown(p)
             elif parsed:

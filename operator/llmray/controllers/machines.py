@@ -18,6 +18,7 @@ from llmray.ray.serve import ServeApplication
 
 from .decisions import R_DEADLINE, ServeVerdict, TrainingStep, serve_verdict
 
+R_QUEUED = "Queued"
 CLUSTER_READY_MESSAGE = "Ray cluster ready"
 SUSPENDED_MESSAGE = "spec.suspend is true: Ray pods removed; set it to false to resume"
 DEPLOYING_MESSAGE = "Ray cluster ready; deploying the Serve application"
@@ -72,13 +73,17 @@ class TrainingSeen:
     """What happened to the pods of a finished job (for the condition message)."""
     deadline: str | None = None
     """spec.activeDeadlineSeconds has passed: why it fails (see ``decisions.deadline_left``)."""
+    queued: str | None = None
+    """Held by its Kueue queue (not admitted, or evicted): why (see ``queueing.decide_queue``)."""
 
 
 def training_next(s: TrainingSeen) -> Next:
-    """Pending -> Provisioning -> Running -> Succeeded | Failed; Suspended; Failed on cluster errors.
+    """Pending -> [Queued ->] Provisioning -> Running -> Succeeded | Failed; Suspended; Failed on
+    cluster errors.
 
     Order: a finished job stays finished (unless retrying); a blocker fails it (fatal) or holds
-    it Pending; suspension; a passed deadline fails it (DeadlineExceeded, whatever Ray said); an
+    it Pending; suspension; held by its Kueue queue (Queued: not admitted yet, or evicted); a
+    passed deadline fails it (DeadlineExceeded, whatever Ray said); an
     Unschedulable timeout fails it; then the Ray job's own state; then the cluster's (ready:
     Running, else Provisioning).
     """
@@ -94,6 +99,8 @@ def training_next(s: TrainingSeen) -> Next:
         return Next("Running" if phase == "Running" else "Pending", s.blocker.message, cluster)
     if s.suspended:
         return Next("Suspended", SUSPENDED_MESSAGE, (False, R_SUSPENDED, SUSPENDED_MESSAGE))
+    if s.queued is not None:
+        return Next("Queued", s.queued, (False, R_QUEUED, s.queued), reopened=s.retrying)
     if s.deadline is not None:
         return Next("Failed", s.deadline, (False, R_DEADLINE, s.deadline), finished=True)
     health = s.health
@@ -109,7 +116,7 @@ def training_next(s: TrainingSeen) -> Next:
             s.job.phase, s.job.message, cluster, finished=s.job.phase in TERMINAL_PHASES, reopened=s.retrying
         )
     if health.ready:
-        nxt = "Running" if phase in ("Pending", "Provisioning", "Suspended") else phase
+        nxt = "Running" if phase in ("Pending", "Queued", "Provisioning", "Suspended") else phase
         message = CLUSTER_READY_MESSAGE if nxt != phase else None
     else:
         nxt, message = "Provisioning", health.message

@@ -49,6 +49,12 @@ class Settings:
     """NetworkPolicy peer selecting the operator's pods (None: it runs outside the cluster)."""
     leader_election: ElectionConfig | None = None
     """Reconcile only while holding this Lease (None: always; one replica only)."""
+    kueue_api: str = "kueue.x-k8s.io/v1beta2"
+    """Kueue's API group/version the operator creates Workloads with (``--kueue-api``)."""
+    kueue_served: bool = False
+    """Whether the cluster serves ``workloads`` in ``kueue_api`` (detected once at start-up). A
+    job labelled ``kueue.x-k8s.io/queue-name`` is held while it is not: running it would bypass the
+    quota the platform meant it to wait for."""
 
     @property
     def ray_slots(self) -> int:

@@ -90,6 +90,8 @@ class Store:
     secrets: _Index | None = None
     deployments_by_job: _Index | None = None
     """(namespace, training job name) -> names of the LLMDeployments serving its output."""
+    workloads: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    """Owner key -> its Kueue Workload as last watched (kept by the Workload watch)."""
 
     def resource(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The latest body of a custom resource, or None when it is gone."""

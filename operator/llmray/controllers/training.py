@@ -10,10 +10,11 @@ is retried when its spec changes (generation moves).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from llmray.api.runtime import TrainingRun, parse_progress
 from llmray.api.training import (
@@ -22,13 +23,30 @@ from llmray.api.training import (
     TERMINAL_PHASES,
     LLMTrainingJobSpec,
     LLMTrainingJobStatus,
+    QueueStatus,
 )
-from llmray.builders.cluster import training_cluster
+from llmray.builders.cluster import Assigned, training_cluster
+from llmray.builders.common import stable_hash
+from llmray.builders.kueue import (
+    POD_SET_HEAD,
+    POD_SET_WORKERS,
+    PRIORITY_LABEL,
+    QUEUE_LABEL,
+    WorkloadState,
+    build_workload,
+    finish_patch,
+    flavor_placement,
+    pod_sets,
+    requeue_patch,
+    workload_name,
+    workload_state,
+)
 from llmray.builders.status import (
     R_FINISHED,
     R_INVALID_SPEC,
     R_UNSCHEDULABLE,
 )
+from llmray.kube import AlreadyExists
 from llmray.ray import RayAuthError, RayError, RayNotFound, submission_id
 from llmray.ray.jobs import JobInfo
 
@@ -49,6 +67,7 @@ from .decisions import (
     training_entrypoint,
 )
 from .machines import COND_STALLED, Next, TrainingSeen, training_next, training_stalled
+from .queueing import COND_ADMITTED, QueueSeen, QueueStep, decide_queue
 from .rayconn import Head, RayAPI, ray_problem, short
 from .store import Key
 
@@ -91,6 +110,11 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
     def __init__(self, deps: Deps) -> None:
         super().__init__(deps)
         self.running: dict[Key, _Running] = {}
+        # Kueue: our own Workload writes (the watch may lag behind them), Workloads we deleted, and
+        # the placement resolved from each admission's ResourceFlavors.
+        self._wl_written: dict[Key, dict[str, Any]] = {}
+        self._wl_deleted: dict[Key, str] = {}
+        self._placements: dict[Key, tuple[Any, tuple[Assigned, Assigned]]] = {}
 
     # --- cluster half ------------------------------------------------------------------------------
 
@@ -117,6 +141,178 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
         if spec.suspend:
             p.want_cluster = False
 
+    # --- Kueue ------------------------------------------------------------------------------------
+
+    def _workload_of(self, p: TrainingPass) -> dict[str, Any] | None:
+        """The job's Workload: the watched one, or our own newer write; never a previous job's."""
+        candidates = [w for w in (self.deps.store.workloads.get(p.key), self._wl_written.get(p.key)) if w]
+        deleted = self._wl_deleted.get(p.key)
+
+        def fresh(w: dict[str, Any]) -> bool:
+            meta = w.get("metadata") or {}
+            owners = [r for r in meta.get("ownerReferences") or [] if r.get("controller")]
+            return bool(owners) and owners[0].get("uid") == p.uid and meta.get("uid") != deleted
+
+        def version(w: dict[str, Any]) -> int:
+            rv = str((w.get("metadata") or {}).get("resourceVersion") or "0")
+            return int(rv) if rv.isdigit() else 0
+
+        live = sorted((w for w in candidates if fresh(w)), key=version)
+        return live[-1] if live else None
+
+    async def step_gate(self, p: TrainingPass) -> None:
+        """Kueue: a job labelled kueue.x-k8s.io/queue-name runs only while its Workload is admitted.
+
+        The decision is :func:`queueing.decide_queue`; this applies it. The hold is set before any
+        request, so a failed write can never let a held job create pods.
+        """
+        spec, status = p.parsed, p.status
+        queue = str((p.meta.get("labels") or {}).get(QUEUE_LABEL) or "")
+        body = self._workload_of(p)
+        if not queue and body is None:
+            status.queue = None
+            status.conditions = [c for c in status.conditions if c.type != COND_ADMITTED]
+            return
+        assert p.cluster is not None
+        state = workload_state(body) if body is not None else None
+        step = decide_queue(
+            QueueSeen(
+                queue=queue,
+                served=self.settings.kueue_served,
+                workload=state,
+                wanted_hash=stable_hash(pod_sets(p.cluster, spec.workers.replicas)),
+                finished=p.phase in TERMINAL_PHASES and not p.reopened,
+                succeeded=p.phase == "Succeeded",
+                suspended=spec.suspend,
+                pods_left=p.head is not None or bool(p.workers),
+            )
+        )
+        if step is None:
+            return
+        if step.hold:
+            p.want_cluster = False
+            p.queue_hold = step.message
+        name = state.name if state is not None else workload_name(p.kind, p.name, p.uid)
+        previous = status.queue or QueueStatus()
+        status.queue = QueueStatus(
+            name=queue or (state.queue if state else ""),
+            workload=name,
+            cluster_queue=state.cluster_queue if state is not None and step.admitted else "",
+            preemptions=previous.preemptions,
+        )
+        was_admitted = any(c.type == COND_ADMITTED and c.status == "True" for c in status.conditions)
+        await self._apply_queue_step(p, step, queue, body, state)
+        if step.admitted and state is not None:
+            head, workers = await self._placement(p, state)
+            p.cluster = dataclasses.replace(p.cluster, head_assigned=head, workers_assigned=workers)
+            if not was_admitted:
+                p.event("Normal", "Admitted", f"Workload {state.name} {step.message}")
+        if step.action == "requeue" and step.evicted is not None:
+            status.queue.preemptions += 1
+        p.condition(COND_ADMITTED, step.admitted, step.reason or "Pending", step.message)
+
+    async def _apply_queue_step(
+        self,
+        p: TrainingPass,
+        step: QueueStep,
+        queue: str,
+        body: dict[str, Any] | None,
+        state: WorkloadState | None,
+    ) -> None:
+        """The Workload write a step asks for (every one idempotent, conditional where it matters)."""
+        ns = p.namespace
+        if step.action == "create":
+            created = await self._create_workload(p, queue)
+            if created is not None:
+                self._wl_written[p.key] = created
+                p.event(
+                    "Normal",
+                    "CreatedWorkload",
+                    f"created Kueue Workload {created['metadata']['name']} in LocalQueue {queue}",
+                )
+            return
+        if body is None or state is None:
+            return
+        if step.action == "delete":
+            await self.kube.delete("Workload", ns, state.name, state.uid)
+            self._wl_deleted[p.key] = state.uid
+            self._wl_written.pop(p.key, None)
+            self._placements.pop(p.key, None)
+            p.event("Normal", "DeletedWorkload", f"deleted Kueue Workload {state.name}: {step.message}")
+        elif step.action == "set-queue":
+            self._wl_written[p.key] = await self.kube.patch(
+                "Workload", ns, state.name, {"spec": {"queueName": queue}}
+            )
+        elif step.action == "set-active":
+            active = not p.parsed.suspend
+            self._wl_written[p.key] = await self.kube.patch(
+                "Workload", ns, state.name, {"spec": {"active": active}}
+            )
+        elif step.action == "requeue" and step.evicted is not None:
+            self._wl_written[p.key] = await self.kube.patch_status(
+                "workloads", ns, state.name, requeue_patch(body, step.evicted, p.at),
+                resource_version=state.resource_version or None,
+            )  # fmt: skip
+            self._placements.pop(p.key, None)
+            reason = "Preempted" if step.evicted.reason == "Preempted" else "Evicted"
+            p.event("Warning", reason, f"{step.message} (attempt {p.status.attempt} stopped)")
+        elif step.action == "finish":
+            succeeded = p.phase == "Succeeded"
+            self._wl_written[p.key] = await self.kube.patch_status(
+                "workloads", ns, state.name, finish_patch(body, succeeded, p.status.message, p.at),
+                resource_version=state.resource_version or None,
+            )  # fmt: skip
+            p.event("Normal", "FinishedWorkload", f"Kueue Workload {state.name} finished: quota released")
+
+    async def _create_workload(self, p: TrainingPass, queue: str) -> dict[str, Any] | None:
+        """Create the Workload (priority from its WorkloadPriorityClass); None: held with a message."""
+        assert p.cluster is not None
+        priority_class = str((p.meta.get("labels") or {}).get(PRIORITY_LABEL) or "")
+        priority: int | None = None
+        if priority_class:
+            wpc = await self.kube.read("WorkloadPriorityClass", "", priority_class)
+            if wpc is None:
+                p.queue_hold = (
+                    f"WorkloadPriorityClass {priority_class} (label {PRIORITY_LABEL}) not found: create it "
+                    "or fix the label"
+                )
+                p.want_cluster = False
+                return None
+            priority = int(wpc.get("value") or 0)
+        obj = build_workload(
+            p.cluster, p.parsed.workers.replicas, queue=queue, api_version=self.settings.kueue_api,
+            priority_class=priority_class, priority=priority, active=not p.parsed.suspend,
+        )  # fmt: skip
+        try:
+            return await self.kube.create(obj)
+        except AlreadyExists:
+            return await self.kube.read("Workload", p.namespace, obj["metadata"]["name"])
+
+    async def _placement(self, p: TrainingPass, state: WorkloadState) -> tuple[Assigned, Assigned]:
+        """nodeSelector and tolerations of the ResourceFlavors Kueue assigned to each pod set
+        (read once per admission: later flavor edits do not move running pods, as in Kueue)."""
+        signature = (state.uid, state.cluster_queue, tuple(sorted(state.flavors.items())))
+        cached = self._placements.get(p.key)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        out: list[Assigned] = []
+        for pod_set in (POD_SET_HEAD, POD_SET_WORKERS):
+            flavors = []
+            for flavor in state.flavors.get(pod_set, ()):
+                found = await self.kube.read("ResourceFlavor", "", flavor)
+                if found is not None:
+                    flavors.append(found)
+            out.append(flavor_placement(flavors))
+        result = (out[0], out[1])
+        self._placements[p.key] = (signature, result)
+        return result
+
+    def forget(self, key: Key) -> None:
+        self._wl_written.pop(key, None)
+        self._wl_deleted.pop(key, None)
+        self._placements.pop(key, None)
+        super().forget(key)
+
     # --- the state machine -------------------------------------------------------------------------
 
     def decide(self, p: TrainingPass) -> Next:
@@ -129,7 +325,7 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
         retrying = p.reopened
         deadline: str | None = None
         spec = p.spec
-        if spec is not None and p.phase not in TERMINAL_PHASES and not spec.suspend:
+        if spec is not None and p.phase not in TERMINAL_PHASES and not spec.suspend and p.queue_hold is None:
             left = deadline_left(status.start_time, spec.active_deadline_seconds, p.at)
             if left is not None and left <= 0 and spec.active_deadline_seconds is not None:
                 deadline = deadline_message(spec.active_deadline_seconds)
@@ -151,6 +347,7 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
                 keep_failure=cond is not None and cond.status == "False" and cond.reason != R_FINISHED,
                 pods_after_finish=pods,
                 deadline=deadline,
+                queued=p.queue_hold if not (p.phase in TERMINAL_PHASES and not retrying) else None,
             )
         )
 
@@ -318,9 +515,11 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
         shared head (the sandbox) the job must be stopped explicitly.
         """
         status = p.status
-        suspended = p.parsed.suspend and p.phase not in TERMINAL_PHASES
+        held = p.parsed.suspend or p.queue_hold is not None
+        suspended = held and p.phase not in TERMINAL_PHASES
         if not suspended or not status.job_id or p.cluster is None:
             return
+        why = "suspended" if p.parsed.suspend else "held by its Kueue queue"
         head = self.heads.head(p.key, p.uid)
         try:
             await self._stop(p.key, head, status.job_id)
@@ -332,13 +531,16 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
                 status.message = f"could not stop Ray job {status.job_id}: {short(exc)}; retrying"
                 p.requeue(UNREACHABLE_REQUEUE_S)
                 return
-        p.event("Normal", "StoppedRayJob", f"stopped Ray job {status.job_id} (suspended)")
+        p.event("Normal", "StoppedRayJob", f"stopped Ray job {status.job_id} ({why})")
         status.attempt += 1
         status.job_id = ""
         status.start_time = None  # like a Job: activeDeadlineSeconds restarts on resume
         status.next_attempt_at = None
         self.running.pop(p.key, None)
-        p.condition(COND_JOB, False, "Suspended", "spec.suspend is true: Ray job stopped")
+        if p.parsed.suspend:
+            p.condition(COND_JOB, False, "Suspended", "spec.suspend is true: Ray job stopped")
+        else:
+            p.condition(COND_JOB, False, "Queued", f"{p.queue_hold}: Ray job stopped")
 
     async def ray_gone(self, key: Key) -> None:
         """Deleted: stop the job it was running (best effort, from the operator's memory)."""

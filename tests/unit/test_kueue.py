@@ -1,0 +1,391 @@
+"""Kueue admission of LLMTrainingJobs: the Workload builder, Kueue's answer, the queue decision, and
+whole reconcile passes through the fakes (Kueue played by the test): held -> admitted -> running ->
+evicted -> held -> re-admitted -> resumed (attempt + 1) -> finished -> Workload Finished."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from llmray.api.common import GROUP, VERSION
+from llmray.api.training import KIND, LLMTrainingJobSpec
+from llmray.builders.cluster import training_cluster, worker_pod
+from llmray.builders.common import Owner
+from llmray.builders.kueue import (
+    QUEUE_LABEL,
+    Cond,
+    build_workload,
+    finish_patch,
+    flavor_placement,
+    requeue_patch,
+    workload_name,
+    workload_state,
+)
+from llmray.controllers.queueing import QueueSeen, decide_queue
+from llmray.controllers.settings import Settings
+from llmray.ray import submission_id
+from llmray.ray.jobs import JobStatus
+
+from .fakes import World
+from .test_training_controller import NS, spec
+
+pytestmark = pytest.mark.unit
+
+API = "kueue.x-k8s.io/v1beta2"
+AT = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+GPU_SPEC = spec(workers={"replicas": 2, "resources": {"cpu": "4", "memory": "8Gi", "gpu": 1}})
+OWNER = Owner(KIND, "ft", NS, "uid-1")
+
+
+def _cluster() -> Any:
+    return training_cluster(OWNER, LLMTrainingJobSpec.model_validate(GPU_SPEC))
+
+
+# --- builder -----------------------------------------------------------------------------------------
+
+
+def test_workload_sizes_head_and_workers_from_the_real_pods() -> None:
+    wl = build_workload(_cluster(), 2, queue="team-a", api_version=API, priority_class="high", priority=100)
+    assert wl["apiVersion"] == API and wl["kind"] == "Workload"
+    meta = wl["metadata"]
+    assert meta["name"] == workload_name(KIND, "ft", "uid-1") and meta["namespace"] == NS
+    (ref,) = meta["ownerReferences"]
+    assert (ref["kind"], ref["uid"], ref["controller"]) == (KIND, "uid-1", True)
+    head, workers = wl["spec"]["podSets"]
+    assert (head["name"], head["count"], workers["name"], workers["count"]) == ("head", 1, "workers", 2)
+    req = workers["template"]["spec"]["containers"][0]["resources"]["requests"]
+    assert req == {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": "1"}  # no ephemeral-storage
+    assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["requests"]
+    # the real pod's scheduling constraints, so Kueue picks a flavor the pods can land on
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in workers["template"]["spec"][
+        "tolerations"
+    ]
+    assert wl["spec"]["queueName"] == "team-a"
+    assert wl["spec"]["priorityClassRef"] == {
+        "group": "kueue.x-k8s.io",
+        "kind": "WorkloadPriorityClass",
+        "name": "high",
+    }
+    assert wl["spec"]["priority"] == 100
+
+
+def test_workload_name_is_per_uid_and_bounded() -> None:
+    assert workload_name(KIND, "ft", "a") != workload_name(KIND, "ft", "b")
+    assert len(workload_name(KIND, "x" * 253, "a")) <= 253
+
+
+def test_flavor_assignment_is_not_part_of_the_pod_sets() -> None:
+    """Applying an admission to the pods must not make the Workload look out of date."""
+    cluster = _cluster()
+    assigned = flavor_placement([{"spec": {"nodeLabels": {"pool": "a100"}}}])
+    placed = dataclasses.replace(cluster, workers_assigned=assigned)
+    plain = build_workload(cluster, 2, queue="q", api_version=API)
+    again = build_workload(placed, 2, queue="q", api_version=API)
+    assert plain["metadata"]["annotations"] == again["metadata"]["annotations"]
+
+
+def test_flavors_add_node_selector_and_tolerations_to_the_pods() -> None:
+    flavor = {
+        "spec": {
+            "nodeLabels": {"cloud.example/pool": "a100"},
+            "tolerations": [{"key": "reserved", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+        }
+    }
+    placed = dataclasses.replace(_cluster(), workers_assigned=flavor_placement([flavor]))
+    pod = worker_pod(placed, 0, "x")
+    assert pod["spec"]["nodeSelector"] == {"cloud.example/pool": "a100"}
+    assert {"key": "reserved", "operator": "Equal", "value": "ml", "effect": "NoSchedule"} in pod["spec"][
+        "tolerations"
+    ]
+    assert worker_pod(_cluster(), 0, "x")["spec"].get("nodeSelector") is None
+
+
+# --- reading Kueue ------------------------------------------------------------------------------------
+
+
+def _wl(*conds: tuple[str, str, str], admission: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "w", "uid": "u", "resourceVersion": "7", "generation": 1},
+        "spec": {"queueName": "q", **spec},
+        "status": {
+            "conditions": [
+                {"type": t, "status": s, "reason": r, "message": f"{t} {r}", "lastTransitionTime": "x"}
+                for t, s, r in conds
+            ],
+            **({"admission": admission} if admission else {}),
+        },
+    }
+
+
+def test_pending_workload_carries_kueues_reason() -> None:
+    st = workload_state(_wl(("QuotaReserved", "False", "Pending")))
+    assert not st.admitted and st.pending == Cond("False", "Pending", "QuotaReserved Pending")
+
+
+def test_admitted_workload_lists_flavors_per_pod_set() -> None:
+    admission = {
+        "clusterQueue": "cq",
+        "podSetAssignments": [
+            {"name": "head", "flavors": {"cpu": "default", "memory": "default"}},
+            {"name": "workers", "flavors": {"cpu": "gpu-a", "nvidia.com/gpu": "gpu-a"}},
+        ],
+    }
+    st = workload_state(_wl(("QuotaReserved", "True", "QuotaReserved"), ("Admitted", "True", "Admitted"), admission=admission))
+    assert st.running_allowed and st.cluster_queue == "cq"
+    assert st.flavors == {"head": ("default",), "workers": ("gpu-a",)}
+
+
+def test_requeue_patch_gives_the_quota_back_like_kueues_reconciler() -> None:
+    wl = _wl(("QuotaReserved", "True", "QuotaReserved"), ("Admitted", "True", "Admitted"), ("Evicted", "True", "Preempted"))
+    patch = requeue_patch(wl, Cond("True", "Preempted", "by b"), AT)
+    assert patch["admission"] is None
+    conds = {c["type"]: c for c in patch["conditions"]}
+    assert (conds["QuotaReserved"]["status"], conds["QuotaReserved"]["reason"]) == ("False", "Pending")
+    assert conds["Admitted"]["status"] == "False"
+    assert (conds["Requeued"]["status"], conds["Requeued"]["reason"]) == ("True", "Preempted")
+    assert conds["Evicted"]["status"] == "True"  # Kueue resets it when it reserves quota again
+
+
+def test_finish_patch() -> None:
+    patch = finish_patch(_wl(), True, "done", AT)
+    (cond,) = patch["conditions"]
+    assert (cond["type"], cond["status"], cond["reason"]) == ("Finished", "True", "Succeeded")
+
+
+# --- the decision -------------------------------------------------------------------------------------
+
+ADMITTED = workload_state(
+    _wl(
+        ("QuotaReserved", "True", "QuotaReserved"),
+        ("Admitted", "True", "Admitted"),
+        admission={"clusterQueue": "cq", "podSetAssignments": []},
+    )
+)
+
+
+def seen(**kw: Any) -> QueueSeen:
+    base: dict[str, Any] = {"queue": "q", "served": True, "workload": ADMITTED, "wanted_hash": ""}
+    return QueueSeen(**{**base, **kw})
+
+
+@pytest.mark.parametrize(
+    ("case", "kw", "action", "hold"),
+    [
+        ("no label, no workload", {"queue": "", "workload": None}, None, None),
+        ("Kueue not installed", {"served": False, "workload": None}, "none", True),
+        ("new job", {"workload": None}, "create", True),
+        ("admitted", {}, "none", False),
+        ("pod sets changed", {"wanted_hash": "other"}, "delete", True),
+        ("suspended", {"suspended": True}, "set-active", True),
+        ("job finished", {"finished": True}, "finish", False),
+    ],
+)
+def test_decide_queue(case: str, kw: dict[str, Any], action: str | None, hold: bool | None) -> None:
+    step = decide_queue(seen(**kw))
+    if action is None:
+        assert step is None, case
+        return
+    assert step is not None and (step.action, step.hold) == (action, hold), case
+
+
+def test_evicted_waits_for_the_pods_then_requeues() -> None:
+    evicted = dataclasses.replace(ADMITTED, evicted=Cond("True", "Preempted", "preempted by b"), admitted=True)
+    waiting = decide_queue(seen(workload=evicted, pods_left=True))
+    assert waiting is not None and (waiting.action, waiting.hold) == ("none", True)
+    assert "preempted by Kueue" in waiting.message
+    requeue = decide_queue(seen(workload=evicted, pods_left=False))
+    assert requeue is not None and requeue.action == "requeue" and "queued again" in requeue.message
+    given_back = dataclasses.replace(evicted, quota_reserved=False, admitted=False, pending=Cond("False", "Pending", "no quota"))
+    after = decide_queue(seen(workload=given_back))
+    assert after is not None and (after.action, after.hold) == ("none", True)
+    assert "preempted" in after.message and "no quota" in after.message
+
+
+def test_queue_label_change_is_ignored_while_admitted() -> None:
+    step = decide_queue(seen(queue="other"))
+    assert step is not None and (step.action, step.hold) == ("none", False)
+    pending = dataclasses.replace(ADMITTED, quota_reserved=False, admitted=False)
+    moved = decide_queue(seen(queue="other", workload=pending))
+    assert moved is not None and moved.action == "set-queue"
+
+
+# --- whole passes -------------------------------------------------------------------------------------
+
+
+def kueue_world(served: bool = True) -> World:
+    world = World(Settings(kueue_served=served))
+    world.kube.objects[("ResourceFlavor", "", "gpu-a")] = {
+        "metadata": {"name": "gpu-a"},
+        "spec": {"nodeLabels": {"pool": "gpu-a"}, "tolerations": [{"key": "ml", "operator": "Exists"}]},
+    }
+    world.kube.objects[("WorkloadPriorityClass", "", "low")] = {"metadata": {"name": "low"}, "value": 10}
+    return world
+
+
+def workload_of(world: World) -> dict[str, Any]:
+    (wl,) = [o for (k, _, _), o in world.kube.objects.items() if k == "Workload"]
+    return wl
+
+
+def set_conditions(wl: dict[str, Any], *conds: tuple[str, str, str, str]) -> None:
+    current = {c["type"]: c for c in (wl.setdefault("status", {}).get("conditions") or [])}
+    for t, s, r, m in conds:
+        current[t] = {"type": t, "status": s, "reason": r, "message": m, "lastTransitionTime": "2026-11-29T12:00:00Z"}
+    wl["status"]["conditions"] = list(current.values())
+    wl["metadata"]["resourceVersion"] = str(int(wl["metadata"]["resourceVersion"]) + 1000)
+
+
+def admit(world: World) -> None:
+    """Kueue reserves quota and admits (as its scheduler does)."""
+    wl = workload_of(world)
+    wl.setdefault("status", {})["admission"] = {
+        "clusterQueue": "cq",
+        "podSetAssignments": [
+            {"name": "head", "flavors": {"cpu": "gpu-a"}, "count": 1},
+            {"name": "workers", "flavors": {"cpu": "gpu-a", "nvidia.com/gpu": "gpu-a"}, "count": 2},
+        ],
+    }
+    set_conditions(
+        wl,
+        ("QuotaReserved", "True", "QuotaReserved", "Quota reserved in ClusterQueue cq"),
+        ("Admitted", "True", "Admitted", "The workload is admitted"),
+        ("Evicted", "False", "QuotaReserved", "Previously: preempted"),
+    )
+
+
+def evict(world: World) -> None:
+    set_conditions(workload_of(world), ("Evicted", "True", "Preempted", "Preempted to accommodate a workload (UID: b)"))
+
+
+async def test_held_admitted_preempted_requeued_resumed_finished() -> None:
+    world = kueue_world()
+    labels = {QUEUE_LABEL: "team-a", "kueue.x-k8s.io/priority-class": "low"}
+    key = world.kube.apply(KIND, NS, "ft", GPU_SPEC, labels=labels)
+    uid = world.kube.get(*key)["metadata"]["uid"]
+
+    # held: a Workload, no pods, phase Queued with Kueue's words
+    await world.reconcile(key)
+    assert world.kube.pods(NS) == []
+    wl = workload_of(world)
+    assert wl["spec"]["queueName"] == "team-a" and wl["spec"]["priority"] == 10
+    assert world.phase(key) == "Queued"
+    set_conditions(wl, ("QuotaReserved", "False", "Pending", "couldn't assign flavors: insufficient quota"))
+    await world.reconcile(key)
+    assert world.phase(key) == "Queued" and world.kube.pods(NS) == []
+    cond = world.condition(key, "Admitted")
+    assert (cond["status"], cond["reason"]) == ("False", "Pending")
+    assert "insufficient quota" in world.kube.status(key)["message"]
+
+    # admitted: the cluster, on the flavor's nodes
+    admit(world)
+    await world.reconcile(key)
+    pods = world.kube.pods(NS)
+    assert len(pods) == 3
+    assert all(p["spec"]["nodeSelector"] == {"pool": "gpu-a"} for p in pods)
+    assert world.condition(key, "Admitted")["status"] == "True"
+    assert "Admitted" in world.reasons()
+    assert world.kube.status(key)["queue"]["clusterQueue"] == "cq"
+    world.kube.run_pods(NS)
+    await world.reconcile(key)
+    assert world.phase(key) == "Running"
+    head = world.head_of(key)
+    assert list(head.jobs_) == [submission_id(NS, "ft", uid, 0)]
+
+    # preempted: the job stops, the pods go, then the quota is given back
+    evict(world)
+    await world.reconcile(key)
+    assert world.kube.pods(NS) == []
+    assert head.jobs_[submission_id(NS, "ft", uid, 0)].status == JobStatus.STOPPED
+    status = world.kube.status(key)
+    assert status["phase"] == "Queued" and status["attempt"] == 1 and "preempted" in status["message"]
+    await world.reconcile(key)  # the pods are gone: the quota is given back
+    wl = workload_of(world)
+    assert "admission" not in wl["status"]
+    conds = {c["type"]: c for c in wl["status"]["conditions"]}
+    assert conds["QuotaReserved"]["status"] == "False" and conds["Requeued"]["status"] == "True"
+    assert "Preempted" in world.reasons()
+    status = world.kube.status(key)
+    assert status["queue"]["preemptions"] == 1 and "queued again" in status["message"]
+    await world.reconcile(key)  # waits; nothing given back twice
+    assert world.kube.status(key)["queue"]["preemptions"] == 1 and world.kube.pods(NS) == []
+
+    # re-admitted: attempt 1 runs (the train entrypoint resumes from the latest checkpoint)
+    admit(world)
+    await world.reconcile(key)
+    world.kube.run_pods(NS)
+    await world.reconcile(key)
+    assert world.phase(key) == "Running"
+    assert submission_id(NS, "ft", uid, 1) in head.jobs_
+
+    # finished: the Workload is Finished, quota released
+    head.set_job(submission_id(NS, "ft", uid, 1), JobStatus.SUCCEEDED)
+    await world.reconcile(key)
+    assert world.phase(key) == "Succeeded"
+    await world.reconcile(key)
+    conds = {c["type"]: c for c in workload_of(world)["status"]["conditions"]}
+    assert (conds["Finished"]["status"], conds["Finished"]["reason"]) == ("True", "Succeeded")
+    assert "FinishedWorkload" in world.reasons()
+
+
+async def test_label_without_kueue_installed_holds_the_job() -> None:
+    world = kueue_world(served=False)
+    key = world.kube.apply(KIND, NS, "ft", GPU_SPEC, labels={QUEUE_LABEL: "team-a"})
+    await world.reconcile(key)
+    assert world.kube.pods(NS) == [] and world.phase(key) == "Queued"
+    assert world.condition(key, "Admitted")["reason"] == "KueueNotInstalled"
+    assert "not served" in world.kube.status(key)["message"]
+    assert not [k for k in world.kube.objects if k[0] == "Workload"]
+
+
+async def test_job_without_label_is_untouched() -> None:
+    world = kueue_world()
+    key = world.kube.apply(KIND, NS, "ft", GPU_SPEC)
+    await world.reconcile(key)
+    assert len(world.kube.pods(NS)) == 3
+    assert not [k for k in world.kube.objects if k[0] == "Workload"]
+    assert world.kube.status(key).get("queue") is None
+    assert world.condition(key, "Admitted") == {}
+
+
+async def test_missing_priority_class_holds_with_a_message() -> None:
+    world = kueue_world()
+    labels = {QUEUE_LABEL: "team-a", "kueue.x-k8s.io/priority-class": "nope"}
+    key = world.kube.apply(KIND, NS, "ft", GPU_SPEC, labels=labels)
+    await world.reconcile(key)
+    assert world.phase(key) == "Queued" and "WorkloadPriorityClass nope" in world.kube.status(key)["message"]
+    assert world.kube.pods(NS) == []
+
+
+async def test_spec_edit_while_queued_replaces_the_workload() -> None:
+    world = kueue_world()
+    key = world.kube.apply(KIND, NS, "ft", GPU_SPEC, labels={QUEUE_LABEL: "team-a"})
+    await world.reconcile(key)
+    first = workload_of(world)["metadata"]["uid"]
+    bigger = {**GPU_SPEC, "workers": {**GPU_SPEC["workers"], "replicas": 4}}
+    world.kube.objects[key]["spec"] = bigger
+    world.kube.objects[key]["metadata"]["generation"] += 1
+    await world.reconcile(key)  # deletes the stale Workload
+    assert not [k for k in world.kube.objects if k[0] == "Workload"]
+    await world.reconcile(key)  # queues a new one
+    wl = workload_of(world)
+    assert wl["metadata"]["uid"] != first and wl["spec"]["podSets"][1]["count"] == 4
+    assert world.kube.pods(NS) == []
+
+
+async def test_suspend_deactivates_the_workload() -> None:
+    world = kueue_world()
+    key = world.kube.apply(KIND, NS, "ft", GPU_SPEC, labels={QUEUE_LABEL: "team-a"})
+    await world.reconcile(key)
+    admit(world)
+    await world.reconcile(key)
+    world.kube.objects[key]["spec"] = {**GPU_SPEC, "suspend": True}
+    await world.reconcile(key)
+    assert workload_of(world)["spec"]["active"] is False
+    assert world.phase(key) == "Suspended" and world.kube.pods(NS) == []
+
+
+def test_group_version_used_by_the_crd_is_ours() -> None:
+    assert (GROUP, VERSION) == ("llmray.io", "v1alpha1")
