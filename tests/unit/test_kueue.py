@@ -60,9 +60,9 @@ def test_workload_sizes_head_and_workers_from_the_real_pods() -> None:
     assert req == {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": "1"}  # no ephemeral-storage
     assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["requests"]
     # the real pod's scheduling constraints, so Kueue picks a flavor the pods can land on
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in workers["template"]["spec"][
-        "tolerations"
-    ]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in workers["template"][
+        "spec"
+    ]["tolerations"]
     assert wl["spec"]["queueName"] == "team-a"
     assert wl["spec"]["priorityClassRef"] == {
         "group": "kueue.x-k8s.io",
@@ -133,13 +133,19 @@ def test_admitted_workload_lists_flavors_per_pod_set() -> None:
             {"name": "workers", "flavors": {"cpu": "gpu-a", "nvidia.com/gpu": "gpu-a"}},
         ],
     }
-    st = workload_state(_wl(("QuotaReserved", "True", "QuotaReserved"), ("Admitted", "True", "Admitted"), admission=admission))
+    st = workload_state(
+        _wl(("QuotaReserved", "True", "QuotaReserved"), ("Admitted", "True", "Admitted"), admission=admission)
+    )
     assert st.running_allowed and st.cluster_queue == "cq"
     assert st.flavors == {"head": ("default",), "workers": ("gpu-a",)}
 
 
 def test_requeue_patch_gives_the_quota_back_like_kueues_reconciler() -> None:
-    wl = _wl(("QuotaReserved", "True", "QuotaReserved"), ("Admitted", "True", "Admitted"), ("Evicted", "True", "Preempted"))
+    wl = _wl(
+        ("QuotaReserved", "True", "QuotaReserved"),
+        ("Admitted", "True", "Admitted"),
+        ("Evicted", "True", "Preempted"),
+    )
     patch = requeue_patch(wl, Cond("True", "Preempted", "by b"), AT)
     assert patch["admission"] is None
     conds = {c["type"]: c for c in patch["conditions"]}
@@ -192,13 +198,17 @@ def test_decide_queue(case: str, kw: dict[str, Any], action: str | None, hold: b
 
 
 def test_evicted_waits_for_the_pods_then_requeues() -> None:
-    evicted = dataclasses.replace(ADMITTED, evicted=Cond("True", "Preempted", "preempted by b"), admitted=True)
+    evicted = dataclasses.replace(
+        ADMITTED, evicted=Cond("True", "Preempted", "preempted by b"), admitted=True
+    )
     waiting = decide_queue(seen(workload=evicted, pods_left=True))
     assert waiting is not None and (waiting.action, waiting.hold) == ("none", True)
     assert "preempted by Kueue" in waiting.message
     requeue = decide_queue(seen(workload=evicted, pods_left=False))
     assert requeue is not None and requeue.action == "requeue" and "queued again" in requeue.message
-    given_back = dataclasses.replace(evicted, quota_reserved=False, admitted=False, pending=Cond("False", "Pending", "no quota"))
+    given_back = dataclasses.replace(
+        evicted, quota_reserved=False, admitted=False, pending=Cond("False", "Pending", "no quota")
+    )
     after = decide_queue(seen(workload=given_back))
     assert after is not None and (after.action, after.hold) == ("none", True)
     assert "preempted" in after.message and "no quota" in after.message
@@ -233,7 +243,13 @@ def workload_of(world: World) -> dict[str, Any]:
 def set_conditions(wl: dict[str, Any], *conds: tuple[str, str, str, str]) -> None:
     current = {c["type"]: c for c in (wl.setdefault("status", {}).get("conditions") or [])}
     for t, s, r, m in conds:
-        current[t] = {"type": t, "status": s, "reason": r, "message": m, "lastTransitionTime": "2026-11-29T12:00:00Z"}
+        current[t] = {
+            "type": t,
+            "status": s,
+            "reason": r,
+            "message": m,
+            "lastTransitionTime": "2026-11-29T12:00:00Z",
+        }
     wl["status"]["conditions"] = list(current.values())
     wl["metadata"]["resourceVersion"] = str(int(wl["metadata"]["resourceVersion"]) + 1000)
 
@@ -257,7 +273,9 @@ def admit(world: World) -> None:
 
 
 def evict(world: World) -> None:
-    set_conditions(workload_of(world), ("Evicted", "True", "Preempted", "Preempted to accommodate a workload (UID: b)"))
+    set_conditions(
+        workload_of(world), ("Evicted", "True", "Preempted", "Preempted to accommodate a workload (UID: b)")
+    )
 
 
 async def test_held_admitted_preempted_requeued_resumed_finished() -> None:
