@@ -155,6 +155,13 @@ def test_operator_works_with_exactly_the_charts_permissions(
         ("create", "networkpolicies.networking.k8s.io", True),
         ("patch", "networkpolicies.networking.k8s.io", True),
         ("create", "events", True),
+        # Kueue: the jobs' Workloads and their status; flavors and priority classes read by name
+        ("create", "workloads.kueue.x-k8s.io", True),
+        ("watch", "workloads.kueue.x-k8s.io", True),
+        ("delete", "workloads.kueue.x-k8s.io", True),
+        ("patch", "workloads.kueue.x-k8s.io/status", True),
+        ("get", "resourceflavors.kueue.x-k8s.io", True),
+        ("get", "workloadpriorityclasses.kueue.x-k8s.io", True),
         # nothing more
         ("patch", "llmtrainingjobs.llmray.io", False),
         ("delete", "llmdeployments.llmray.io", False),
@@ -176,6 +183,11 @@ def test_operator_works_with_exactly_the_charts_permissions(
         ("list", "nodes", False),
         ("list", "namespaces", False),
         ("list", "customresourcedefinitions.apiextensions.k8s.io", False),
+        ("update", "workloads.kueue.x-k8s.io", False),
+        ("list", "resourceflavors.kueue.x-k8s.io", False),
+        ("patch", "resourceflavors.kueue.x-k8s.io", False),
+        ("create", "clusterqueues.kueue.x-k8s.io", False),
+        ("patch", "localqueues.kueue.x-k8s.io", False),
     ],
 )
 def test_chart_role_allows_exactly_what_is_used(
