@@ -155,13 +155,6 @@ def test_operator_works_with_exactly_the_charts_permissions(
         ("create", "networkpolicies.networking.k8s.io", True),
         ("patch", "networkpolicies.networking.k8s.io", True),
         ("create", "events", True),
-        # Kueue: the jobs' Workloads and their status; flavors and priority classes read by name
-        ("create", "workloads.kueue.x-k8s.io", True),
-        ("watch", "workloads.kueue.x-k8s.io", True),
-        ("delete", "workloads.kueue.x-k8s.io", True),
-        ("patch", "workloads.kueue.x-k8s.io/status", True),
-        ("get", "resourceflavors.kueue.x-k8s.io", True),
-        ("get", "workloadpriorityclasses.kueue.x-k8s.io", True),
         # nothing more
         ("patch", "llmtrainingjobs.llmray.io", False),
         ("delete", "llmdeployments.llmray.io", False),
@@ -183,11 +176,6 @@ def test_operator_works_with_exactly_the_charts_permissions(
         ("list", "nodes", False),
         ("list", "namespaces", False),
         ("list", "customresourcedefinitions.apiextensions.k8s.io", False),
-        ("update", "workloads.kueue.x-k8s.io", False),
-        ("list", "resourceflavors.kueue.x-k8s.io", False),
-        ("patch", "resourceflavors.kueue.x-k8s.io", False),
-        ("create", "clusterqueues.kueue.x-k8s.io", False),
-        ("patch", "localqueues.kueue.x-k8s.io", False),
     ],
 )
 def test_chart_role_allows_exactly_what_is_used(
@@ -195,6 +183,53 @@ def test_chart_role_allows_exactly_what_is_used(
 ) -> None:
     apply(kube, _chart_rbac(kube, namespace), namespace)
     assert _can(kube, namespace, verb, resource) is allowed
+
+
+def _review(kube: Kube, namespace: str, verb: str, resource: str, ns: str | None) -> bool:
+    """A SubjectAccessReview for the chart's ServiceAccount (``kubectl auth can-i`` answers "no"
+    for resource types the API server does not serve, and Kueue's CRDs may not be installed)."""
+    resource, _, sub = resource.partition("/")
+    plural, _, group = resource.partition(".")
+    review = client.V1SubjectAccessReview(
+        spec=client.V1SubjectAccessReviewSpec(
+            user=f"system:serviceaccount:{namespace}:{SA}",
+            groups=["system:serviceaccounts", f"system:serviceaccounts:{namespace}", "system:authenticated"],
+            resource_attributes=client.V1ResourceAttributes(
+                verb=verb, group=group, resource=plural, subresource=sub or None, namespace=ns
+            ),
+        )
+    )
+    answer = client.AuthorizationV1Api(kube.api_client).create_subject_access_review(review)
+    return bool(answer.status.allowed)
+
+
+@pytest.mark.parametrize(
+    ("verb", "resource", "allowed"),
+    [
+        # the jobs' Workloads and their status; flavors and priority classes read by name
+        ("create", "workloads.kueue.x-k8s.io", True),
+        ("watch", "workloads.kueue.x-k8s.io", True),
+        ("delete", "workloads.kueue.x-k8s.io", True),
+        ("patch", "workloads.kueue.x-k8s.io/status", True),
+        ("get", "resourceflavors.kueue.x-k8s.io", True),
+        ("get", "workloadpriorityclasses.kueue.x-k8s.io", True),
+        # nothing more
+        ("update", "workloads.kueue.x-k8s.io", False),
+        ("update", "workloads.kueue.x-k8s.io/status", False),
+        ("list", "resourceflavors.kueue.x-k8s.io", False),
+        ("patch", "resourceflavors.kueue.x-k8s.io", False),
+        ("create", "clusterqueues.kueue.x-k8s.io", False),
+        ("patch", "localqueues.kueue.x-k8s.io", False),
+    ],
+)
+def test_chart_role_kueue_rules(
+    kube: Kube, namespace: str, crds: None, verb: str, resource: str, allowed: bool
+) -> None:
+    """Namespaced mode: Workloads through the Role, flavors and priority classes through the small
+    cluster-wide ``<release>-kueue`` ClusterRole (they are cluster-scoped)."""
+    apply(kube, _chart_rbac(kube, namespace), namespace)
+    cluster_scoped = resource.split(".")[0] in ("resourceflavors", "workloadpriorityclasses", "clusterqueues")
+    assert _review(kube, namespace, verb, resource, None if cluster_scoped else namespace) is allowed
 
 
 def test_chart_role_does_not_reach_other_namespaces(kube: Kube, namespace: str, crds: None) -> None:
@@ -214,8 +249,16 @@ def test_operator_cannot_read_secrets_in_either_chart_mode(
 
     release = f"llmray-{uuid.uuid4().hex[:6]}"  # fullname == release: SA, ClusterRole and binding
     docs = _chart_rbac(kube, namespace, release=release, cluster=mode == "cluster")
-    kinds = {d["kind"] for d in docs}
-    assert ({"ClusterRole", "ClusterRoleBinding"} <= kinds) is (mode == "cluster")
+    cluster_roles = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ClusterRole"}
+    assert (release in cluster_roles) is (mode == "cluster")
+    # in both modes the only other cluster-wide grant: get on Kueue's flavors and priority classes
+    assert [r for n, d in cluster_roles.items() if n != release for r in d["rules"]] == [
+        {
+            "apiGroups": ["kueue.x-k8s.io"],
+            "resources": ["resourceflavors", "workloadpriorityclasses"],
+            "verbs": ["get"],
+        }
+    ]
     apply(kube, docs, namespace)
     try:
         assert _can(kube, namespace, "create", "pods", sa=release)
@@ -225,7 +268,7 @@ def test_operator_cannot_read_secrets_in_either_chart_mode(
         assert _can(kube, namespace, "create", "secrets", sa=release)
         assert _can(kube, namespace, "create", "pods", ns="default", sa=release) is (mode == "cluster")
     finally:
-        if mode == "cluster":
-            kube.kubectl(
-                "delete", "clusterrole,clusterrolebinding", release, "--ignore-not-found", check=False
-            )
+        kube.kubectl(
+            "delete", "clusterrole,clusterrolebinding", release, f"{release}-kueue", "--ignore-not-found",
+            check=False,
+        )  # fmt: skip
