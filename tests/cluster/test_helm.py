@@ -71,8 +71,18 @@ def test_rendered_manifests_are_accepted_by_the_api_server(kube: Kube, namespace
     expected = {"CustomResourceDefinition", "Deployment", "Service", "ServiceAccount", "Secret"}
     expected |= {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
     expected |= {"Role", "RoleBinding"}  # the leader-election Lease, in the release namespace
-    expected |= {"ClusterRole", "ClusterRoleBinding"} if scope == "cluster" else set()
+    # cluster scope: the operator's ClusterRole; both: <release>-kueue (get on Kueue's flavors and
+    # priority classes, which are cluster-scoped)
+    expected |= {"ClusterRole", "ClusterRoleBinding"}
     assert set(kinds) == expected, kinds
+    cluster_roles = sorted(d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole")
+    assert len(cluster_roles) == (2 if scope == "cluster" else 1) and cluster_roles[-1].endswith("-kueue")
+    assert (
+        "--kueue-api=kueue.x-k8s.io/v1beta2"
+        in next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0][
+            "args"
+        ]
+    )
     kube.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=rendered)
 
     deployment = next(d for d in docs if d["kind"] == "Deployment")
@@ -111,7 +121,8 @@ def test_rendered_manifests_are_accepted_by_the_api_server(kube: Kube, namespace
     rules = next(
         d
         for d in docs
-        if d["kind"] in ("Role", "ClusterRole") and not d["metadata"]["name"].endswith("-election")
+        if d["kind"] in ("Role", "ClusterRole")
+        and not d["metadata"]["name"].endswith(("-election", "-kueue"))
     )["rules"]
     secrets = [r for r in rules if "secrets" in r["resources"]]
     assert [r["verbs"] for r in secrets] == [["create"]]
