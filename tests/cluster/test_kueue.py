@@ -17,6 +17,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,6 +34,7 @@ from .test_operator_fixtures import (
     pods_of,
     status_of,
 )
+from .test_operator_rbac import _chart_rbac, _token_kubeconfig
 
 pytestmark = pytest.mark.cluster
 
@@ -266,10 +268,23 @@ def running(kube: Kube, namespace: str, name: str) -> dict[str, Any] | None:
 
 
 def test_held_admitted_preempted_resumed_finished(
-    kube: Kube, namespace: str, queues: dict[str, str], operator_factory: Any, jobs_stub: JobsStub
+    kube: Kube,
+    namespace: str,
+    queues: dict[str, str],
+    operator_factory: Any,
+    jobs_stub: JobsStub,
+    tmp_path: Path,
 ) -> None:
+    # authenticated as the chart's ServiceAccount with only the chart's RBAC (Kueue rules included)
+    apply(kube, _chart_rbac(kube, namespace), namespace)
+    kubeconfig = _token_kubeconfig(kube, namespace, tmp_path / "sa.kubeconfig")
     op = operator_factory(
-        namespace, "--ray-dashboard-url", jobs_stub.url, "--ray-serve-url", jobs_stub.url
+        namespace,
+        "--ray-dashboard-url",
+        jobs_stub.url,
+        "--ray-serve-url",
+        jobs_stub.url,
+        kubeconfig=kubeconfig,
     ).start()
     try:
         # A (low) is admitted: its pods appear, the workers on the GPU flavor's nodes
@@ -323,6 +338,8 @@ def test_held_admitted_preempted_resumed_finished(
             what="a's Workload Finished",
         )
         assert status_of(kube, "LLMTrainingJob", namespace, "a")["phase"] == "Succeeded"
+        log = op.log_path.read_text()
+        assert " 403" not in log and "Forbidden" not in log, op.log_tail()
     finally:
         print(op.log_tail(80))
 
