@@ -401,9 +401,140 @@ async def test_suspend_deactivates_the_workload() -> None:
     await world.reconcile(key)
     world.kube.objects[key]["spec"] = {**GPU_SPEC, "suspend": True}
     await world.reconcile(key)
-    assert workload_of(world)["spec"]["active"] is False
+    wl = workload_of(world)
+    assert wl["spec"]["active"] is False
+    assert wl["metadata"]["annotations"]["llmray.io/deactivated-by-suspend"] == "true"
     assert world.phase(key) == "Suspended" and world.kube.pods(NS) == []
+    world.kube.objects[key]["spec"] = dict(GPU_SPEC)  # resume
+    await world.reconcile(key)
+    wl = workload_of(world)
+    assert (
+        wl["spec"]["active"] is True
+        and "llmray.io/deactivated-by-suspend" not in wl["metadata"]["annotations"]
+    )
+    assert world.phase(key) == "Queued"
 
 
 def test_group_version_used_by_the_crd_is_ours() -> None:
     assert (GROUP, VERSION) == ("llmray.io", "v1alpha1")
+
+
+def test_machine_queued_phase() -> None:
+    from llmray.controllers.machines import TrainingSeen, training_next
+
+    held = training_next(TrainingSeen(phase="Running", queued="preempted by Kueue: x"))
+    assert (held.phase, held.message) == ("Queued", "preempted by Kueue: x")
+    assert held.cluster is not None and held.cluster[:2] == (False, "Queued")
+    suspended = training_next(TrainingSeen(phase="Queued", suspended=True, queued="waiting"))
+    assert suspended.phase == "Suspended"  # suspension wins over the queue
+    done = training_next(TrainingSeen(phase="Succeeded", queued="waiting"))
+    assert done.phase == "Succeeded"
+
+
+@pytest.mark.parametrize(
+    ("case", "workload", "kw", "action", "hold", "reason"),
+    [
+        (
+            "deactivated by an admin: stays so",
+            dataclasses.replace(ADMITTED, active=False, quota_reserved=False, admitted=False),
+            {},
+            "none",
+            True,
+            "Deactivated",
+        ),
+        (
+            "deactivated for spec.suspend, resumed: reactivated",
+            dataclasses.replace(
+                ADMITTED, active=False, quota_reserved=False, admitted=False, deactivated_by_suspend=True
+            ),
+            {},
+            "set-active",
+            True,
+            "Pending",
+        ),
+        (
+            "deactivated, evicted, quota already given back, job suspended",
+            dataclasses.replace(
+                ADMITTED,
+                active=False,
+                quota_reserved=False,
+                admitted=False,
+                evicted=Cond("True", "Deactivated", "The workload is deactivated"),
+            ),
+            {"suspended": True},
+            "none",
+            True,
+            "Deactivated",
+        ),
+        (
+            "label removed while waiting",
+            dataclasses.replace(ADMITTED, quota_reserved=False, admitted=False),
+            {"queue": ""},
+            "delete",
+            False,
+            "NotQueued",
+        ),
+        ("label removed while admitted: kept", ADMITTED, {"queue": ""}, "none", False, "Admitted"),
+        (
+            "Workload finished under a running job",
+            dataclasses.replace(ADMITTED, finished=True),
+            {},
+            "delete",
+            True,
+            "Pending",
+        ),
+        (
+            "quota reserved, admission checks pending",
+            dataclasses.replace(
+                ADMITTED, admitted=False, pending=Cond("False", "UnsatisfiedChecks", "checks")
+            ),
+            {},
+            "none",
+            True,
+            "UnsatisfiedChecks",
+        ),
+    ],
+)
+def test_decide_queue_more(
+    case: str, workload: Any, kw: dict[str, Any], action: str, hold: bool, reason: str
+) -> None:
+    step = decide_queue(seen(workload=workload, **kw))
+    assert step is not None and (step.action, step.hold, step.reason) == (action, hold, reason), (case, step)
+
+
+async def test_operator_restart_adopts_the_workload_it_created() -> None:
+    """A new process whose Workload watch has not delivered yet: the create answers AlreadyExists and
+    the existing Workload is used (no second one, no error)."""
+    world = kueue_world()
+    key = world.kube.apply(KIND, NS, "ft", GPU_SPEC, labels={QUEUE_LABEL: "team-a"})
+    await world.reconcile(key)
+    world.deps.store.workloads = {}  # the new process's cache: empty
+    restarted = type(world.controllers[KIND])(world.deps)
+    await restarted.reconcile(key)
+    assert len([k for k in world.kube.objects if k[0] == "Workload"]) == 1
+    assert world.condition(key, "Reconciled")["status"] == "True"
+    assert world.phase(key) == "Queued"
+
+
+async def test_pod_change_of_a_running_job_stops_it_and_queues_again() -> None:
+    world = kueue_world()
+    key = world.kube.apply(KIND, NS, "ft", GPU_SPEC, labels={QUEUE_LABEL: "team-a"})
+    await world.reconcile(key)
+    admit(world)
+    await world.reconcile(key)
+    world.kube.run_pods(NS)
+    await world.reconcile(key)
+    assert world.phase(key) == "Running"
+    bigger = {
+        **GPU_SPEC,
+        "workers": {**GPU_SPEC["workers"], "resources": {"cpu": "8", "memory": "8Gi", "gpu": 2}},
+    }
+    world.kube.objects[key]["spec"] = bigger
+    world.kube.objects[key]["metadata"]["generation"] += 1
+    await world.reconcile(key)
+    assert world.kube.pods(NS) == [] and world.phase(key) == "Queued"
+    assert world.kube.status(key)["attempt"] == 1
+    await world.reconcile(key)
+    wl = workload_of(world)
+    req = wl["spec"]["podSets"][1]["template"]["spec"]["containers"][0]["resources"]["requests"]
+    assert req["nvidia.com/gpu"] == "2" and "status" not in wl

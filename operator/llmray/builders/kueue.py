@@ -30,6 +30,9 @@ DEFAULT_API = "kueue.x-k8s.io/v1beta2"
 POD_SET_HEAD = "head"
 POD_SET_WORKERS = "workers"
 ANNOTATION_POD_SETS_HASH = "llmray.io/pod-sets-hash"
+ANNOTATION_SUSPENDED = "llmray.io/deactivated-by-suspend"
+"""On a Workload the operator deactivated for ``spec.suspend`` (it reactivates only those; one an
+admin deactivated stays so)."""
 ACCOUNTED = ("cpu", "memory", GPU_RESOURCE)
 """Resources a Workload asks quota for."""
 
@@ -105,6 +108,14 @@ def build_workload(
     return {"apiVersion": api_version, "kind": "Workload", "metadata": meta, "spec": spec}
 
 
+def active_patch(active: bool) -> dict[str, Any]:
+    """(De)activate a Workload for ``spec.suspend``, remembering that the operator did it."""
+    return {
+        "metadata": {"annotations": {ANNOTATION_SUSPENDED: None if active else "true"}},
+        "spec": {"active": active},
+    }
+
+
 def pod_sets_hash(workload: dict[str, Any]) -> str:
     return str(((workload.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_POD_SETS_HASH, ""))
 
@@ -156,6 +167,7 @@ class WorkloadState:
     flavors: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Pod set -> the ResourceFlavors assigned to its resources (sorted, unique)."""
     pod_sets_hash: str = ""
+    deactivated_by_suspend: bool = False
 
     @property
     def running_allowed(self) -> bool:
@@ -203,6 +215,7 @@ def workload_state(workload: dict[str, Any]) -> WorkloadState:
         cluster_queue=str(admission.get("clusterQueue") or ""),
         flavors=flavors,
         pod_sets_hash=pod_sets_hash(workload),
+        deactivated_by_suspend=(meta.get("annotations") or {}).get(ANNOTATION_SUSPENDED) == "true",
     )
 
 

@@ -102,9 +102,10 @@ def decide_queue(s: QueueSeen) -> QueueStep | None:
             reason="Pending",
             message=f"{why}: queueing a new Workload (Ray pods removed)",
         )
-    if wl.active == s.suspended:
+    if (s.suspended and wl.active) or (not s.suspended and not wl.active and wl.deactivated_by_suspend):
         # spec.suspend deactivates the Workload (Kueue evicts it and frees its quota); resuming
-        # activates it, and the job waits for a new admission.
+        # activates it again (only one the operator deactivated: an admin's deactivation stands),
+        # and the job waits for a new admission.
         return QueueStep(
             "set-active", hold=True, reason="Pending", message="updating the Workload's spec.active"
         )

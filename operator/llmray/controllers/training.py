@@ -33,6 +33,7 @@ from llmray.builders.kueue import (
     PRIORITY_LABEL,
     QUEUE_LABEL,
     WorkloadState,
+    active_patch,
     build_workload,
     finish_patch,
     flavor_placement,
@@ -244,10 +245,8 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
                 "Workload", ns, state.name, {"spec": {"queueName": queue}}
             )
         elif step.action == "set-active":
-            active = not p.parsed.suspend
-            self._wl_written[p.key] = await self.kube.patch(
-                "Workload", ns, state.name, {"spec": {"active": active}}
-            )
+            patch = active_patch(not p.parsed.suspend)
+            self._wl_written[p.key] = await self.kube.patch("Workload", ns, state.name, patch)
         elif step.action == "requeue" and step.evicted is not None:
             self._wl_written[p.key] = await self.kube.patch_status(
                 "workloads", ns, state.name, requeue_patch(body, step.evicted, p.at),
