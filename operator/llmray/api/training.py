@@ -423,6 +423,9 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     ),
     printer_column("ETA", "string", ".status.progress.eta", priority=1),
     printer_column("Restarts", "integer", ".status.restarts"),
+    printer_column(
+        "Queue", "string", ".status.queue.name", priority=1, description="Kueue LocalQueue (queued jobs)"
+    ),
     WORKERS_COLUMN,
     AGE_COLUMN,
 ]
