@@ -241,15 +241,10 @@ class Kube:
         return self._json(resp)
 
     async def delete(self, kind: str, namespace: str, name: str, uid: str | None = None) -> bool:
-        """Delete a Pod, Service or Secret (only the one with ``uid``, when given).
+        """Delete a Pod, Service, Secret or registered custom kind (only the one with ``uid``, when given).
 
         Returns False when it was already gone or replaced by another object of that name.
         """
-        method: Any = {
-            "Pod": self.core.delete_namespaced_pod,
-            "Service": self.core.delete_namespaced_service,
-            "Secret": self.core.delete_namespaced_secret,
-        }[kind]
         body: dict[str, Any] = {"propagationPolicy": "Background"}
         if uid:
             body["preconditions"] = {"uid": uid}
@@ -265,6 +260,11 @@ class Kube:
                     return False
                 raise
             return True
+        method: Any = {
+            "Pod": self.core.delete_namespaced_pod,
+            "Service": self.core.delete_namespaced_service,
+            "Secret": self.core.delete_namespaced_secret,
+        }[kind]
         try:
             await self._call(
                 "delete", _CORE_PLURALS[kind], f"{kind} {namespace}/{name}", method, name, namespace,

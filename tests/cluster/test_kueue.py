@@ -359,3 +359,20 @@ def test_job_on_a_queue_without_quota_stays_queued_with_kueues_message(
     assert condition(status, "Admitted")["status"] == "False"
     assert "insufficient" in status["message"]
     assert not pods_of(kube, namespace, "c")
+
+    # a spec edit that changes the pod sets while queued replaces the Workload
+    first = workload_of(kube, namespace, "c")["metadata"]["uid"]
+    bigger = job("c", "none")
+    bigger["spec"]["workers"]["replicas"] = 3
+    apply(kube, bigger, namespace)
+
+    def replaced() -> dict[str, Any] | None:
+        try:
+            wl = workload_of(kube, namespace, "c")
+        except AssertionError:  # old and new side by side for a moment
+            return None
+        return wl if wl["metadata"]["uid"] != first else None
+
+    wl = wait_for(replaced, timeout=60, what="job c's Workload replaced")
+    assert [(ps["name"], ps["count"]) for ps in wl["spec"]["podSets"]] == [("head", 1), ("workers", 3)]
+    assert not pods_of(kube, namespace, "c")

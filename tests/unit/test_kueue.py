@@ -538,3 +538,53 @@ async def test_pod_change_of_a_running_job_stops_it_and_queues_again() -> None:
     wl = workload_of(world)
     req = wl["spec"]["podSets"][1]["template"]["spec"]["containers"][0]["resources"]["requests"]
     assert req["nvidia.com/gpu"] == "2" and "status" not in wl
+
+
+class _Recorder:
+    """Stands in for CustomObjectsApi: records (method, args) and answers an empty object."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def __getattr__(self, method: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append((method, args))
+
+            class R:
+                data = b'{"metadata": {"name": "x"}}'
+
+            return R()
+
+        return call
+
+
+async def test_kube_routes_kueue_kinds_to_their_api() -> None:
+    from kubernetes import client
+
+    from llmray.kube import Kube
+
+    kube = Kube(client.ApiClient(client.Configuration()), max_workers=1)
+    rec = _Recorder()
+    kube.custom = rec  # type: ignore[assignment]
+    kube.register("Workload", API, "workloads")
+    kube.register("ResourceFlavor", API, "resourceflavors", namespaced=False)
+    try:
+        await kube.create(
+            {"apiVersion": API, "kind": "Workload", "metadata": {"name": "w", "namespace": "ns"}}
+        )
+        await kube.read("ResourceFlavor", "", "gpu")
+        await kube.patch("Workload", "ns", "w", {"spec": {"active": False}})
+        await kube.patch_status("workloads", "ns", "w", {"admission": None}, resource_version="5")
+        assert await kube.delete("Workload", "ns", "w", "uid-1")
+    finally:
+        kube.close()
+    methods = [(m, a[:4]) for m, a in rec.calls]
+    assert methods == [
+        ("create_namespaced_custom_object", ("kueue.x-k8s.io", "v1beta2", "ns", "workloads")),
+        ("get_cluster_custom_object", ("kueue.x-k8s.io", "v1beta2", "resourceflavors", "gpu")),
+        ("patch_namespaced_custom_object", ("kueue.x-k8s.io", "v1beta2", "ns", "workloads")),
+        ("patch_namespaced_custom_object_status", ("kueue.x-k8s.io", "v1beta2", "ns", "workloads")),
+        ("delete_namespaced_custom_object", ("kueue.x-k8s.io", "v1beta2", "ns", "workloads")),
+    ]
+    status_body = rec.calls[3][1][5]
+    assert status_body == {"status": {"admission": None}, "metadata": {"resourceVersion": "5"}}
