@@ -405,6 +405,12 @@ async def test_suspend_deactivates_the_workload() -> None:
     assert wl["spec"]["active"] is False
     assert wl["metadata"]["annotations"]["llmray.io/deactivated-by-suspend"] == "true"
     assert world.phase(key) == "Suspended" and world.kube.pods(NS) == []
+    set_conditions(wl, ("Evicted", "True", "Deactivated", "The workload is deactivated"))  # Kueue evicts
+    await world.reconcile(key)
+    wl = workload_of(world)
+    assert "admission" not in wl["status"]  # the quota is given back
+    assert world.kube.status(key)["queue"]["preemptions"] == 0  # a suspension is no preemption
+    assert "Evicted" not in world.reasons() and "Preempted" not in world.reasons()
     world.kube.objects[key]["spec"] = dict(GPU_SPEC)  # resume
     await world.reconcile(key)
     wl = workload_of(world)

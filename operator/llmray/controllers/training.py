@@ -208,8 +208,8 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
             p.cluster = dataclasses.replace(p.cluster, head_assigned=head, workers_assigned=workers)
             if not was_admitted:
                 p.event("Normal", "Admitted", f"Workload {state.name} {step.message}")
-        if step.action == "requeue" and step.evicted is not None:
-            status.queue.preemptions += 1
+        if step.action == "requeue" and state is not None and not state.deactivated_by_suspend:
+            status.queue.preemptions += 1  # the user's own spec.suspend is no preemption
         p.condition(COND_ADMITTED, step.admitted, step.reason or "Pending", step.message)
 
     async def _apply_queue_step(
@@ -253,8 +253,9 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
                 resource_version=state.resource_version or None,
             )  # fmt: skip
             self._placements.pop(p.key, None)
-            reason = "Preempted" if step.evicted.reason == "Preempted" else "Evicted"
-            p.event("Warning", reason, f"{step.message} (attempt {p.status.attempt} stopped)")
+            if not state.deactivated_by_suspend:
+                reason = "Preempted" if step.evicted.reason == "Preempted" else "Evicted"
+                p.event("Warning", reason, f"{step.message} (attempt {p.status.attempt} stopped)")
         elif step.action == "finish":
             succeeded = p.phase == "Succeeded"
             self._wl_written[p.key] = await self.kube.patch_status(
