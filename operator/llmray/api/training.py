@@ -38,7 +38,9 @@ PLURAL = "llmtrainingjobs"
 SHORT_NAME = "ltj"
 DESCRIPTION = (
     "LLMTrainingJob fine-tunes a language model on a dataset with distributed Ray Train "
-    "workers, mirroring progress into its status and writing the trained model to spec.output.uri."
+    "workers, mirroring progress into its status and writing the trained model to spec.output.uri. "
+    "The label kueue.x-k8s.io/queue-name (optionally kueue.x-k8s.io/priority-class) makes it wait in "
+    "that Kueue LocalQueue until Kueue admits its whole Ray cluster (status.queue)."
 )
 
 Phase = Literal["Pending", "Queued", "Provisioning", "Running", "Succeeded", "Failed", "Suspended"]
