@@ -5,7 +5,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv bins s3-server cluster-up cluster-down test test-unit test-cluster test-ray test-e2e test-kind lint crds demo sandbox-up sandbox-down kind-up kind-down images kind-demo clean
+.PHONY: help venv bins kueue-bin s3-server cluster-up cluster-down test test-unit test-cluster test-ray test-e2e test-kind lint crds demo sandbox-up sandbox-down kind-up kind-down images kind-demo clean
 
 help:
 	@echo "make demo         - sandbox up, train the tiny model, serve it, query it"
@@ -29,6 +29,9 @@ venv: $(VENV)/.installed
 
 bins:
 	bash tests/cluster/build.sh
+
+# The real Kueue manager of the cluster tier's queueing tests (not needed by the demo).
+kueue-bin:
 	bash tests/cluster/build.sh kueue
 
 # The S3 server of the ray tier's object-storage test (moto, in a venv of its own: tests/s3_server.py).
@@ -54,13 +57,13 @@ lint: venv
 # control plane), the Ray tier (one local Ray cluster; Ray's driver keeps one GCS connection and auth
 # token per process, so its in-process driver gets a process of its own) and the kind tier (a real
 # cluster, real pods), whose tools and images build in the background while the others run.
-test: venv bins s3-server lint
+test: venv bins kueue-bin s3-server lint
 	bash tests/run_tiers.sh
 
 test-unit: venv
 	$(VENV)/bin/pytest -m unit tests/unit
 
-test-cluster: venv bins
+test-cluster: venv bins kueue-bin
 	$(VENV)/bin/pytest -m cluster tests/cluster
 
 test-ray: venv s3-server
