@@ -594,3 +594,28 @@ async def test_kube_routes_kueue_kinds_to_their_api() -> None:
     ]
     status_body = rec.calls[3][1][5]
     assert status_body == {"status": {"admission": None}, "metadata": {"resourceVersion": "5"}}
+
+
+async def _running(world: World, key: Any) -> None:
+    await world.reconcile(key)
+    admit(world)
+    await world.reconcile(key)
+    world.kube.run_pods(NS)
+    await world.reconcile(key)
+    assert world.phase(key) == "Running"
+
+
+async def test_workload_deleted_by_an_admin_stops_the_job_and_queues_a_new_one() -> None:
+    """Kueue's job reconciler: a running job without a Workload is stopped and a new Workload
+    created. The operator's memory of its own earlier write must not stand in for the deleted one."""
+    world = kueue_world()
+    key = world.kube.apply(KIND, NS, "ft", GPU_SPEC, labels={QUEUE_LABEL: "team-a"})
+    await _running(world, key)
+    first = workload_of(world)["metadata"]
+    del world.kube.objects[("Workload", NS, first["name"])]
+    await world.reconcile(key)
+    assert world.kube.pods(NS) == [] and world.phase(key) == "Queued"
+    await world.reconcile(key)
+    wl = workload_of(world)
+    assert wl["metadata"]["uid"] != first["uid"] and "status" not in wl
+    assert world.phase(key) == "Queued" and world.kube.pods(NS) == []

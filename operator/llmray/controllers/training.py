@@ -145,8 +145,13 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
     # --- Kueue ------------------------------------------------------------------------------------
 
     def _workload_of(self, p: TrainingPass) -> dict[str, Any] | None:
-        """The job's Workload: the watched one, or our own newer write; never a previous job's."""
-        candidates = [w for w in (self.deps.store.workloads.get(p.key), self._wl_written.get(p.key)) if w]
+        """The job's Workload: the watched one, or our own newer write; never a previous job's.
+
+        Our write is remembered only until the watch delivers it (or something newer): kept longer,
+        it would stand in for a Workload an admin deleted, and the job would wait on it forever.
+        """
+        watched = self.deps.store.workloads.get(p.key)
+        written = self._wl_written.get(p.key)
         deleted = self._wl_deleted.get(p.key)
 
         def fresh(w: dict[str, Any]) -> bool:
@@ -158,6 +163,10 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
             rv = str((w.get("metadata") or {}).get("resourceVersion") or "0")
             return int(rv) if rv.isdigit() else 0
 
+        if watched is not None and written is not None and version(watched) >= version(written):
+            self._wl_written.pop(p.key, None)
+            written = None
+        candidates = [w for w in (watched, written) if w]
         live = sorted((w for w in candidates if fresh(w)), key=version)
         return live[-1] if live else None
 
