@@ -619,3 +619,50 @@ async def test_workload_deleted_by_an_admin_stops_the_job_and_queues_a_new_one()
     wl = workload_of(world)
     assert wl["metadata"]["uid"] != first["uid"] and "status" not in wl
     assert world.phase(key) == "Queued" and world.kube.pods(NS) == []
+
+
+async def test_a_workload_of_that_name_not_owned_by_the_job_is_never_adopted() -> None:
+    world = kueue_world()
+    key = world.kube.apply(KIND, NS, "ft", GPU_SPEC, labels={QUEUE_LABEL: "team-a"})
+    uid = world.kube.get(*key)["metadata"]["uid"]
+    name = workload_name(KIND, "ft", uid)
+    foreign = {
+        "metadata": {"name": name, "namespace": NS, "uid": "other", "resourceVersion": "1"},
+        "spec": {},
+    }
+    world.kube.objects[("Workload", NS, name)] = foreign
+    admit(world)  # even admitted, it is not this job's
+    await world.reconcile(key)
+    assert world.kube.pods(NS) == [] and world.phase(key) == "Queued"
+    assert "not this job's" in world.kube.status(key)["message"]
+    assert "WorkloadNameTaken" in world.reasons() and "CreatedWorkload" not in world.reasons()
+    assert workload_of(world)["metadata"]["uid"] == "other"
+
+
+async def test_a_workload_smaller_than_the_pods_is_replaced_not_run_on() -> None:
+    """Pre-created with the job's owner reference, labels and pod-sets annotation, but pod sets of
+    1 CPU: admitted, it must not let the operator run 2 GPU workers on it."""
+    world = kueue_world()
+    key = world.kube.apply(KIND, NS, "ft", GPU_SPEC, labels={QUEUE_LABEL: "team-a"})
+    uid = world.kube.get(*key)["metadata"]["uid"]
+    owner = Owner(KIND, "ft", NS, uid)
+    real = build_workload(
+        training_cluster(owner, LLMTrainingJobSpec.model_validate(GPU_SPEC)),
+        2,
+        queue="team-a",
+        api_version=API,
+    )
+    small = dataclasses.replace(_cluster(), owner=owner)
+    fake = build_workload(small, 1, queue="team-a", api_version=API)
+    for ps in fake["spec"]["podSets"]:
+        ps["template"]["spec"]["containers"][0]["resources"] = {"requests": {"cpu": "1"}}
+    fake["metadata"]["annotations"] = real["metadata"]["annotations"]  # the hash copied
+    fake["metadata"].update(uid="forged", resourceVersion="1")
+    world.kube.objects[("Workload", NS, fake["metadata"]["name"])] = fake
+    admit(world)
+    await world.reconcile(key)
+    assert world.kube.pods(NS) == [] and world.phase(key) == "Queued"
+    assert "do not match" in world.kube.status(key)["message"]
+    await world.reconcile(key)
+    wl = workload_of(world)
+    assert wl["metadata"]["uid"] != "forged" and wl["spec"]["podSets"] == real["spec"]["podSets"]

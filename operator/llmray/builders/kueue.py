@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from kubernetes.utils import parse_quantity
+
 from .cluster import GPU_RESOURCE, Assigned, ClusterSpec, head_pod, worker_pod
 from .common import LABEL_INSTANCE, LABEL_KIND, LABEL_MANAGED_BY, MANAGED_BY, metadata, stable_hash
 
@@ -116,6 +118,43 @@ def active_patch(active: bool) -> dict[str, Any]:
     }
 
 
+def _quantity(value: Any) -> str:
+    try:
+        return str(parse_quantity(value))
+    except (ValueError, TypeError):
+        return f"?{value}"
+
+
+def quota_fingerprint(sets: list[Any]) -> str:
+    """What Kueue charges quota for, read from pod sets as stored: each set's name, count, node
+    selector and its containers' accounted requests and limits (quantities normalised).
+
+    The pod-sets annotation is only a label someone wrote; this is what Kueue admitted. A Workload
+    whose fingerprint differs from the pods the operator would run is replaced, never run on: one
+    pre-created with the job's owner reference and a copied annotation, but small pod sets, would
+    otherwise admit the whole cluster on a fraction of its quota.
+    """
+    out = []
+    for ps in sets:
+        ps = ps if isinstance(ps, dict) else {}
+        spec = (ps.get("template") or {}).get("spec") or {}
+        containers = []
+        for c in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]:
+            res = (c or {}).get("resources") or {}
+            containers.append(
+                {
+                    part: sorted(
+                        (k, _quantity(v)) for k, v in (res.get(part) or {}).items() if k in ACCOUNTED
+                    )
+                    for part in ("requests", "limits")
+                }
+            )
+        out.append(
+            [ps.get("name"), ps.get("count"), sorted((spec.get("nodeSelector") or {}).items()), containers]
+        )
+    return stable_hash(out)
+
+
 def pod_sets_hash(workload: dict[str, Any]) -> str:
     return str(((workload.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_POD_SETS_HASH, ""))
 
@@ -167,6 +206,8 @@ class WorkloadState:
     flavors: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Pod set -> the ResourceFlavors assigned to its resources (sorted, unique)."""
     pod_sets_hash: str = ""
+    quota: str = ""
+    """:func:`quota_fingerprint` of the stored pod sets."""
     deactivated_by_suspend: bool = False
 
     @property
@@ -215,6 +256,7 @@ def workload_state(workload: dict[str, Any]) -> WorkloadState:
         cluster_queue=str(admission.get("clusterQueue") or ""),
         flavors=flavors,
         pod_sets_hash=pod_sets_hash(workload),
+        quota=quota_fingerprint(spec.get("podSets") or []),
         deactivated_by_suspend=(meta.get("annotations") or {}).get(ANNOTATION_SUSPENDED) == "true",
     )
 

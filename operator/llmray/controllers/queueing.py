@@ -39,6 +39,8 @@ class QueueSeen:
     workload: WorkloadState | None
     wanted_hash: str
     """Hash of the pod sets the spec asks for now."""
+    wanted_quota: str = ""
+    """``quota_fingerprint`` of those pod sets ("" : not checked)."""
     finished: bool = False
     """The job is Succeeded or Failed (and not starting over)."""
     succeeded: bool = False
@@ -94,8 +96,11 @@ def decide_queue(s: QueueSeen) -> QueueStep | None:
     if not s.queue and not holding_quota:
         # The label was removed while the job waited: no queue any more, it runs as any other job.
         return QueueStep("delete", hold=False, reason="NotQueued", message="queue label removed")
-    if wl.finished or wl.pod_sets_hash != s.wanted_hash:
+    wrong_size = bool(s.wanted_quota) and wl.quota != s.wanted_quota
+    if wl.finished or wl.pod_sets_hash != s.wanted_hash or wrong_size:
         why = "its Workload finished" if wl.finished else "its pods changed"
+        if wrong_size and wl.pod_sets_hash == s.wanted_hash:
+            why = "its Workload's pod sets do not match the job's pods"
         return QueueStep(
             "delete",
             hold=True,

@@ -38,6 +38,7 @@ from llmray.builders.kueue import (
     finish_patch,
     flavor_placement,
     pod_sets,
+    quota_fingerprint,
     requeue_patch,
     workload_name,
     workload_state,
@@ -185,12 +186,14 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
             return
         assert p.cluster is not None
         state = workload_state(body) if body is not None else None
+        wanted = pod_sets(p.cluster, spec.workers.replicas)
         step = decide_queue(
             QueueSeen(
                 queue=queue,
                 served=self.settings.kueue_served,
                 workload=state,
-                wanted_hash=stable_hash(pod_sets(p.cluster, spec.workers.replicas)),
+                wanted_hash=stable_hash(wanted),
+                wanted_quota=quota_fingerprint(wanted),
                 finished=p.phase in TERMINAL_PHASES and not p.reopened,
                 succeeded=p.phase == "Succeeded",
                 suspended=spec.suspend,
@@ -295,7 +298,23 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
         try:
             return await self.kube.create(obj)
         except AlreadyExists:
-            return await self.kube.read("Workload", p.namespace, obj["metadata"]["name"])
+            name = obj["metadata"]["name"]
+            found = await self.kube.read("Workload", p.namespace, name)
+        owners = [
+            r
+            for r in ((found or {}).get("metadata") or {}).get("ownerReferences") or []
+            if r.get("controller")
+        ]
+        if found is None or (owners and owners[0].get("uid") == p.uid):
+            return found  # ours (a restart before the watch delivered it), or gone: created next pass
+        # Someone else's object under the name this job's Workload must have: never adopted.
+        p.queue_hold = (
+            f"Workload {name} already exists and is not this job's (its controller is not this "
+            "LLMTrainingJob): delete it so the job's own Workload can be created"
+        )
+        p.want_cluster = False
+        p.event("Warning", "WorkloadNameTaken", p.queue_hold)
+        return None
 
     async def _placement(self, p: TrainingPass, state: WorkloadState) -> tuple[Assigned, Assigned]:
         """nodeSelector and tolerations of the ResourceFlavors Kueue assigned to each pod set
