@@ -666,3 +666,41 @@ async def test_a_workload_smaller_than_the_pods_is_replaced_not_run_on() -> None
     await world.reconcile(key)
     wl = workload_of(world)
     assert wl["metadata"]["uid"] != "forged" and wl["spec"]["podSets"] == real["spec"]["podSets"]
+
+
+async def test_flavor_edit_then_operator_restart_keeps_the_running_pods() -> None:
+    """The placement is what the admission resolved, recorded on the Workload: a restarted operator
+    does not re-read the (edited) flavor and so does not recreate the running pods."""
+    world = kueue_world()
+    key = world.kube.apply(KIND, NS, "ft", GPU_SPEC, labels={QUEUE_LABEL: "team-a"})
+    await _running(world, key)
+    before = {p["metadata"]["uid"] for p in world.kube.pods(NS)}
+    world.kube.objects[("ResourceFlavor", "", "gpu-a")]["spec"]["nodeLabels"] = {"pool": "moved"}
+    restarted = type(world.controllers[KIND])(world.deps)
+    await restarted.reconcile(key)
+    await restarted.reconcile(key)
+    pods = world.kube.pods(NS)
+    assert {p["metadata"]["uid"] for p in pods} == before
+    assert all(p["spec"]["nodeSelector"] == {"pool": "gpu-a"} for p in pods)
+    assert world.phase(key) == "Running"
+    # the next admission (after an eviction) reads the flavor as it is then
+    evict(world)
+    await restarted.reconcile(key)
+    await restarted.reconcile(key)
+    admit(world)
+    reserved = next(c for c in workload_of(world)["status"]["conditions"] if c["type"] == "QuotaReserved")
+    reserved["lastTransitionTime"] = "2026-11-29T12:05:00Z"  # Kueue stamps each reservation
+    await restarted.reconcile(key)
+    assert all(p["spec"]["nodeSelector"] == {"pool": "moved"} for p in world.kube.pods(NS))
+
+
+def test_recorded_placement_belongs_to_one_admission() -> None:
+    from llmray.builders.cluster import Assigned
+    from llmray.builders.kueue import placement_annotation, recorded_placement
+
+    head, workers = Assigned((("pool", "a"),)), Assigned((("pool", "a"),), ((("key", "ml"),),))
+    wl = placement_annotation("adm-1", head, workers)
+    assert recorded_placement(wl, "adm-1") == (head, workers)
+    assert recorded_placement(wl, "adm-2") is None
+    wl["metadata"]["annotations"]["llmray.io/placement"] = "{not json"
+    assert recorded_placement(wl, "adm-1") is None

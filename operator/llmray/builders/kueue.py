@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -32,6 +33,9 @@ DEFAULT_API = "kueue.x-k8s.io/v1beta2"
 POD_SET_HEAD = "head"
 POD_SET_WORKERS = "workers"
 ANNOTATION_POD_SETS_HASH = "llmray.io/pod-sets-hash"
+ANNOTATION_PLACEMENT = "llmray.io/placement"
+"""On an admitted Workload: the node selector and tolerations its flavors gave the pods, with the
+admission they belong to (see :func:`placement_annotation`)."""
 ANNOTATION_SUSPENDED = "llmray.io/deactivated-by-suspend"
 """On a Workload the operator deactivated for ``spec.suspend`` (it reactivates only those; one an
 admin deactivated stays so)."""
@@ -206,6 +210,8 @@ class WorkloadState:
     flavors: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Pod set -> the ResourceFlavors assigned to its resources (sorted, unique)."""
     pod_sets_hash: str = ""
+    reserved_at: str = ""
+    """``QuotaReserved``'s lastTransitionTime: tells one admission from the next."""
     quota: str = ""
     """:func:`quota_fingerprint` of the stored pod sets."""
     deactivated_by_suspend: bool = False
@@ -256,6 +262,7 @@ def workload_state(workload: dict[str, Any]) -> WorkloadState:
         cluster_queue=str(admission.get("clusterQueue") or ""),
         flavors=flavors,
         pod_sets_hash=pod_sets_hash(workload),
+        reserved_at=_reserved_at(workload),
         quota=quota_fingerprint(spec.get("podSets") or []),
         deactivated_by_suspend=(meta.get("annotations") or {}).get(ANNOTATION_SUSPENDED) == "true",
     )
@@ -277,6 +284,44 @@ def flavor_placement(flavors: list[dict[str, Any]]) -> Assigned:
             if item not in tolerations:
                 tolerations.append(item)
     return Assigned(tuple(sorted(labels.items())), tuple(tolerations))
+
+
+def _reserved_at(workload: dict[str, Any]) -> str:
+    for c in (workload.get("status") or {}).get("conditions") or []:
+        if isinstance(c, dict) and c.get("type") == WL_QUOTA_RESERVED and c.get("status") == "True":
+            return str(c.get("lastTransitionTime") or "")
+    return ""
+
+
+def admission_id(state: WorkloadState) -> str:
+    """One admission of one Workload (a re-admission after an eviction is another)."""
+    return stable_hash([state.uid, state.cluster_queue, sorted(state.flavors.items()), state.reserved_at])
+
+
+def placement_annotation(admission: str, head: Assigned, workers: Assigned) -> dict[str, Any]:
+    """Metadata patch recording the placement resolved for ``admission``: the pods keep it for the
+    whole admission, whatever happens to the flavors or the operator meanwhile (Kueue likewise
+    writes a flavor's node labels into the job's pod template once, at admission)."""
+    value = {"admission": admission, "head": dataclasses.asdict(head), "workers": dataclasses.asdict(workers)}
+    return {"metadata": {"annotations": {ANNOTATION_PLACEMENT: json.dumps(value, sort_keys=True)}}}
+
+
+def recorded_placement(workload: dict[str, Any], admission: str) -> tuple[Assigned, Assigned] | None:
+    """The placement recorded for ``admission`` (None: none, another admission's, or unreadable)."""
+    raw = ((workload.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_PLACEMENT)
+    try:
+        value = json.loads(raw) if isinstance(raw, str) and len(raw) < 65536 else None
+        if not isinstance(value, dict) or value.get("admission") != admission:
+            return None
+
+        def assigned(d: dict[str, Any]) -> Assigned:
+            selector = tuple((str(k), str(v)) for k, v in d["node_selector"])
+            tolerations = tuple(tuple((str(k), str(v)) for k, v in t) for t in d["tolerations"])
+            return Assigned(selector, tolerations)
+
+        return assigned(value["head"]), assigned(value["workers"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 # --- writes to the Workload's status (Kueue's job reconciler does the same) ------------------------

@@ -34,11 +34,14 @@ from llmray.builders.kueue import (
     QUEUE_LABEL,
     WorkloadState,
     active_patch,
+    admission_id,
     build_workload,
     finish_patch,
     flavor_placement,
+    placement_annotation,
     pod_sets,
     quota_fingerprint,
+    recorded_placement,
     requeue_patch,
     workload_name,
     workload_state,
@@ -216,7 +219,7 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
         was_admitted = any(c.type == COND_ADMITTED and c.status == "True" for c in status.conditions)
         await self._apply_queue_step(p, step, queue, body, state)
         if step.admitted and state is not None:
-            head, workers = await self._placement(p, state)
+            head, workers = await self._placement(p, state, body)
             p.cluster = dataclasses.replace(p.cluster, head_assigned=head, workers_assigned=workers)
             if not was_admitted:
                 p.event("Normal", "Admitted", f"Workload {state.name} {step.message}")
@@ -316,13 +319,22 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
         p.event("Warning", "WorkloadNameTaken", p.queue_hold)
         return None
 
-    async def _placement(self, p: TrainingPass, state: WorkloadState) -> tuple[Assigned, Assigned]:
-        """nodeSelector and tolerations of the ResourceFlavors Kueue assigned to each pod set
-        (read once per admission: later flavor edits do not move running pods, as in Kueue)."""
-        signature = (state.uid, state.cluster_queue, tuple(sorted(state.flavors.items())))
+    async def _placement(
+        self, p: TrainingPass, state: WorkloadState, body: dict[str, Any] | None
+    ) -> tuple[Assigned, Assigned]:
+        """nodeSelector and tolerations of the ResourceFlavors Kueue assigned to each pod set.
+
+        Resolved once per admission and recorded on the Workload: later flavor edits, and an
+        operator restart, never change (and so never recreate) the pods of a running job.
+        """
+        signature = admission_id(state)
         cached = self._placements.get(p.key)
         if cached is not None and cached[0] == signature:
             return cached[1]
+        recorded = recorded_placement(body or {}, signature)
+        if recorded is not None:
+            self._placements[p.key] = (signature, recorded)
+            return recorded
         out: list[Assigned] = []
         for pod_set in (POD_SET_HEAD, POD_SET_WORKERS):
             flavors = []
@@ -332,6 +344,8 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
                     flavors.append(found)
             out.append(flavor_placement(flavors))
         result = (out[0], out[1])
+        patch = placement_annotation(signature, *result)
+        self._wl_written[p.key] = await self.kube.patch("Workload", p.namespace, state.name, patch)
         self._placements[p.key] = (signature, result)
         return result
 
