@@ -101,6 +101,8 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Sett
         stalled_after=args.stalled_after,
         queue_full_ratio=args.queue_full_ratio,
         kueue_api=args.kueue_api,
+        kueue_default_queue=args.kueue_default_queue,
+        kueue_queue_required=args.kueue_require_queue,
         **extra,
     )
 
@@ -215,6 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=Settings.kueue_api,
         help="Kueue API group/version for the Workloads of jobs labelled kueue.x-k8s.io/queue-name "
         "(detected at start-up; while it is not served such jobs are held)",
+    )
+    op.add_argument(
+        "--kueue-default-queue",
+        action="store_true",
+        help="a training job without the kueue.x-k8s.io/queue-name label uses the LocalQueue named "
+        "'default' of its namespace when there is one (Kueue's LocalQueueDefaulting)",
+    )
+    op.add_argument(
+        "--kueue-require-queue",
+        action="store_true",
+        help="hold training jobs that have no Kueue queue (no label, no 'default' LocalQueue) instead "
+        "of running them outside Kueue (Kueue's manageJobsWithoutQueueName)",
     )
     op.add_argument(
         "--queue-full-ratio",

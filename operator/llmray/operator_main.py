@@ -84,6 +84,7 @@ class App:
             self.kube = Kube(load_api_client(self.kubeconfig), max_workers=max(4, self.settings.workers))
         api = self.settings.kueue_api
         self.kube.register("Workload", api, "workloads")
+        self.kube.register("LocalQueue", api, "localqueues")
         self.kube.register("ResourceFlavor", api, "resourceflavors", namespaced=False)
         self.kube.register("WorkloadPriorityClass", api, "workloadpriorityclasses", namespaced=False)
         self.controllers = self._controllers()

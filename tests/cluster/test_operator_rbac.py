@@ -213,6 +213,7 @@ def _review(kube: Kube, namespace: str, verb: str, resource: str, ns: str | None
         ("patch", "workloads.kueue.x-k8s.io/status", True),
         ("get", "resourceflavors.kueue.x-k8s.io", True),
         ("get", "workloadpriorityclasses.kueue.x-k8s.io", True),
+        ("get", "localqueues.kueue.x-k8s.io", True),
         # nothing more
         ("update", "workloads.kueue.x-k8s.io", False),
         ("update", "workloads.kueue.x-k8s.io/status", False),

@@ -704,3 +704,55 @@ def test_recorded_placement_belongs_to_one_admission() -> None:
     assert recorded_placement(wl, "adm-2") is None
     wl["metadata"]["annotations"]["llmray.io/placement"] = "{not json"
     assert recorded_placement(wl, "adm-1") is None
+
+
+def _default_queue(world: World) -> None:
+    world.kube.objects[("LocalQueue", NS, "default")] = {"metadata": {"name": "default", "namespace": NS}}
+
+
+async def test_unlabelled_job_uses_the_namespaces_default_local_queue() -> None:
+    world = World(Settings(kueue_served=True, kueue_default_queue=True))
+    _default_queue(world)
+    key = world.kube.apply(KIND, NS, "ft", GPU_SPEC)
+    await world.reconcile(key)
+    assert world.kube.pods(NS) == [] and world.phase(key) == "Queued"
+    assert workload_of(world)["spec"]["queueName"] == "default"
+    assert world.kube.status(key)["queue"]["name"] == "default"
+
+
+async def test_label_removed_from_a_waiting_job_moves_it_to_the_default_queue_not_out_of_kueue() -> None:
+    world = World(Settings(kueue_served=True, kueue_default_queue=True))
+    _default_queue(world)
+    key = world.kube.apply(KIND, NS, "ft", GPU_SPEC, labels={QUEUE_LABEL: "team-a"})
+    await world.reconcile(key)
+    del world.kube.objects[key]["metadata"]["labels"][QUEUE_LABEL]
+    await world.reconcile(key)
+    await world.reconcile(key)
+    assert world.kube.pods(NS) == [] and world.phase(key) == "Queued"
+    assert workload_of(world)["spec"]["queueName"] == "default"
+
+
+async def test_without_a_default_queue_an_unlabelled_job_runs_and_no_call_once_started() -> None:
+    world = World(Settings(kueue_served=True, kueue_default_queue=True))
+    key = world.kube.apply(KIND, NS, "ft", GPU_SPEC)
+    await world.reconcile(key)
+    assert len(world.kube.pods(NS)) == 3
+    _default_queue(world)  # created later: a started job is not moved into it
+    world.kube.run_pods(NS)
+    await world.reconcile(key)
+    assert world.phase(key) == "Running" and not [k for k in world.kube.objects if k[0] == "Workload"]
+
+
+async def test_require_queue_holds_a_job_without_one() -> None:
+    world = World(Settings(kueue_served=True, kueue_queue_required=True))
+    key = world.kube.apply(KIND, NS, "ft", GPU_SPEC)
+    await world.reconcile(key)
+    assert world.kube.pods(NS) == [] and world.phase(key) == "Queued"
+    assert "--kueue-require-queue" in world.kube.status(key)["message"]
+    assert world.condition(key, "Admitted")["reason"] == "NoQueue"
+    # a waiting job whose label is removed is held too (no run outside the quota)
+    key2 = world.kube.apply(KIND, NS, "ft2", GPU_SPEC, labels={QUEUE_LABEL: "team-a"})
+    await world.reconcile(key2)
+    del world.kube.objects[key2]["metadata"]["labels"][QUEUE_LABEL]
+    await world.reconcile(key2)
+    assert world.kube.pods(NS) == [] and world.phase(key2) == "Queued"

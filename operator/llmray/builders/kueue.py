@@ -28,6 +28,8 @@ from .cluster import GPU_RESOURCE, Assigned, ClusterSpec, head_pod, worker_pod
 from .common import LABEL_INSTANCE, LABEL_KIND, LABEL_MANAGED_BY, MANAGED_BY, metadata, stable_hash
 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+DEFAULT_LOCAL_QUEUE = "default"
+"""Kueue's ``constants.DefaultLocalQueueName`` (LocalQueueDefaulting)."""
 PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 DEFAULT_API = "kueue.x-k8s.io/v1beta2"
 POD_SET_HEAD = "head"

@@ -55,6 +55,13 @@ class Settings:
     """Whether the cluster serves ``workloads`` in ``kueue_api`` (detected once at start-up). A
     job labelled ``kueue.x-k8s.io/queue-name`` is held while it is not: running it would bypass the
     quota the platform meant it to wait for."""
+    kueue_default_queue: bool = False
+    """Kueue's LocalQueueDefaulting (GA and always on in Kueue v0.17): a job without the queue label
+    goes to the LocalQueue named ``default`` of its namespace when there is one, and removing the
+    label of a waiting job puts it there instead of letting it run unqueued (``--kueue-default-queue``)."""
+    kueue_queue_required: bool = False
+    """Jobs without a queue (no label, no ``default`` LocalQueue) are held instead of running outside
+    Kueue, like Kueue's ``manageJobsWithoutQueueName`` (``--kueue-require-queue``)."""
 
     @property
     def ray_slots(self) -> int:

@@ -28,6 +28,7 @@ from llmray.api.training import (
 from llmray.builders.cluster import Assigned, training_cluster
 from llmray.builders.common import stable_hash
 from llmray.builders.kueue import (
+    DEFAULT_LOCAL_QUEUE,
     POD_SET_HEAD,
     POD_SET_WORKERS,
     PRIORITY_LABEL,
@@ -183,6 +184,16 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
         spec, status = p.parsed, p.status
         queue = str((p.meta.get("labels") or {}).get(QUEUE_LABEL) or "")
         body = self._workload_of(p)
+        if not queue:
+            queue = await self._implicit_queue(p, body)
+            if not queue and self._queue_required(p, body):
+                p.want_cluster = False
+                p.queue_hold = (
+                    f"this operator runs training jobs only through Kueue (--kueue-require-queue): set "
+                    f"label {QUEUE_LABEL} to a LocalQueue of namespace {p.namespace}"
+                )
+                p.condition(COND_ADMITTED, False, "NoQueue", p.queue_hold)
+                return
         if not queue and body is None:
             status.queue = None
             status.conditions = [c for c in status.conditions if c.type != COND_ADMITTED]
@@ -226,6 +237,30 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
         if step.action == "requeue" and state is not None and not state.deactivated_by_suspend:
             status.queue.preemptions += 1  # the user's own spec.suspend is no preemption
         p.condition(COND_ADMITTED, step.admitted, step.reason or "Pending", step.message)
+
+    def _started(self, p: TrainingPass) -> bool:
+        return p.head is not None or bool(p.workers) or p.phase in TERMINAL_PHASES
+
+    async def _implicit_queue(self, p: TrainingPass, body: dict[str, Any] | None) -> str:
+        """Kueue's LocalQueueDefaulting for a job without the label: ``default`` when that LocalQueue
+        exists. Asked only of a job about to start (no pods, no Workload) or one whose label was
+        removed while it had a Workload: a job already running unqueued is left alone (Kueue too
+        defaults only at creation), and an idle pass makes no call."""
+        if not (self.settings.kueue_served and self.settings.kueue_default_queue):
+            return ""
+        if body is None and (self._started(p) or p.parsed.suspend):
+            return ""
+        found = await self.kube.read("LocalQueue", p.namespace, DEFAULT_LOCAL_QUEUE)
+        return DEFAULT_LOCAL_QUEUE if found is not None else ""
+
+    def _queue_required(self, p: TrainingPass, body: dict[str, Any] | None) -> bool:
+        """--kueue-require-queue holds a queue-less job that has not started (one running on an
+        admitted Workload keeps it; a running job is not stopped by turning the setting on)."""
+        if not self.settings.kueue_queue_required or p.parsed.suspend:
+            return False
+        if body is not None:
+            return not workload_state(body).quota_reserved
+        return not self._started(p)
 
     async def _apply_queue_step(
         self,
