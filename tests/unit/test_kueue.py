@@ -756,3 +756,14 @@ async def test_require_queue_holds_a_job_without_one() -> None:
     del world.kube.objects[key2]["metadata"]["labels"][QUEUE_LABEL]
     await world.reconcile(key2)
     assert world.kube.pods(NS) == [] and world.phase(key2) == "Queued"
+
+
+async def test_a_job_in_the_default_queue_reads_no_local_queue_once_its_workload_is_there() -> None:
+    world = World(Settings(kueue_served=True, kueue_default_queue=True))
+    _default_queue(world)
+    key = world.kube.apply(KIND, NS, "ft", GPU_SPEC)
+    await _running(world, key)
+    world.kube.calls.clear()
+    await world.reconcile(key)  # an idle resync of the running job
+    assert ("get", "LocalQueue", "") not in world.kube.calls and world.phase(key) == "Running"
+    assert not [c for c in world.kube.calls if c[1] == "Workload"]

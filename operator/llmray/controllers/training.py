@@ -250,6 +250,8 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
             return ""
         if body is None and (self._started(p) or p.parsed.suspend):
             return ""
+        if body is not None and workload_state(body).queue == DEFAULT_LOCAL_QUEUE:
+            return DEFAULT_LOCAL_QUEUE  # already there: no call on every pass of a queued/running job
         found = await self.kube.read("LocalQueue", p.namespace, DEFAULT_LOCAL_QUEUE)
         return DEFAULT_LOCAL_QUEUE if found is not None else ""
 
