@@ -375,7 +375,7 @@ def kueue_served(kubeconfig: str | None, api_version: str) -> bool:
     group, _, version = api_version.partition("/")
     api = load(kubeconfig)
     try:
-        resources = client.CustomObjectsApi(api).get_api_resources(group, version)
+        resources = client.CustomObjectsApi(api).get_api_resources(group, version, _request_timeout=(5, 30))
     except Exception as exc:
         logger.info("Kueue API %s not served (%s): queue-labelled jobs are held", api_version, exc)
         return False

@@ -355,6 +355,7 @@ async def test_label_without_kueue_installed_holds_the_job() -> None:
     assert world.kube.pods(NS) == [] and world.phase(key) == "Queued"
     assert world.condition(key, "Admitted")["reason"] == "KueueNotInstalled"
     assert "not served" in world.kube.status(key)["message"]
+    assert "restart the operator" in world.kube.status(key)["message"]  # detected at start-up only
     assert not [k for k in world.kube.objects if k[0] == "Workload"]
 
 

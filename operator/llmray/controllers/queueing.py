@@ -83,7 +83,8 @@ def decide_queue(s: QueueSeen) -> QueueStep | None:
             hold=True,
             reason=R_NOT_INSTALLED,
             message=f"label kueue.x-k8s.io/queue-name={s.queue} is set but Kueue's Workload API is not "
-            "served in this cluster: install Kueue (or remove the label to run without a queue)",
+            "served in this cluster (checked when the operator starts): install Kueue and restart the "
+            "operator, or remove the label to run without a queue",
         )
     if wl is None:
         return QueueStep(
