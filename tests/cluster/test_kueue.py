@@ -376,3 +376,33 @@ def test_job_on_a_queue_without_quota_stays_queued_with_kueues_message(
     wl = wait_for(replaced, timeout=60, what="job c's Workload replaced")
     assert [(ps["name"], ps["count"]) for ps in wl["spec"]["podSets"]] == [("head", 1), ("workers", 3)]
     assert not pods_of(kube, namespace, "c")
+
+
+def test_unlabelled_job_waits_in_the_namespaces_default_local_queue(
+    kube: Kube, namespace: str, queues: dict[str, str], operator_factory: Any, tmp_path: Path
+) -> None:
+    """Kueue's LocalQueueDefaulting, as the chart's ServiceAccount: a job without the queue label in a
+    namespace with a LocalQueue named ``default`` (here on the ClusterQueue without GPU quota) is
+    queued there, not run outside Kueue."""
+    apply(kube, _chart_rbac(kube, namespace), namespace)
+    kubeconfig = _token_kubeconfig(kube, namespace, tmp_path / "sa.kubeconfig")
+    default = {"apiVersion": API, "kind": "LocalQueue", "metadata": {"name": "default"}}
+    apply_yaml(kube, [{**default, "spec": {"clusterQueue": queues["empty"]}}], namespace=namespace)
+    op = operator_factory(namespace, "--kueue-default-queue", kubeconfig=kubeconfig).start()
+    try:
+        unlabelled = job("d", "team")
+        del unlabelled["metadata"]["labels"]
+        apply(kube, unlabelled, namespace)
+
+        def pending() -> dict[str, Any] | None:
+            status = status_of(kube, "LLMTrainingJob", namespace, "d")
+            return status if "insufficient" in (condition(status, "Admitted").get("message") or "") else None
+
+        status = wait_for(pending, timeout=60, what="job d waits in LocalQueue default")
+        assert status["phase"] == "Queued" and status["queue"]["name"] == "default"
+        assert workload_of(kube, namespace, "d")["spec"]["queueName"] == "default"
+        assert not pods_of(kube, namespace, "d")
+        log = op.log_path.read_text()
+        assert " 403" not in log and "Forbidden" not in log, op.log_tail()
+    finally:
+        kube.kubectl("delete", f"localqueues.{GROUP}", "default", "-n", namespace, check=False)
