@@ -16,9 +16,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -32,6 +34,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))
         return int(sock.getsockname()[1])
+
+
+def serving_ok(proc: subprocess.Popen[Any] | None, what: str, url: str, log_tail: Callable[[], str]) -> bool:
+    """Whether a test-started process still runs and answers 200 on its loopback ``url`` now.
+
+    A process that exited raises at once with its log tail, so a wait on this fails fast."""
+    if proc is None or proc.poll() is not None:
+        raise RuntimeError(f"{what} exited ({proc and proc.returncode}):\n{log_tail()}")
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
 
 
 def port_open(port: int) -> bool:

@@ -38,7 +38,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +47,7 @@ import pytest
 import yaml
 
 from tests.kube import Kube, KubectlError, WaitTimeout, wait_for
+from tests.ray_cluster import serving_ok
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SH = REPO / "tests" / "cluster" / "build.sh"
@@ -310,13 +310,7 @@ class Kueue:
         raise RuntimeError(f"{need}; tried: {errors}")
 
     def _ready(self) -> bool:
-        if self.proc is None or self.proc.poll() is not None:
-            raise RuntimeError(f"kueue exited ({self.proc and self.proc.returncode}):\n{self.log_tail()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/readyz", timeout=2) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
+        return serving_ok(self.proc, "kueue", f"http://127.0.0.1:{self.health_port}/readyz", self.log_tail)
 
     def _webhooks_answer(self) -> bool:
         """A server-side dry run goes through admission: Kueue's ResourceFlavor webhook adds its finalizer."""

@@ -25,7 +25,7 @@ import yaml
 from kubernetes import client
 
 from tests.kube import Kube, apply_yaml, wait_for
-from tests.ray_cluster import free_port
+from tests.ray_cluster import free_port, serving_ok
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -80,13 +80,7 @@ class Operator:
         return path
 
     def healthy(self) -> bool:
-        if self.proc is None or self.proc.poll() is not None:
-            raise RuntimeError(f"operator exited ({self.proc and self.proc.returncode}):\n{self.log_tail()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
+        return serving_ok(self.proc, "operator", f"http://127.0.0.1:{self.port}/healthz", self.log_tail)
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of a Prometheus metric's samples matching ``labels`` (0 when absent)."""
