@@ -25,7 +25,7 @@ from typing import Any
 from kubernetes.utils import parse_quantity
 
 from .cluster import GPU_RESOURCE, Assigned, ClusterSpec, head_pod, worker_pod
-from .common import LABEL_INSTANCE, LABEL_KIND, LABEL_MANAGED_BY, MANAGED_BY, metadata, stable_hash
+from .common import metadata, stable_hash
 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 DEFAULT_LOCAL_QUEUE = "default"
@@ -165,11 +165,10 @@ def pod_sets_hash(workload: dict[str, Any]) -> str:
     return str(((workload.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_POD_SETS_HASH, ""))
 
 
-def is_ours(workload: dict[str, Any]) -> bool:
-    labels = (workload.get("metadata") or {}).get("labels") or {}
-    return labels.get(LABEL_MANAGED_BY) == MANAGED_BY and bool(
-        labels.get(LABEL_KIND) and labels.get(LABEL_INSTANCE)
-    )
+def controller_uid(obj: dict[str, Any]) -> str:
+    """The uid of ``obj``'s controller ownerReference ("" when none): whose Workload it is."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return str(next((r.get("uid") for r in refs if r.get("controller")), "") or "")
 
 
 # --- reading Kueue's answer ------------------------------------------------------------------------

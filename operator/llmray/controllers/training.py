@@ -37,6 +37,7 @@ from llmray.builders.kueue import (
     active_patch,
     admission_id,
     build_workload,
+    controller_uid,
     finish_patch,
     flavor_placement,
     placement_annotation,
@@ -160,9 +161,7 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
         deleted = self._wl_deleted.get(p.key)
 
         def fresh(w: dict[str, Any]) -> bool:
-            meta = w.get("metadata") or {}
-            owners = [r for r in meta.get("ownerReferences") or [] if r.get("controller")]
-            return bool(owners) and owners[0].get("uid") == p.uid and meta.get("uid") != deleted
+            return controller_uid(w) == p.uid and (w.get("metadata") or {}).get("uid") != deleted
 
         def version(w: dict[str, Any]) -> int:
             rv = str((w.get("metadata") or {}).get("resourceVersion") or "0")
@@ -184,9 +183,10 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
         spec, status = p.parsed, p.status
         queue = str((p.meta.get("labels") or {}).get(QUEUE_LABEL) or "")
         body = self._workload_of(p)
+        state = workload_state(body) if body is not None else None
         if not queue:
-            queue = await self._implicit_queue(p, body)
-            if not queue and self._queue_required(p, body):
+            queue = await self._implicit_queue(p, state)
+            if not queue and self._queue_required(p, state):
                 p.want_cluster = False
                 p.queue_hold = (
                     f"this operator runs training jobs only through Kueue (--kueue-require-queue): set "
@@ -199,7 +199,6 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
             status.conditions = [c for c in status.conditions if c.type != COND_ADMITTED]
             return
         assert p.cluster is not None
-        state = workload_state(body) if body is not None else None
         wanted = pod_sets(p.cluster, spec.workers.replicas)
         step = decide_queue(
             QueueSeen(
@@ -241,27 +240,27 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
     def _started(self, p: TrainingPass) -> bool:
         return p.head is not None or bool(p.workers) or p.phase in TERMINAL_PHASES
 
-    async def _implicit_queue(self, p: TrainingPass, body: dict[str, Any] | None) -> str:
+    async def _implicit_queue(self, p: TrainingPass, state: WorkloadState | None) -> str:
         """Kueue's LocalQueueDefaulting for a job without the label: ``default`` when that LocalQueue
         exists. Asked only of a job about to start (no pods, no Workload) or one whose label was
         removed while it had a Workload: a job already running unqueued is left alone (Kueue too
         defaults only at creation), and an idle pass makes no call."""
         if not (self.settings.kueue_served and self.settings.kueue_default_queue):
             return ""
-        if body is None and (self._started(p) or p.parsed.suspend):
+        if state is None and (self._started(p) or p.parsed.suspend):
             return ""
-        if body is not None and workload_state(body).queue == DEFAULT_LOCAL_QUEUE:
+        if state is not None and state.queue == DEFAULT_LOCAL_QUEUE:
             return DEFAULT_LOCAL_QUEUE  # already there: no call on every pass of a queued/running job
         found = await self.kube.read("LocalQueue", p.namespace, DEFAULT_LOCAL_QUEUE)
         return DEFAULT_LOCAL_QUEUE if found is not None else ""
 
-    def _queue_required(self, p: TrainingPass, body: dict[str, Any] | None) -> bool:
+    def _queue_required(self, p: TrainingPass, state: WorkloadState | None) -> bool:
         """--kueue-require-queue holds a queue-less job that has not started (one running on an
         admitted Workload keeps it; a running job is not stopped by turning the setting on)."""
         if not self.settings.kueue_queue_required or p.parsed.suspend:
             return False
-        if body is not None:
-            return not workload_state(body).quota_reserved
+        if state is not None:
+            return not state.quota_reserved
         return not self._started(p)
 
     async def _apply_queue_step(
@@ -340,12 +339,7 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
         except AlreadyExists:
             name = obj["metadata"]["name"]
             found = await self.kube.read("Workload", p.namespace, name)
-        owners = [
-            r
-            for r in ((found or {}).get("metadata") or {}).get("ownerReferences") or []
-            if r.get("controller")
-        ]
-        if found is None or (owners and owners[0].get("uid") == p.uid):
+        if found is None or controller_uid(found) == p.uid:
             return found  # ours (a restart before the watch delivered it), or gone: created next pass
         # Someone else's object under the name this job's Workload must have: never adopted.
         p.queue_hold = (
@@ -372,15 +366,13 @@ class TrainingController(ClusterController[LLMTrainingJobSpec, LLMTrainingJobSta
         if recorded is not None:
             self._placements[p.key] = (signature, recorded)
             return recorded
-        out: list[Assigned] = []
-        for pod_set in (POD_SET_HEAD, POD_SET_WORKERS):
-            flavors = []
-            for flavor in state.flavors.get(pod_set, ()):
-                found = await self.kube.read("ResourceFlavor", "", flavor)
-                if found is not None:
-                    flavors.append(found)
-            out.append(flavor_placement(flavors))
-        result = (out[0], out[1])
+        names = {f for pod_set in (POD_SET_HEAD, POD_SET_WORKERS) for f in state.flavors.get(pod_set, ())}
+        read = {name: await self.kube.read("ResourceFlavor", "", name) for name in sorted(names)}
+        head, workers = (
+            flavor_placement([f for name in state.flavors.get(s, ()) if (f := read[name]) is not None])
+            for s in (POD_SET_HEAD, POD_SET_WORKERS)
+        )
+        result = (head, workers)
         patch = placement_annotation(signature, *result)
         self._wl_written[p.key] = await self.kube.patch("Workload", p.namespace, state.name, patch)
         self._placements[p.key] = (signature, result)
