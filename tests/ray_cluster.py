@@ -49,6 +49,18 @@ def serving_ok(proc: subprocess.Popen[Any] | None, what: str, url: str, log_tail
         return False
 
 
+def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 30) -> None:
+    """SIGTERM a test-started process and wait; SIGKILL it if it does not exit within ``timeout``."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
 def port_open(port: int) -> bool:
     """Whether something accepts connections on loopback ``port`` now."""
     with socket.socket() as sock:

@@ -35,7 +35,6 @@ import ipaddress
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -47,7 +46,7 @@ import pytest
 import yaml
 
 from tests.kube import Kube, KubectlError, WaitTimeout, wait_for
-from tests.ray_cluster import serving_ok
+from tests.ray_cluster import serving_ok, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SH = REPO / "tests" / "cluster" / "build.sh"
@@ -375,13 +374,7 @@ class Kueue:
                 raise WaitTimeout(f"{exc}; still there (finalizers?): {left}") from None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
+        stop_process(self.proc)
 
 
 @pytest.fixture(scope="session")

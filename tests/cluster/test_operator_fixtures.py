@@ -25,7 +25,7 @@ import yaml
 from kubernetes import client
 
 from tests.kube import Kube, apply_yaml, wait_for
-from tests.ray_cluster import free_port, serving_ok
+from tests.ray_cluster import free_port, serving_ok, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -102,12 +102,7 @@ class Operator:
             self.proc.wait(timeout=30)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc)
 
     def log_tail(self, lines: int = 60) -> str:
         try:
