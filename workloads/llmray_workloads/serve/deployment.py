@@ -21,6 +21,7 @@ from ..train.export import read_model_version
 from .api import OpenAIServer, create_app
 from .config import DEPLOYMENT_NAME, ServerSettings, resolve_api_key
 from .engine import TransformersEngine
+from .engine_process import IN_PROCESS_ENV, ProcessEngine
 from .protocol import MAX_CHOICES
 from .telemetry import CACHE, RUNNING, WAITING, ReplicaReporter
 
@@ -55,7 +56,10 @@ class LLMServer:
         # Fail before loading weights when a configured key is missing: never serve unauthenticated.
         self.api_key = resolve_api_key(api.api_key_env, api.api_key_file, os.environ)
         max_pending = max(self.settings.engine.max_num_seqs, api.max_ongoing_requests * MAX_CHOICES)
-        self.engine = TransformersEngine.load(self.settings.engine, max_pending=max_pending)
+        # The engine runs in a child process unless LLMRAY_ENGINE_IN_PROCESS=1 (see engine_process).
+        in_process = os.environ.get(IN_PROCESS_ENV) == "1"
+        engine_class = TransformersEngine if in_process else ProcessEngine
+        self.engine = engine_class.load(self.settings.engine, max_pending=max_pending)
         # The pod's Ray token (RAY_AUTH_TOKEN, set by the operator) also opens the stats route.
         self.server = OpenAIServer(
             self.engine, api, self.api_key, stats_token=os.environ.get("RAY_AUTH_TOKEN")

@@ -468,6 +468,8 @@ class TransformersEngine:
         self.counters = EngineCounters()
         """Per-step figures for the replica's telemetry (TTFT, inter-token latency, tokens)."""
         self._last_decode: float | None = None
+        self.tokenizer_source: str | None = None
+        """The local folder the tokenizer was loaded from (set by :meth:`load`)."""
         self._thread = threading.Thread(target=self._loop, name="llmray-engine", daemon=True)
         self._thread.start()
 
@@ -504,7 +506,7 @@ class TransformersEngine:
         tokenizer_source = source if has_tokenizer or base is None else base
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         decode_tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-        return cls(
+        engine = cls(
             model,
             tokenizer,
             decode_tokenizer,
@@ -514,6 +516,8 @@ class TransformersEngine:
             max_pending=max_pending,
             max_lora_rank=settings.max_lora_rank,
         )
+        engine.tokenizer_source = tokenizer_source
+        return engine
 
     # ---- adapters (any thread) -------------------------------------------------------------------
 
@@ -600,25 +604,32 @@ class TransformersEngine:
     # ---- API side (event loop thread) -------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        return encode_text(self.tokenizer, text)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this model has no chat template; use /v1/completions")
-        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        return encode_messages(self.tokenizer, messages)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, stream: bool = True) -> GenerationStream:
         """Queue one sequence; raise :class:`EngineOverloadedError` when the replica is full.
 
         With ``stream=False`` the text arrives as a single final chunk.
         """
+        queue: _Queue = asyncio.Queue()
+        seq = self.enqueue(prompt_ids, params, stream, asyncio.get_running_loop(), queue)
+        return _Stream(seq, queue, self._wake)
+
+    def enqueue(
+        self, prompt_ids: list[int], params: SamplingParams, stream: bool, loop: Any, queue: Any
+    ) -> _Sequence:
+        """Queue one sequence whose chunks go out as ``loop.call_soon_threadsafe(deliver, [(queue, item)])``.
+
+        :meth:`submit` passes an event loop and an asyncio queue; the engine process
+        (:mod:`.engine_process`) passes its pipe and the request id instead.
+        """
         if not self._thread.is_alive():
             raise EngineError("the generation loop is not running")
         if not prompt_ids:
             raise EngineError("empty prompt")
-        loop = asyncio.get_running_loop()
-        queue: _Queue = asyncio.Queue()
         generator = None
         if params.seed is not None and params.temperature > 0:
             generator = self._torch.Generator(device=self.device).manual_seed(params.seed)
@@ -646,7 +657,13 @@ class TransformersEngine:
             self._last_arrival = seq.arrival
             self._waiting.append(seq)
             self._cond.notify()
-        return _Stream(seq, queue, self._wake)
+        return seq
+
+    def cancel(self, seq: _Sequence) -> None:
+        """Stop generating ``seq`` (idempotent; a no-op once it finished)."""
+        if not seq.finished and not seq.cancelled:
+            seq.cancelled = True
+            self._wake()
 
     def check_health(self) -> None:
         if not self._thread.is_alive():
@@ -1080,6 +1097,19 @@ class TransformersEngine:
             if not seq.finished:
                 seq.finished = True
                 self._outbox.put(seq, error)
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Prompt ids of a completion prompt (with the tokenizer's special tokens, as ``generate`` gets)."""
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def encode_messages(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Prompt ids of a chat: the model's chat template with the generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model has no chat template; use /v1/completions")
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
 
 def resolve_max_model_len(requested: int | None, config: Any) -> int:

@@ -28,7 +28,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from llmray.api.telemetry import RAY_METRIC_PREFIX, SERVING_METRICS, ServingStats
 
@@ -116,6 +116,12 @@ class EngineCounters:
         with self._lock:
             sample, self._sample = self._sample, EngineSample(batch=self._sample.batch)
         return sample
+
+
+class SampleSource(Protocol):
+    """Where the reporter drains engine figures from: :class:`EngineCounters`, or the engine process."""
+
+    def drain(self) -> EngineSample: ...
 
 
 RequestKey = tuple[Adapter, str, int]
@@ -321,7 +327,7 @@ class ReplicaReporter:
         replica: str,
         app_name: str,
         model: str,
-        engine: EngineCounters,
+        engine: SampleSource,
         requests: RequestCounts,
         load: Callable[[], dict[str, float]],
         interval: float = PUSH_INTERVAL_S,
