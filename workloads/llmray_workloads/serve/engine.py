@@ -468,8 +468,6 @@ class TransformersEngine:
         self.counters = EngineCounters()
         """Per-step figures for the replica's telemetry (TTFT, inter-token latency, tokens)."""
         self._last_decode: float | None = None
-        self.tokenizer_source: str | None = None
-        """The local folder the tokenizer was loaded from (set by :meth:`load`)."""
         self._thread = threading.Thread(target=self._loop, name="llmray-engine", daemon=True)
         self._thread.start()
 
@@ -506,7 +504,7 @@ class TransformersEngine:
         tokenizer_source = source if has_tokenizer or base is None else base
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         decode_tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-        engine = cls(
+        return cls(
             model,
             tokenizer,
             decode_tokenizer,
@@ -516,8 +514,6 @@ class TransformersEngine:
             max_pending=max_pending,
             max_lora_rank=settings.max_lora_rank,
         )
-        engine.tokenizer_source = tokenizer_source
-        return engine
 
     # ---- adapters (any thread) -------------------------------------------------------------------
 

@@ -46,8 +46,6 @@ from .engine import (
     TransformersEngine,
     UnknownAdapterError,
     _Stream,
-    encode_messages,
-    encode_text,
 )
 from .telemetry import EngineSample
 
@@ -64,7 +62,9 @@ STOP_TIMEOUT_S = 15.0
 
 IN_PROCESS_ENV = "LLMRAY_ENGINE_IN_PROCESS"
 """Set to ``1`` in a replica's environment to run the engine in the replica's own process."""
-CALLS = frozenset({"set_adapters", "adapters", "check_health", "stats", "current_load", "drain"})
+CALLS = frozenset(
+    {"encode", "encode_chat", "set_adapters", "adapters", "check_health", "stats", "current_load", "drain"}
+)
 """Engine methods the replica may call in the child (nothing else is dispatched)."""
 
 
@@ -89,6 +89,11 @@ def _deliver(items: list[tuple[_Remote, GenerationChunk | BaseException]]) -> No
     """Runs on the request's event loop."""
     for remote, item in items:
         remote.queue.put_nowait(item)
+
+
+def _error(kind: str, message: str) -> Exception:
+    """The replica-side exception for a failed call in the child (``kind`` from :func:`_reply`)."""
+    return ValueError(message) if kind == "value" else EngineError(message)
 
 
 def _ends(item: GenerationChunk | BaseException) -> bool:
@@ -133,9 +138,6 @@ class ProcessEngine:
         self.max_model_len: int = info["max_model_len"]
         self.vocab_size: int = info["vocab_size"]
         self._listed: list[str] = []
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(info["tokenizer_source"])
         self.counters = _RemoteCounters(self)
         threading.Thread(target=self._read, name="llmray-engine-reader", daemon=True).start()
         threading.Thread(target=self._write, name="llmray-engine-writer", daemon=True).start()
@@ -167,10 +169,13 @@ class ProcessEngine:
     # ---- Engine protocol -------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
-        return encode_text(self.tokenizer, text)
+        """Tokenized by the child: this process then never imports torch (a replica holds one copy)."""
+        ids: list[int] = self._call("encode", text)
+        return ids
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return encode_messages(self.tokenizer, messages)
+        ids: list[int] = self._call("encode_chat", messages)
+        return ids
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, stream: bool = True) -> GenerationStream:
         """Queue one sequence in the child; the same errors as :meth:`TransformersEngine.submit`."""
@@ -277,7 +282,7 @@ class ProcessEngine:
                     with self._lock:
                         future = self._calls.get(cid)
                     if future is not None:
-                        future.set_result(value) if ok else future.set_exception(EngineError(value))
+                        future.set_result(value) if ok else future.set_exception(_error(*value))
         except (EOFError, OSError):
             pass
         try:
@@ -355,8 +360,10 @@ def _reply(
             raise EngineError(f"unknown call {name}")
         method = engine.counters.drain if name == "drain" else getattr(engine, name)
         message = ("reply", cid, True, method(*args))
+    except ValueError as exc:  # bad input (e.g. a chat without a template): the caller's 400
+        message = ("reply", cid, False, ("value", str(exc)))
     except Exception as exc:
-        message = ("reply", cid, False, str(exc))
+        message = ("reply", cid, False, ("engine", str(exc)))
     with lock:
         conn.send(message)
 
@@ -378,7 +385,6 @@ def child_main(fd: int) -> None:
             {
                 "max_model_len": engine.max_model_len,
                 "vocab_size": engine.vocab_size,
-                "tokenizer_source": engine.tokenizer_source,
             },
         )
     )
