@@ -8,8 +8,9 @@ Same model (the tiny local Llama), same prompts, same token counts (``ignore_eos
 2. tier ``engine``: the ``transformers`` engine in this process (tokenize, submit, collect the
    text; no HTTP, no Ray) at concurrency 1, 8, 32;
 3. tier ``http``: the same engine behind Ray Serve's HTTP proxy on 127.0.0.1 (starts its own
-   token-auth Ray head on loopback and stops it at the end). The load client is ``aiohttp`` (a Ray
-   Serve dependency): it shares the 2 cores with proxy and replica, and costs ~0.5 ms CPU per
+   token-auth Ray head on loopback and stops it at the end). The engine runs in its own process
+   next to the replica, as deployed (``--engine-in-process``: inside the replica's process).
+   The load client is ``aiohttp`` (a Ray Serve dependency): it shares the 2 cores with proxy and replica, and costs ~0.5 ms CPU per
    request where one ``httpx.AsyncClient`` with a 32-connection pool costs 3-4 ms plus O(pool)
    scheduling work per request (encode/httpx#3215); ``--client httpx`` measures with the latter.
    Per level it also prints the client's own CPU per request.
@@ -341,7 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument(
-        "--requests", type=int, default=16, help="Requests per level and round (x4 at conc 32)."
+        "--requests",
+        type=int,
+        default=16,
+        help="Requests per baseline block and round; a loaded level runs max(2x this, 4x its concurrency).",
     )
     parser.add_argument("--rounds", type=int, default=4, help="Rounds; every round measures every level.")
     parser.add_argument(
@@ -351,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     parser.add_argument(
         "--client", choices=("aiohttp", "httpx"), default="aiohttp", help="HTTP load client (tier http)."
+    )
+    parser.add_argument(
+        "--engine-in-process",
+        action="store_true",
+        help="Tier http: run the engine inside the Serve replica's process (default: its own process).",
     )
     parser.add_argument(
         "--tier", choices=("engine", "http", "both"), default="both", help="engine: in-process, no Ray."
@@ -379,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 LEVELS = (1, 8, 32)
+
+
+def level_requests(requests: int, concurrency: int) -> int:
+    """Requests per round of a loaded level: at least 4x its concurrency, so the closed loop's
+    ramp-down (the last requests finishing with fewer in flight) is at most a quarter of it."""
+    return max(2 * requests, 4 * concurrency)
 Totals = dict[int, tuple[Sample, Sample]]
 
 
@@ -397,7 +412,7 @@ def run_engine(baseline: Baseline, model_dir: Path, ns: argparse.Namespace) -> T
             totals[1][0].add(local_s)
             totals[1][1].add(remote_s)
             for concurrency in LEVELS[1:]:
-                count = ns.requests * (4 if concurrency == 32 else 2)
+                count = level_requests(ns.requests, concurrency)
                 totals[concurrency][0].add(baseline.block(ns.requests))
                 totals[concurrency][1].add(asyncio.run(engine_level(eng, concurrency, count, ns.max_tokens)))
             for _ in range(4):
@@ -415,9 +430,13 @@ def run_http(baseline: Baseline, model_dir: Path, ns: argparse.Namespace) -> Tot
     """HTTP tier: the engine behind Ray Serve on a local loopback Ray head."""
     from tests.ray_cluster import start_local_ray, stop_local_ray
 
+    from llmray_workloads.serve.engine_process import IN_PROCESS_ENV
+
     # Ray starts workers (hence Serve replicas) at nice 15; the in-process side runs at nice 0. On a
     # shared machine that alone skews the comparison, so this benchmark's own cluster runs them at 0.
     os.environ["RAY_worker_niceness"] = "0"  # noqa: SIM112 - Ray reads this exact name
+    if ns.engine_in_process:  # the replica's own process, as before the engine process existed
+        os.environ[IN_PROCESS_ENV] = "1"
     local = start_local_ray(num_cpus=8)
     os.environ.update(local.env)  # before ray is imported: it reads RAY_AUTH_MODE once
     totals = {c: (Sample(), Sample()) for c in LEVELS}
@@ -428,7 +447,7 @@ def run_http(baseline: Baseline, model_dir: Path, ns: argparse.Namespace) -> Tot
             totals[1][0].add(local_s)
             totals[1][1].add(remote_s)
             for concurrency in LEVELS[1:]:
-                count = ns.requests * (4 if concurrency == 32 else 2)
+                count = level_requests(ns.requests, concurrency)
                 totals[concurrency][0].add(baseline.block(ns.requests))
                 totals[concurrency][1].add(
                     asyncio.run(http_level(url, concurrency, count, ns.max_tokens, "tiny", ns.client))
