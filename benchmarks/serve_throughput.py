@@ -12,7 +12,8 @@ Same model (the tiny local Llama), same prompts, same token counts (``ignore_eos
    next to the replica, as deployed (``--engine-in-process``: inside the replica's process).
    The load client is ``aiohttp`` (a Ray Serve dependency): it shares the 2 cores with proxy and
    replica, and costs ~0.5 ms CPU per request where one ``httpx.AsyncClient`` with a
-   32-connection pool costs 3-4 ms plus O(pool) scheduling work per request (encode/httpx#3215); ``--client httpx`` measures with the latter.
+   32-connection pool costs 3-4 ms plus O(pool) scheduling work per request (encode/httpx#3215);
+   ``--client httpx`` measures with the latter.
    Per level it also prints the client's own CPU per request.
 
 Prints requests/s and p50/p99 latency per level, the load average, and the ratios the serving
