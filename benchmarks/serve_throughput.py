@@ -395,6 +395,8 @@ def level_requests(requests: int, concurrency: int) -> int:
     """Requests per round of a loaded level: at least 4x its concurrency, so the closed loop's
     ramp-down (the last requests finishing with fewer in flight) is at most a quarter of it."""
     return max(2 * requests, 4 * concurrency)
+
+
 Totals = dict[int, tuple[Sample, Sample]]
 
 
