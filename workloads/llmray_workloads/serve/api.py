@@ -209,6 +209,8 @@ class OpenAIServer:
         self._check_choices(n)
         try:
             ids = self.engine.encode_chat(p.chat_messages(req))
+        except EngineError:  # the engine's trouble (e.g. its process is gone), not the request's
+            raise
         except Exception as exc:  # template errors (e.g. roles must alternate) are the client's to fix
             message = f"messages could not be formatted with the chat template: {exc}"
             raise p.bad_request(message, "messages") from None
@@ -436,11 +438,13 @@ def create_app(server: OpenAIServer) -> FastAPI:
         return wrapper
 
     async def health(request: Request) -> Response:
+        # Off the event loop: with the engine in its own process these are calls with a deadline.
         try:
-            server.engine.check_health()
+            await asyncio.to_thread(server.engine.check_health)
         except Exception as exc:
             raise p.ApiError(503, f"unhealthy: {exc}", "server_error", None, "unhealthy") from None
-        return JSONResponse({"status": "ok", "in_flight": server.in_flight, **server.engine.stats()})
+        stats = await asyncio.to_thread(server.engine.stats)
+        return JSONResponse({"status": "ok", "in_flight": server.in_flight, **stats})
 
     async def models(request: Request) -> Response:
         cards = [p.model_card(model_id, server.created) for model_id in server.model_ids()]

@@ -6,9 +6,10 @@ side stalls the other. Measured on 2 cores at concurrency 32, the replica then t
 core while the machine has more (see README, "Serving throughput"). vLLM splits its API server
 and engine core into processes for the same reason.
 
-:class:`ProcessEngine` is the replica's side: it implements the :class:`~.engine.Engine` protocol,
-tokenizes in the replica (the prompt's length is checked before anything is queued) and forwards
-submissions, cancellations and calls over one socket pair (``multiprocessing.connection`` framing).
+:class:`ProcessEngine` is the replica's side: it implements the :class:`~.engine.Engine` protocol
+and forwards submissions, cancellations and calls (tokenization included: the replica then never
+imports torch, so a replica holds one copy of it) over one socket pair
+(``multiprocessing.connection`` framing).
 The child (``python -m llmray_workloads.serve.engine_process FD``) runs an unchanged
 :class:`~.engine.TransformersEngine`; its per-step output batch goes back as one message.
 
@@ -31,7 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -55,8 +56,8 @@ START_TIMEOUT_S = 3600.0
 """Most seconds the child may take to load the model (a large download from object storage)."""
 CALL_TIMEOUT_S = 5.0
 """Deadline of a quick call to the child (health, stats, load figures)."""
-ADAPTER_TIMEOUT_S = 900.0
-"""Deadline of loading the LoRA adapters (downloads included)."""
+ADAPTER_TIMEOUT_S = 3600.0
+"""Deadline of loading the LoRA adapters (downloads included; the child loads them one call at a time)."""
 STOP_TIMEOUT_S = 15.0
 """How long :meth:`ProcessEngine.shutdown` waits for the child before killing it."""
 
@@ -133,7 +134,11 @@ class ProcessEngine:
         self._ids = itertools.count()
         self._dead: str | None = None
         self.max_pending = max_pending or 4 * settings.max_num_seqs
-        self._conn.send(("init", settings.model_dump(mode="json"), max_pending))
+        self._sources: dict[str, str] = {}
+        """Adapter model id -> source, as last listed by the child."""
+        # The child's own bound is looser, so this one (checked at submit: a 503) is the one that
+        # applies; the child may still count sequences whose cancellation is in flight.
+        self._conn.send(("init", settings.model_dump(mode="json"), 2 * self.max_pending))
         info = self._await_ready()
         self.max_model_len: int = info["max_model_len"]
         self.vocab_size: int = info["vocab_size"]
@@ -186,7 +191,9 @@ class ProcessEngine:
         if params.adapter is not None and params.adapter not in self._listed:
             raise UnknownAdapterError(f"The model `{params.adapter}` does not exist.")
         remote = _Remote(asyncio.get_running_loop(), asyncio.Queue())
-        with self._lock:
+        with self._lock:  # under the lock _gone empties _open with, so nothing is left behind
+            if self._dead is not None:
+                raise EngineError(self._dead)
             if len(self._open) >= self.max_pending:
                 raise EngineOverloadedError(f"{self.max_pending} sequences already pending on this replica")
             rid = next(self._ids)
@@ -211,9 +218,16 @@ class ProcessEngine:
         return list(self._listed)
 
     def set_adapters(self, wanted: Mapping[str, str]) -> dict[str, str]:
-        """As :meth:`TransformersEngine.set_adapters`; then requests may name exactly the listed ones."""
-        errors: dict[str, str] = self._call("set_adapters", dict(wanted), timeout=ADAPTER_TIMEOUT_S)
-        self._listed = list(self._call("adapters"))
+        """As :meth:`TransformersEngine.set_adapters`: removed or changed adapters are unlisted at
+        once (new requests for them get :class:`UnknownAdapterError`, a 404), new ones once loaded."""
+        self._listed = [name for name in self._listed if wanted.get(name) == self._sources.get(name)]
+        try:
+            errors: dict[str, str] = self._call("set_adapters", dict(wanted), timeout=ADAPTER_TIMEOUT_S)
+        finally:
+            with contextlib.suppress(EngineError):
+                listed = list(self._call("adapters"))
+                self._sources = {name: wanted[name] for name in listed if name in wanted}
+                self._listed = listed
         return errors
 
     def current_load(self) -> tuple[int, int, float]:
@@ -237,10 +251,10 @@ class ProcessEngine:
 
     def _call(self, name: str, *args: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
         """Call engine method ``name`` in the child; its result, or :class:`EngineError`."""
-        if self._dead is not None:
-            raise EngineError(self._dead)
         future: Future[Any] = Future()
         with self._lock:
+            if self._dead is not None:
+                raise EngineError(self._dead)
             cid = next(self._ids)
             self._calls[cid] = future
         self._outgoing.put(("call", cid, name, args))
@@ -271,7 +285,11 @@ class ProcessEngine:
                 return
 
     def _read(self) -> None:
-        """Hand each output batch to the requests' event loops (one wakeup per loop) and resolve calls."""
+        """Hand each output batch to the requests' event loops (one wakeup per loop) and resolve calls.
+
+        Whatever ends this loop (end-of-file, or anything unexpected) ends the engine for good:
+        every open request and pending call fails, and so does the health check.
+        """
         try:
             while True:
                 kind, *payload = self._conn.recv()
@@ -282,9 +300,13 @@ class ProcessEngine:
                     with self._lock:
                         future = self._calls.get(cid)
                     if future is not None:
-                        future.set_result(value) if ok else future.set_exception(_error(*value))
+                        with contextlib.suppress(InvalidStateError):  # _gone got there first
+                            future.set_result(value) if ok else future.set_exception(_error(*value))
         except (EOFError, OSError):
             pass
+        except Exception:
+            logger.exception("reading from the engine process failed; stopping it")
+            self._kill()
         try:
             code: int | None = self._process.wait(timeout=1.0)
         except subprocess.TimeoutExpired:
@@ -313,7 +335,7 @@ class ProcessEngine:
             calls, self._calls = self._calls, {}
         self._dispatch_failures(open_, EngineError(why))
         for future in calls.values():
-            if not future.done():
+            with contextlib.suppress(InvalidStateError):
                 future.set_exception(EngineError(why))
 
     def _dispatch_failures(self, open_: dict[int, _Remote], error: EngineError) -> None:
@@ -360,10 +382,9 @@ def _reply(
             raise EngineError(f"unknown call {name}")
         method = engine.counters.drain if name == "drain" else getattr(engine, name)
         message = ("reply", cid, True, method(*args))
-    except ValueError as exc:  # bad input (e.g. a chat without a template): the caller's 400
-        message = ("reply", cid, False, ("value", str(exc)))
-    except Exception as exc:
-        message = ("reply", cid, False, ("engine", str(exc)))
+    except Exception as exc:  # tokenizing bad input (e.g. a chat the template refuses): the caller's 400
+        kind = "value" if name in ("encode", "encode_chat") else "engine"
+        message = ("reply", cid, False, (kind, str(exc)))
     with lock:
         conn.send(message)
 
@@ -391,7 +412,10 @@ def child_main(fd: int) -> None:
     lock = threading.Lock()
     open_: dict[int, Any] = {}
     pipe = _PipeLoop(conn, lock, open_)
-    calls = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llmray-engine-call")
+    # Adapter loading (slow: downloads) has a worker of its own, so it never holds up the quick calls.
+    quick = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmray-engine-call")
+    slow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmray-engine-adapters")
+    code = 0
     try:
         while True:
             try:
@@ -399,26 +423,48 @@ def child_main(fd: int) -> None:
             except (EOFError, OSError):
                 return
             for message in batch:
-                kind = message[0]
-                if kind == "submit":
-                    _, rid, prompt_ids, params, stream = message
-                    try:
-                        open_[rid] = engine.enqueue(prompt_ids, params, stream, pipe, rid)
-                    except EngineError as exc:
-                        pipe.call_soon_threadsafe(None, [(rid, exc)])
-                elif kind == "cancel":
-                    seq = open_.pop(message[1], None)
-                    if seq is not None:
-                        engine.cancel(seq)
-                elif kind == "call":
-                    _, cid, name, args = message
-                    calls.submit(_reply, conn, lock, engine, cid, name, args)
-                elif kind == "shutdown":
+                if message[0] == "shutdown":
                     return
+                adapters = message[0] == "call" and message[2] == "set_adapters"
+                _handle(message, engine, conn, lock, pipe, open_, slow if adapters else quick)
+    except Exception:
+        logger.exception("the engine process failed")
+        code = 1
     finally:
         engine.shutdown()
-        calls.shutdown(wait=False, cancel_futures=True)
-        os._exit(0)
+        quick.shutdown(wait=False, cancel_futures=True)
+        slow.shutdown(wait=False, cancel_futures=True)
+        os._exit(code)
+
+
+def _handle(
+    message: tuple[Any, ...],
+    engine: TransformersEngine,
+    conn: Connection,
+    lock: threading.Lock,
+    pipe: _PipeLoop,
+    open_: dict[int, Any],
+    calls: ThreadPoolExecutor,
+) -> None:
+    """One message from the replica; a request that cannot be queued fails alone."""
+    kind = message[0]
+    if kind == "submit":
+        _, rid, prompt_ids, params, stream = message
+        try:
+            seq = engine.enqueue(prompt_ids, params, stream, pipe, rid)
+        except Exception as exc:
+            error = exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc}")
+            pipe.call_soon_threadsafe(None, [(rid, error)])
+            return
+        if not seq.finished:  # it may already have ended on the engine thread (and been sent)
+            open_[rid] = seq
+    elif kind == "cancel":
+        seq = open_.pop(message[1], None)
+        if seq is not None:
+            engine.cancel(seq)
+    elif kind == "call":
+        _, cid, name, args = message
+        calls.submit(_reply, conn, lock, engine, cid, name, args)
 
 
 if __name__ == "__main__":
