@@ -142,3 +142,20 @@ async def test_a_dead_engine_process_fails_open_requests_and_health(loaded: tupl
             eng.submit([1, 2], greedy(2))
     finally:
         eng.shutdown()
+
+
+def test_removed_or_changed_adapters_are_unlisted_before_the_child_is_asked() -> None:
+    """While the child loads (minutes, for downloads), requests for an adapter being removed or
+    replaced already get the 404, never a request the child then refuses mid-stream."""
+    eng = object.__new__(ProcessEngine)
+    eng._listed, eng._sources = ["a", "b", "c"], {"a": "s3://a", "b": "s3://b", "c": "s3://c"}
+    seen: list[list[str]] = []
+
+    def call(name: str, *args: Any, **kwargs: Any) -> Any:
+        seen.append(list(eng._listed))
+        return {} if name == "set_adapters" else ["a", "d"]
+
+    eng._call = call  # type: ignore[method-assign]
+    assert eng.set_adapters({"a": "s3://a", "c": "s3://c2", "d": "s3://d"}) == {}
+    assert seen[0] == ["a"]  # b removed, c replaced: unlisted during the load
+    assert eng.adapters() == ["a", "d"] and eng._sources == {"a": "s3://a", "d": "s3://d"}
