@@ -75,6 +75,7 @@ class App:
         self.store.resources[TRAINING_KIND] = indices["llmray_trainingjobs"]
         self.store.resources[DEPLOYMENT_KIND] = indices["llmray_deployments"]
         self.store.deployments_by_job = indices["llmray_deployments_by_job"]
+        self.store.deployments_by_uri = indices["llmray_deployments_by_uri"]
         self.store.pods = indices["llmray_pods"]
         self.store.services = indices["llmray_services"]
         RESOURCES.source = self.store.phase_counts
@@ -234,6 +235,13 @@ async def llmray_deployments_by_job(namespace: str | None, name: str, spec: kopf
     return keys or None
 
 
+@kopf.index(GROUP, VERSION, DEPLOYMENT_PLURAL)
+async def llmray_deployments_by_uri(namespace: str | None, name: str, spec: kopf.Spec, **_: Any) -> Any:
+    """(namespace, spec.model.uri) -> deployments serving that folder: an export there wakes them."""
+    uri = str((spec.get("model") or {}).get("uri") or "").rstrip("/")
+    return {(namespace, uri): name} if uri else None
+
+
 @kopf.index("v1", "pods", labels=_MANAGED)
 async def llmray_pods(body: kopf.Body, **_: Any) -> Any:
     key = owner_key(dict(body))
@@ -279,8 +287,13 @@ async def on_training_job(type: str, namespace: str | None, name: str, memo: kop
     if app is None or app.loop is None or namespace is None:
         return
     _enqueue(app, (TRAINING_KIND, namespace, name), type)
-    # Deployments serving this job's output react to its phase (train -> deploy handoff).
-    for dep_name in app.store.deployments_of_job(namespace, name):
+    # Deployments serving this job's output react to its phase (train -> deploy handoff), and
+    # those serving the folder it exports to (spec.model.uri) to a new export's version.
+    job = app.store.resource(TRAINING_KIND, namespace, name) or {}
+    output = str(((job.get("status") or {}).get("output") or {}).get("uri") or "")
+    serving = app.store.deployments_of_job(namespace, name)
+    serving += app.store.deployments_of_uri(namespace, output) if output else []
+    for dep_name in serving:
         app.loop.queue.add((DEPLOYMENT_KIND, namespace, dep_name))
 
 

@@ -236,6 +236,12 @@ class FakeKube:
                 if k == DEPLOYMENT_KIND and job:
                     yield (ns, job), n
 
+        def by_uri() -> Iterator[tuple[tuple[str, str], str]]:
+            for (k, ns, n), o in list(self.objects.items()):
+                uri = str(((o.get("spec") or {}).get("model") or {}).get("uri") or "").rstrip("/")
+                if k == DEPLOYMENT_KIND and uri:
+                    yield (ns, uri), n
+
         fake = self
 
         class Workloads(dict):  # type: ignore[type-arg]
@@ -257,6 +263,7 @@ class FakeKube:
             services=_Index(children("Service", ChildView)),
             secrets=_Index(children("Secret", ChildView)),
             deployments_by_job=_Index(by_job),
+            deployments_by_uri=_Index(by_uri),
         )
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from llmray.api import LLMDeploymentSpec
 from llmray.api.common import ConditionStatus
-from llmray.builders.model import resolve_model, serve_model_path
+from llmray.builders.model import latest_export, model_version, resolve_model, serve_model_path
 from llmray.builders.observe import ChildView, PodView, owner_key
 from llmray.builders.plan import plan_head, plan_workers
 from llmray.builders.status import cluster_health, merge_patch, set_condition
@@ -255,6 +255,22 @@ def test_resolve_model_from_training_job() -> None:
     assert blocker is not None and blocker.fatal and "OOM" in blocker.message
     # retraining keeps serving the previous output
     assert resolve_model(spec, running, "pvc://m/ft/final")[:2] == ("pvc://m/ft/final", None)
+
+
+def _export(uri: str, version: str = "") -> dict[str, Any]:
+    return {"status": {"phase": "Succeeded", "output": {"uri": uri, "version": version}}}
+
+
+def test_a_model_uri_takes_the_version_of_the_newest_export_there() -> None:
+    """A deployment serving a folder directly (spec.model.uri) rolls out what a job exports there."""
+    old, new = _export("s3://b/ft", "20261129-100000-aaaa"), _export("s3://b/ft/", "20261129-110000-bbbb")
+    elsewhere, unfinished = _export("s3://b/other", "20261129-120000-cccc"), _export("s3://b/ft")
+    assert latest_export("s3://b/ft/", [old, elsewhere, new, unfinished]) is new
+    assert latest_export("s3://b/ft", [elsewhere, unfinished]) is None
+    spec = _dep({"uri": "s3://b/ft"})
+    assert model_version(spec, new, "") == "20261129-110000-bbbb"
+    assert model_version(spec, None, "20261129-100000-aaaa") == ""  # no job exports there (any more)
+    assert model_version(_dep({"fromTrainingJob": "ft"}), _export("s3://b/ft"), "v1") == "v1"
 
 
 def test_training_job_s3_output_is_served_from_its_uri() -> None:

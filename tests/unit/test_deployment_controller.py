@@ -354,6 +354,28 @@ async def test_retrain_into_the_same_uri_rolls_out_the_new_version() -> None:
     assert "rolling out" not in world.condition(key, "ServeReady")["message"]
 
 
+async def test_a_model_uri_deployment_rolls_out_a_retrain_into_its_folder() -> None:
+    """spec.model.uri names the folder a job exports to: each new export's version rolls out, and
+    the job's events wake the deployment (a job elsewhere, or in another namespace, does not count)."""
+    world = World()
+    job = world.kube.apply(TRAINING_KIND, NS, "ft", TRAIN_SPEC)
+    exported = {"phase": "Succeeded", "output": {"uri": "file:///out/ft", "version": "v1"}}
+    world.kube.get(*job)["status"] = copy.deepcopy(exported)
+    other = world.kube.apply(TRAINING_KIND, "elsewhere", "ft", TRAIN_SPEC)
+    world.kube.get(*other)["status"] = {**exported, "output": {"uri": "file:///out/ft", "version": "v9"}}
+    key = await up(world, model={"uri": "file:///out/ft/", "name": "tiny"})
+    assert world.deps.store.deployments_of_uri(NS, "file:///out/ft") == ["chat"]
+    head = world.head_of(key)
+    assert head.configs["chat"]["args"]["modelVersion"] == "v1"
+    head.set_app("chat", "RUNNING")
+    await world.reconcile(key)
+    assert world.kube.status(key)["model"]["version"] == "v1"
+    world.kube.get(*job)["status"]["output"]["version"] = "v2"
+    await world.reconcile(key)
+    assert head.configs["chat"]["args"]["modelVersion"] == "v2"
+    assert world.kube.status(key)["model"]["pendingVersion"] == "v2"
+
+
 async def test_a_recreated_job_without_a_version_keeps_the_version_being_served() -> None:
     world = World()
     job = world.kube.apply(TRAINING_KIND, NS, "ft", TRAIN_SPEC)

@@ -356,7 +356,7 @@ class OutputStatus(StatusModel):
     version: str = Field(
         "",
         description="Version of the model at uri (new per export; also in <uri>/.llmray/manifest.json); "
-        "deployments with fromTrainingJob roll it out.",
+        "deployments with fromTrainingJob, or with model.uri equal to this uri, roll it out.",
     )
 
 

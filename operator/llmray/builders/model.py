@@ -270,13 +270,35 @@ def serve_model_path(uri: str) -> str | None:
     return uri if is_object_store(uri) else local_path(uri)
 
 
+def same_uri(a: str, b: str) -> bool:
+    """Whether two model URIs name the same folder (a trailing slash does not matter)."""
+    return bool(a) and a.rstrip("/") == b.rstrip("/")
+
+
+def latest_export(uri: str, jobs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Of ``jobs`` (training job bodies), the one whose last export is at ``uri`` and newest.
+
+    Export versions start with the export's UTC time, so the greatest is the newest export.
+    """
+    exported = [
+        (str(output["version"]), job)
+        for job in jobs
+        if (output := (job.get("status") or {}).get("output") or {}).get("version")
+        and same_uri(str(output.get("uri") or ""), uri)
+    ]
+    return max(exported, key=lambda pair: pair[0])[1] if exported else None
+
+
 def model_version(spec: LLMDeploymentSpec, training_job: dict[str, Any] | None, previous: str) -> str:
     """The model version to serve: a training job's ``status.output.version`` (new per export).
 
-    ``previous`` (the version being rolled out, else the one serving) is kept while the job has no
-    version to offer (not found, recreated and not done yet). A ``spec.model.uri`` has no version.
+    The job is ``spec.model.fromTrainingJob``, or for a ``spec.model.uri`` the job in the same
+    namespace whose last export is at that URI (:func:`latest_export`), so a retrain into the
+    folder a deployment serves rolls out either way. ``previous`` (the version being rolled out,
+    else the one serving) is kept while the job has no version to offer (not found, recreated and
+    not done yet). A ``spec.model.uri`` no job exports to has no version.
     """
-    if spec.model.uri:
+    if spec.model.uri and training_job is None:
         return ""
     output = ((training_job or {}).get("status") or {}).get("output") or {}
     version = output.get("version")
@@ -288,8 +310,10 @@ __all__ = [
     "ResolvedAdapter",
     "adapter_source",
     "adapter_statuses",
+    "latest_export",
     "model_version",
     "resolve_adapters",
     "resolve_model",
+    "same_uri",
     "serve_model_path",
 ]

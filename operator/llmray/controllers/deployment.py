@@ -31,6 +31,7 @@ from llmray.builders.model import (
     adapter_source,
     adapter_statuses,
     hold_verdicts,
+    latest_export,
     model_version,
     resolve_adapters,
     resolve_model,
@@ -282,9 +283,10 @@ class DeploymentController(ClusterController[LLMDeploymentSpec, LLMDeploymentSta
         head = self.heads.head(p.key, p.uid)
         route = head.route(p.name, p.namespace)
         api_key = await self._api_key(p) if head.shared else None
-        job = None
         if spec.model.from_training_job:
             job = self.store.resource(TRAINING_KIND, p.namespace, spec.model.from_training_job)
+        else:
+            job = latest_export(spec.model.uri or "", self.store.resources_in(TRAINING_KIND, p.namespace))
         target = model_version(spec, job, status.model.pending_version or status.model.version)
         config = serve_app_config(
             app_name=route.app_name,

@@ -90,6 +90,8 @@ class Store:
     secrets: _Index | None = None
     deployments_by_job: _Index | None = None
     """(namespace, training job name) -> names of the LLMDeployments serving its output."""
+    deployments_by_uri: _Index | None = None
+    """(namespace, spec.model.uri without a trailing slash) -> names of the LLMDeployments serving it."""
     workloads: dict[Key, dict[str, Any]] = field(default_factory=dict)
     """Owner key -> its Kueue Workload as last watched (kept by the Workload watch)."""
 
@@ -129,6 +131,18 @@ class Store:
 
     def secrets_of(self, key: Key) -> dict[str, ChildView]:
         return {v.name: v for v in self._values(self.secrets, key)}
+
+    def deployments_of_uri(self, namespace: str, uri: str) -> list[str]:
+        """Names of the LLMDeployments in ``namespace`` whose ``spec.model.uri`` is ``uri``."""
+        return sorted(set(self._values(self.deployments_by_uri, (namespace, uri.rstrip("/")))))
+
+    def resources_in(self, kind: str, namespace: str) -> list[dict[str, Any]]:
+        """The latest bodies of every ``kind`` resource in ``namespace``."""
+        index = self.resources.get(kind)
+        if index is None:
+            return []
+        names = [name for ns, name in list(index) if ns == namespace]
+        return [body for name in names if (body := self.resource(kind, namespace, name)) is not None]
 
     def deployments_of_job(self, namespace: str, job: str) -> list[str]:
         """Names of the LLMDeployments in ``namespace`` whose model is training job ``job``'s output."""
