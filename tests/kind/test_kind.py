@@ -127,9 +127,12 @@ def test_training_on_real_pods_survives_a_worker_loss(kind: Kind, tenant: str) -
         return st if st.get("phase") == "Running" and (ck.get("step") or 0) >= 10 else None
 
     st = wait_for(checkpointed, timeout=900, interval=3, what="a checkpoint while Running")
-    table = kind.kubectl("get", "ltj", JOB, "-n", ns)
-    assert "Running" in table and str((st.get("progress") or {}).get("step", "")) in table, table
     step_before = int(st["progress"]["step"])
+    # The table is read after the status: the job may have advanced in between, never gone back.
+    table = kind.kubectl("get", "ltj", JOB, "-n", ns)
+    header, row = table.splitlines()[:2]
+    shown = dict(zip(header.split(), row.split(), strict=False))
+    assert shown["PHASE"] == "Running" and step_before <= int(shown["STEP"]) <= MAX_STEPS, table
     assert st.get("restarts", 0) == 0
 
     # Lose a worker pod mid-training: the job is retried and resumes from its checkpoint.
