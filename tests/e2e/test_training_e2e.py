@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -101,6 +102,16 @@ def test_stopped_job_is_retried_and_resumes(e2e: E2E) -> None:
         interval=0.5,
     )
     first = st["jobId"]
+    # status.checkpoint follows the worker's report (the upload is done); the retry resumes from
+    # what Ray Train's controller registered a moment later in the run's checkpoint manager
+    # snapshot. Stop the job once that is written, or the retry may rightly start over.
+    run_dir = Path(str(st["checkpoint"]["uri"]).removeprefix("file://")).parent
+    wait_for(
+        lambda: _registered_checkpoint(run_dir),
+        timeout=120,
+        what=f"a checkpoint in Ray Train's checkpoint manager snapshot in {run_dir}",
+        interval=0.2,
+    )
     e2e.stop_job(first)
     final = wait_phase(e2e, name, "Succeeded", timeout=300)
     assert final["restarts"] == 1 and final["attempt"] == 1 and final["jobId"] != first
@@ -111,6 +122,16 @@ def test_stopped_job_is_retried_and_resumes(e2e: E2E) -> None:
     reasons = {ev.reason for ev in _events(e2e, name)}
     assert "RestartingRayJob" in reasons
     e2e.delete(KIND, name)
+
+
+def _registered_checkpoint(run_dir: Path) -> str | None:
+    """The checkpoint a retry of the run in ``run_dir`` would resume from, once Ray Train recorded one."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return None
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    return latest.get("checkpoint_dir_name") or None
 
 
 def _events(e2e: E2E, name: str) -> list[Any]:
